@@ -1,0 +1,25 @@
+-- ingestd schema. Applied idempotently at start-up and by `ingestd migrate`,
+-- inside the schema named by INGEST_DB_SCHEMA (the search_path is set to it).
+
+-- Every accepted event. A row is written in the same transaction as its
+-- outbox row, and its status changes only inside a worker transaction.
+CREATE TABLE IF NOT EXISTS events (
+    id           uuid        PRIMARY KEY,
+    payload      jsonb       NOT NULL,
+    status       text        NOT NULL DEFAULT 'pending'
+                             CHECK (status IN ('pending', 'processed', 'failed')),
+    attempts     integer     NOT NULL DEFAULT 0,
+    last_error   text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    processed_at timestamptz
+);
+
+-- Events waiting to be published. The relay deletes a row only after the
+-- broker confirmed its message, in the transaction that claimed it.
+CREATE TABLE IF NOT EXISTS outbox (
+    id         bigserial   PRIMARY KEY,
+    event_id   uuid        NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS outbox_event_id_idx ON outbox (event_id);

@@ -1,0 +1,296 @@
+//! Wiring: starts the threads of a role and stops them in order.
+//!
+//! [`start`] opens the store, applies the schema, binds the HTTP port and
+//! spawns the API, relay and consumer threads that the [`Role`] asks for.
+//! [`App::shutdown`] stops them so that nothing accepted is lost: first the
+//! HTTP threads (finishing requests in flight), then the relay (finishing its
+//! batch) and the consumer (letting workers finish and ack), within the
+//! configured timeout.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, bounded};
+use log::{info, warn};
+
+use crate::broker::{AmqpUrl, Topology};
+use crate::config::Config;
+use crate::consumer::Consumer;
+use crate::health::Health;
+use crate::http::{self, Api};
+use crate::relay::{self, Relay};
+use crate::store::{self, Store};
+use crate::worker::Processor;
+
+/// Which parts of the pipeline this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// API, relay and workers in one process.
+    All,
+    /// Only the HTTP API.
+    Api,
+    /// Only the outbox relay.
+    Relay,
+    /// Only the consumer and its workers.
+    Worker,
+}
+
+impl Role {
+    fn api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
+    fn relay(self) -> bool {
+        matches!(self, Role::All | Role::Relay)
+    }
+    fn worker(self) -> bool {
+        matches!(self, Role::All | Role::Worker)
+    }
+}
+
+/// Failures starting or stopping the service.
+#[derive(Debug)]
+pub enum Error {
+    /// PostgreSQL could not be reached or the schema not applied; the value
+    /// names the database without its password.
+    Database(String, store::Error),
+    /// The HTTP address could not be bound.
+    Bind(SocketAddr, String),
+    /// Threads still running when the shutdown timeout passed.
+    ShutdownTimeout(Vec<String>),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Database(url, e) => write!(f, "cannot prepare the database at {url}: {e}"),
+            Error::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            Error::ShutdownTimeout(names) => write!(
+                f,
+                "shutdown timed out waiting for {}; unfinished work stays in the outbox or the queue",
+                names.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Database(_, e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A running service.
+pub struct App {
+    http_addr: Option<SocketAddr>,
+    server: Option<Arc<tiny_http::Server>>,
+    stopping: Arc<AtomicBool>,
+    http_threads: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    stop: Option<Sender<()>>,
+    shutdown_timeout: Duration,
+}
+
+/// Applies the schema without starting anything (`ingestd migrate`).
+pub fn migrate(config: &Config) -> Result<(), Error> {
+    let store = Store::open_sized(config, 1)
+        .map_err(|e| Error::Database(redact_db_url(&config.database_url), e))?;
+    store
+        .migrate()
+        .map_err(|e| Error::Database(redact_db_url(&config.database_url), e))
+}
+
+/// Starts `role` with `processor` as the business logic.
+pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Result<App, Error> {
+    let db_name = redact_db_url(&config.database_url);
+    let store = Store::open(config).map_err(|e| Error::Database(db_name.clone(), e))?;
+    store
+        .migrate()
+        .map_err(|e| Error::Database(db_name.clone(), e))?;
+    info!("database ready: {db_name} schema {}", config.db_schema);
+
+    let url = AmqpUrl::parse(&config.amqp_url).expect("Config validated the AMQP URL");
+    let topology = Topology::new(&config.amqp_prefix);
+    let health = Arc::new(Health::new(role.relay(), role.worker()));
+    let (stop_tx, stop_rx) = bounded::<()>(0);
+    let (wake_tx, wake_rx) = bounded::<()>(1);
+    let mut background = Vec::new();
+
+    if role.relay() {
+        if !role.api() {
+            let (store, wake, stop) = (store.clone(), wake_tx.clone(), stop_rx.clone());
+            background.push(spawn("relay-listen", move || {
+                relay::listen(store, wake, stop)
+            }));
+        }
+        let relay = Relay {
+            store: store.clone(),
+            url: url.clone(),
+            topology: topology.clone(),
+            batch: config.relay_batch,
+            poll: config.relay_poll,
+            confirm_timeout: config.confirm_timeout,
+            connect_timeout: config.db_timeout.max(Duration::from_secs(5)),
+            health: health.clone(),
+        };
+        let (wake, stop) = (wake_rx.clone(), stop_rx.clone());
+        background.push(spawn("relay", move || relay.run(wake, stop)));
+    }
+    if role.worker() {
+        let consumer = Consumer {
+            url: url.clone(),
+            topology: topology.clone(),
+            prefetch: config.prefetch,
+            workers: config.workers,
+            connect_timeout: Duration::from_secs(5),
+            store: store.clone(),
+            processor,
+            health: health.clone(),
+        };
+        let stop = stop_rx.clone();
+        background.push(spawn("consumer", move || consumer.run(stop)));
+    }
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut app = App {
+        http_addr: None,
+        server: None,
+        stopping: stopping.clone(),
+        http_threads: Vec::new(),
+        background,
+        stop: Some(stop_tx),
+        shutdown_timeout: config.shutdown_timeout,
+    };
+    if role.api() {
+        let server = match tiny_http::Server::http(config.http_addr) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                let err = Error::Bind(config.http_addr, e.to_string());
+                let _ = app.shutdown();
+                return Err(err);
+            }
+        };
+        let addr = server.server_addr().to_ip();
+        let api = Arc::new(Api {
+            store,
+            max_body_bytes: config.max_body_bytes,
+            wake: role.relay().then_some(wake_tx),
+            notify: !role.relay(),
+            health,
+        });
+        for i in 0..config.http_threads {
+            let (server, api, stopping) = (server.clone(), api.clone(), stopping.clone());
+            app.http_threads.push(spawn(&format!("http-{i}"), move || {
+                http::serve(server, api, stopping)
+            }));
+        }
+        if let Some(addr) = addr {
+            info!("http: listening on {addr}");
+        }
+        app.http_addr = addr;
+        app.server = Some(server);
+    }
+    Ok(app)
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot spawn thread {name}: {e}"))
+}
+
+impl App {
+    /// The bound HTTP address, when this role serves HTTP.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Stops gracefully: HTTP first, then the relay and the consumer. Returns
+    /// an error naming the threads still busy when the timeout passed.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.shutdown_timeout;
+        info!("shutting down");
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(server) = self.server.take() {
+            for _ in 0..self.http_threads.len() {
+                server.unblock();
+            }
+        }
+        let mut late = join_until(std::mem::take(&mut self.http_threads), deadline);
+        // Disconnecting the stop channel tells every background thread at once.
+        drop(self.stop.take());
+        late.extend(join_until(std::mem::take(&mut self.background), deadline));
+        if late.is_empty() {
+            info!("shutdown complete");
+            Ok(())
+        } else {
+            warn!("shutdown timed out");
+            Err(Error::ShutdownTimeout(late))
+        }
+    }
+}
+
+/// Joins threads until `deadline`; returns the names of those still running.
+fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> Vec<String> {
+    let mut late = Vec::new();
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            late.push(t.thread().name().unwrap_or("?").to_string());
+        }
+    }
+    late
+}
+
+/// A database URL without its password, for messages.
+pub fn redact_db_url(url: &str) -> String {
+    match url.parse::<postgres::Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    postgres::config::Host::Tcp(h) => h.clone(),
+                    postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!(
+                "postgres://{}@{}:{}/{}",
+                c.get_user().unwrap_or(""),
+                host,
+                port,
+                c.get_dbname().unwrap_or("")
+            )
+        }
+        Err(_) => "(unparsable database URL)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_db_url("postgres://u:secret@db:6543/app"),
+            "postgres://u@db:6543/app"
+        );
+        assert_eq!(
+            redact_db_url("host=h user=u password=secret dbname=d"),
+            "postgres://u@h:5432/d"
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! RabbitMQ: the connection, the topology and confirmed publishing.
+//!
+//! This module owns how we talk AMQP: it opens connections on a socket with
+//! `TCP_NODELAY` (amiquip's own socket leaves Nagle on, which stalls every
+//! publish-and-confirm round trip by about 40 ms), declares the exchanges and
+//! queues idempotently, and publishes batches with publisher confirms. It does
+//! not decide what to publish (that is the relay) nor what a delivery means
+//! (that is the consumer and the workers).
+
+use std::fmt;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, AmqpValue, Auth, Channel, Confirm, ConfirmSmoother, Connection,
+    ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions, ExchangeType, FieldTable, Publish,
+    QueueDeclareOptions, Return,
+};
+use crossbeam_channel::Receiver;
+
+/// Routing key of event messages on the events exchange.
+pub const EVENT_ROUTING_KEY: &str = "event";
+/// AMQP `type` property of event messages.
+pub const EVENT_MESSAGE_TYPE: &str = "ingestd.event";
+
+/// Failures talking to the broker.
+#[derive(Debug)]
+pub enum Error {
+    /// The TCP connection could not be made.
+    Connect(std::io::Error),
+    /// The AMQP library reported an error (handshake, channel, closed connection).
+    Amqp(amiquip::Error),
+    /// The broker refused at least one message of a batch.
+    Nacked,
+    /// The broker could not route a message (no queue bound to the exchange).
+    Unroutable,
+    /// Confirms did not arrive in time; the state of the batch is unknown.
+    ConfirmTimeout,
+    /// The connection closed while we waited for confirms.
+    Closed,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Connect(e) => write!(f, "cannot connect to the broker: {e}"),
+            Error::Amqp(e) => write!(f, "broker error: {e}"),
+            Error::Nacked => f.write_str("the broker refused a message (nack)"),
+            Error::Unroutable => f.write_str("the broker returned an unroutable message"),
+            Error::ConfirmTimeout => f.write_str("publisher confirms timed out"),
+            Error::Closed => f.write_str("the broker connection closed"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Connect(e) => Some(e),
+            Error::Amqp(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<amiquip::Error> for Error {
+    fn from(e: amiquip::Error) -> Error {
+        Error::Amqp(e)
+    }
+}
+
+/// The parts of an `amqp://user:pass@host:port/vhost` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpUrl {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port, 5672 when absent.
+    pub port: u16,
+    /// User name, `guest` when absent.
+    pub user: String,
+    /// Password, `guest` when absent.
+    pub password: String,
+    /// Virtual host, `/` when absent.
+    pub vhost: String,
+}
+
+impl AmqpUrl {
+    /// Parses an `amqp://` URL following RabbitMQ's URI spec (percent-encoding
+    /// in user, password and vhost; `%2f` is the default vhost `/`).
+    pub fn parse(url: &str) -> Result<AmqpUrl, String> {
+        let rest = url
+            .strip_prefix("amqp://")
+            .ok_or_else(|| "expected an amqp:// URL (TLS is not built in)".to_string())?;
+        let rest = rest.split(['?', '#']).next().unwrap_or("");
+        let (authority, vhost) = match rest.split_once('/') {
+            Some((a, v)) => (a, Some(v)),
+            None => (rest, None),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo {
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (decode(user)?, decode(pass)?),
+                None => (decode(u)?, String::new()),
+            },
+            None => ("guest".to_string(), "guest".to_string()),
+        };
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            let (h, p) = h.split_once(']').ok_or("unclosed [ in host")?;
+            (h.to_string(), p.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| format!("bad port {p:?}"))?,
+            None => 5672,
+        };
+        let vhost = match vhost {
+            None | Some("") => "/".to_string(),
+            Some(v) => decode(v)?,
+        };
+        Ok(AmqpUrl {
+            host: if host.is_empty() {
+                "localhost".into()
+            } else {
+                host
+            },
+            port,
+            user,
+            password,
+            vhost,
+        })
+    }
+
+    /// The URL without its password, for logs and error messages.
+    pub fn redacted(&self) -> String {
+        format!(
+            "amqp://{}@{}:{}/{}",
+            self.user,
+            self.host,
+            self.port,
+            self.vhost.replace('/', "%2f")
+        )
+    }
+}
+
+fn decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-encoding in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+/// Names of everything we declare, all derived from one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Durable topic exchange the relay publishes to.
+    pub exchange: String,
+    /// Durable queue the consumer reads, bound to `exchange`.
+    pub queue: String,
+    /// Fanout exchange that rejected messages are dead-lettered to.
+    pub dead_exchange: String,
+    /// Durable queue holding dead-lettered messages for operators.
+    pub dead_queue: String,
+}
+
+impl Topology {
+    /// Names for `prefix`: `<prefix>.events`, `<prefix>.dlx`, `<prefix>.dead`.
+    pub fn new(prefix: &str) -> Topology {
+        Topology {
+            exchange: format!("{prefix}.events"),
+            queue: format!("{prefix}.events"),
+            dead_exchange: format!("{prefix}.dlx"),
+            dead_queue: format!("{prefix}.dead"),
+        }
+    }
+
+    /// Declares every exchange, queue and binding; safe to repeat.
+    pub fn declare(&self, channel: &Channel) -> Result<(), Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel.exchange_declare(ExchangeType::Fanout, &*self.dead_exchange, durable.clone())?;
+        let dead = channel.queue_declare(
+            &*self.dead_queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+        )?;
+        channel.queue_bind(dead.name(), &*self.dead_exchange, "", FieldTable::new())?;
+
+        channel.exchange_declare(ExchangeType::Topic, &*self.exchange, durable)?;
+        let mut arguments = FieldTable::new();
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AmqpValue::LongString(self.dead_exchange.clone()),
+        );
+        let queue = channel.queue_declare(
+            &*self.queue,
+            QueueDeclareOptions {
+                durable: true,
+                arguments,
+                ..QueueDeclareOptions::default()
+            },
+        )?;
+        channel.queue_bind(queue.name(), &*self.exchange, "#", FieldTable::new())?;
+        Ok(())
+    }
+}
+
+/// Opens a connection with `TCP_NODELAY`, failing within `timeout`.
+pub fn connect(url: &AmqpUrl, timeout: Duration) -> Result<Connection, Error> {
+    let mut last = None;
+    let addrs = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .map_err(Error::Connect)?;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(stream) => {
+                stream.set_nodelay(true).map_err(Error::Connect)?;
+                let stream = mio::net::TcpStream::from_stream(stream).map_err(Error::Connect)?;
+                let options = ConnectionOptions::default()
+                    .auth(Auth::Plain {
+                        username: url.user.clone(),
+                        password: url.password.clone(),
+                    })
+                    .virtual_host(url.vhost.clone())
+                    .heartbeat(30)
+                    .connection_timeout(Some(timeout))
+                    .information(Some(format!("ingestd {}", env!("CARGO_PKG_VERSION"))));
+                return Ok(Connection::insecure_open_stream(
+                    stream,
+                    options,
+                    ConnectionTuning::default(),
+                )?);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Error::Connect(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "host resolved to no address")
+    })))
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Becomes the AMQP `message_id`: the event id.
+    pub id: String,
+    /// JSON body.
+    pub body: Vec<u8>,
+    /// Seconds since the epoch, the AMQP `timestamp`.
+    pub timestamp: u64,
+}
+
+/// A channel in confirm mode that publishes batches and waits for their
+/// confirms. After any error its state is unknown: drop it and reconnect.
+pub struct Publisher {
+    // Field order matters: the channel must close before its connection.
+    channel: Channel,
+    connection: Connection,
+    confirms: Receiver<Confirm>,
+    returns: Receiver<Return>,
+    smoother: ConfirmSmoother,
+    published: u64,
+    confirmed: u64,
+    exchange: String,
+}
+
+impl Publisher {
+    /// Connects, declares the topology and puts a channel in confirm mode.
+    pub fn open(url: &AmqpUrl, topology: &Topology, timeout: Duration) -> Result<Publisher, Error> {
+        let mut connection = connect(url, timeout)?;
+        let channel = connection.open_channel(None)?;
+        topology.declare(&channel)?;
+        let confirms = channel.listen_for_publisher_confirms()?;
+        let returns = channel.listen_for_returns()?;
+        channel.enable_publisher_confirms()?;
+        Ok(Publisher {
+            channel,
+            connection,
+            confirms,
+            returns,
+            smoother: ConfirmSmoother::new(),
+            published: 0,
+            confirmed: 0,
+            exchange: topology.exchange.clone(),
+        })
+    }
+
+    /// Publishes every message as persistent JSON and returns once the broker
+    /// confirmed all of them; any nack, return or timeout fails the batch.
+    pub fn publish_batch(&mut self, messages: &[Message], timeout: Duration) -> Result<(), Error> {
+        for m in messages {
+            let properties = AmqpProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(m.id.clone())
+                .with_type_(EVENT_MESSAGE_TYPE.into())
+                .with_timestamp(m.timestamp);
+            self.channel.basic_publish(
+                &*self.exchange,
+                Publish {
+                    body: &m.body,
+                    routing_key: EVENT_ROUTING_KEY.into(),
+                    mandatory: true,
+                    immediate: false,
+                    properties,
+                },
+            )?;
+            self.published += 1;
+        }
+        self.await_confirms(timeout)?;
+        // The broker sends basic.return before the confirm of the same
+        // message, so every return of this batch is already queued.
+        if self.returns.try_recv().is_ok() {
+            return Err(Error::Unroutable);
+        }
+        Ok(())
+    }
+
+    fn await_confirms(&mut self, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let mut nacked = false;
+        while self.confirmed < self.published {
+            let raw = match self.confirms.recv_deadline(deadline) {
+                Ok(c) => c,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(Error::ConfirmTimeout);
+                }
+                // The I/O thread ended: the connection is gone.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Closed);
+                }
+            };
+            for c in self.smoother.process(raw) {
+                self.confirmed += 1;
+                nacked |= matches!(c, Confirm::Nack(_));
+            }
+        }
+        if nacked { Err(Error::Nacked) } else { Ok(()) }
+    }
+
+    /// Closes the channel and connection politely.
+    pub fn close(self) {
+        let _ = self.channel.close();
+        let _ = self.connection.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_default_url() {
+        let u = AmqpUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(u.host, "127.0.0.1");
+        assert_eq!(u.port, 5672);
+        assert_eq!(u.user, "guest");
+        assert_eq!(u.password, "guest");
+        assert_eq!(u.vhost, "/");
+        assert_eq!(u.redacted(), "amqp://guest@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn parses_partial_urls() {
+        let u = AmqpUrl::parse("amqp://rabbit").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.vhost.as_str()),
+            ("rabbit", 5672, "/")
+        );
+        assert_eq!(u.user, "guest");
+        let u = AmqpUrl::parse("amqp://a%40b:p%3Ass@h:1234/prod?heartbeat=5").unwrap();
+        assert_eq!((u.user.as_str(), u.password.as_str()), ("a@b", "p:ss"));
+        assert_eq!((u.port, u.vhost.as_str()), (1234, "prod"));
+        let u = AmqpUrl::parse("amqp://[::1]:5673/").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 5673));
+    }
+
+    #[test]
+    fn rejects_bad_urls() {
+        assert!(AmqpUrl::parse("amqps://h").is_err());
+        assert!(AmqpUrl::parse("http://h").is_err());
+        assert!(AmqpUrl::parse("amqp://h:port").is_err());
+        assert!(AmqpUrl::parse("amqp://h/%zz").is_err());
+    }
+
+    #[test]
+    fn topology_names_follow_the_prefix() {
+        let t = Topology::new("t1");
+        assert_eq!(t.exchange, "t1.events");
+        assert_eq!(t.dead_queue, "t1.dead");
+    }
+}

@@ -1,0 +1,393 @@
+//! Configuration: one [`Config`] read from `INGEST_*` environment variables.
+//!
+//! Every variable, its default and its meaning live in [`VARS`], which also
+//! feeds `--help` and the README table, so the three cannot drift apart.
+//! Values are parsed and validated here, once, at start-up; the rest of the
+//! program receives typed values and never reads the environment itself.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One documented configuration variable.
+pub struct Var {
+    /// The environment variable's name.
+    pub name: &'static str,
+    /// The default, as the user would write it.
+    pub default: &'static str,
+    /// What it controls.
+    pub help: &'static str,
+}
+
+/// Every variable `ingestd` reads, with its default.
+pub const VARS: &[Var] = &[
+    Var {
+        name: "INGEST_HTTP_ADDR",
+        default: "127.0.0.1:5001",
+        help: "address the HTTP API listens on",
+    },
+    Var {
+        name: "INGEST_HTTP_THREADS",
+        default: "4",
+        help: "HTTP handler threads",
+    },
+    Var {
+        name: "INGEST_MAX_BODY_BYTES",
+        default: "1048576",
+        help: "largest accepted request body; larger bodies get 413",
+    },
+    Var {
+        name: "INGEST_DATABASE_URL",
+        default: "postgres://postgres@127.0.0.1:5432/postgres",
+        help: "PostgreSQL connection URL",
+    },
+    Var {
+        name: "INGEST_DB_SCHEMA",
+        default: "public",
+        help: "schema holding the tables (created if missing)",
+    },
+    Var {
+        name: "INGEST_DB_POOL_SIZE",
+        default: "16",
+        help: "maximum pooled PostgreSQL connections per process",
+    },
+    Var {
+        name: "INGEST_DB_TIMEOUT",
+        default: "2s",
+        help: "wait for a pooled connection before answering 503",
+    },
+    Var {
+        name: "INGEST_AMQP_URL",
+        default: "amqp://guest:guest@127.0.0.1:5672/%2f",
+        help: "RabbitMQ connection URL",
+    },
+    Var {
+        name: "INGEST_AMQP_PREFIX",
+        default: "ingest",
+        help: "prefix of the exchange and queue names",
+    },
+    Var {
+        name: "INGEST_WORKERS",
+        default: "4",
+        help: "worker threads processing deliveries",
+    },
+    Var {
+        name: "INGEST_PREFETCH",
+        default: "64",
+        help: "unacknowledged deliveries the consumer may hold (AMQP qos)",
+    },
+    Var {
+        name: "INGEST_RELAY_BATCH",
+        default: "500",
+        help: "outbox rows the relay claims and publishes per transaction",
+    },
+    Var {
+        name: "INGEST_RELAY_POLL",
+        default: "1s",
+        help: "how often the relay looks at the outbox when nothing woke it",
+    },
+    Var {
+        name: "INGEST_CONFIRM_TIMEOUT",
+        default: "10s",
+        help: "wait for publisher confirms before the batch is retried",
+    },
+    Var {
+        name: "INGEST_SIMULATED_WORK",
+        default: "0ms",
+        help: "time the default processor spends per event (for load tests)",
+    },
+    Var {
+        name: "INGEST_SHUTDOWN_TIMEOUT",
+        default: "30s",
+        help: "longest a graceful shutdown may take before the process exits",
+    },
+    Var {
+        name: "INGEST_LOG",
+        default: "info",
+        help: "log level: error, warn, info, debug or trace",
+    },
+];
+
+/// Everything the service needs to know, parsed and validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `INGEST_HTTP_ADDR`: where the API listens; port 0 picks a free port.
+    pub http_addr: SocketAddr,
+    /// `INGEST_HTTP_THREADS`: request handler threads sharing one server.
+    pub http_threads: usize,
+    /// `INGEST_MAX_BODY_BYTES`: bodies over this size are refused with 413.
+    pub max_body_bytes: usize,
+    /// `INGEST_DATABASE_URL`: PostgreSQL URL or key=value string.
+    pub database_url: String,
+    /// `INGEST_DB_SCHEMA`: schema of the tables; a plain lowercase identifier.
+    pub db_schema: String,
+    /// `INGEST_DB_POOL_SIZE`: r2d2 `max_size`.
+    pub db_pool_size: u32,
+    /// `INGEST_DB_TIMEOUT`: r2d2 `connection_timeout`, also the connect timeout.
+    pub db_timeout: Duration,
+    /// `INGEST_AMQP_URL`: `amqp://user:pass@host:port/vhost`.
+    pub amqp_url: String,
+    /// `INGEST_AMQP_PREFIX`: every exchange and queue name starts with it.
+    pub amqp_prefix: String,
+    /// `INGEST_WORKERS`: worker threads.
+    pub workers: usize,
+    /// `INGEST_PREFETCH`: AMQP `basic.qos` prefetch count.
+    pub prefetch: u16,
+    /// `INGEST_RELAY_BATCH`: outbox rows per relay transaction.
+    pub relay_batch: usize,
+    /// `INGEST_RELAY_POLL`: fallback poll interval of the relay.
+    pub relay_poll: Duration,
+    /// `INGEST_CONFIRM_TIMEOUT`: how long the relay waits for confirms.
+    pub confirm_timeout: Duration,
+    /// `INGEST_SIMULATED_WORK`: sleep per event in the default processor.
+    pub simulated_work: Duration,
+    /// `INGEST_SHUTDOWN_TIMEOUT`: bound on a graceful shutdown.
+    pub shutdown_timeout: Duration,
+    /// `INGEST_LOG`: log level.
+    pub log_level: log::LevelFilter,
+}
+
+/// A configuration variable that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    /// The variable's name.
+    pub var: &'static str,
+    /// Why its value was refused.
+    pub reason: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.var, self.reason)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, Error> {
+        Config::from_vars(std::env::vars())
+    }
+
+    /// Builds a `Config` from name/value pairs; unknown names are ignored and
+    /// missing ones take their default.
+    pub fn from_vars<I>(vars: I) -> Result<Config, Error>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let given: HashMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("INGEST_"))
+            .collect();
+        let get = |name: &'static str| -> (&'static str, &str) {
+            let default = VARS
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| v.default)
+                .unwrap_or_else(|| panic!("{name} is missing from VARS"));
+            (name, given.get(name).map(String::as_str).unwrap_or(default))
+        };
+
+        let config = Config {
+            http_addr: parse_with(get("INGEST_HTTP_ADDR"), |s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|_| "expected host:port, for example 0.0.0.0:5001".into())
+            })?,
+            http_threads: positive(get("INGEST_HTTP_THREADS"))?,
+            max_body_bytes: positive(get("INGEST_MAX_BODY_BYTES"))?,
+            database_url: non_empty(get("INGEST_DATABASE_URL"))?,
+            db_schema: parse_with(get("INGEST_DB_SCHEMA"), identifier)?,
+            db_pool_size: positive(get("INGEST_DB_POOL_SIZE"))?,
+            db_timeout: nonzero_duration(get("INGEST_DB_TIMEOUT"))?,
+            amqp_url: parse_with(get("INGEST_AMQP_URL"), |s| {
+                crate::broker::AmqpUrl::parse(s).map(|_| s.to_string())
+            })?,
+            amqp_prefix: parse_with(get("INGEST_AMQP_PREFIX"), amqp_name)?,
+            workers: positive(get("INGEST_WORKERS"))?,
+            prefetch: positive(get("INGEST_PREFETCH"))?,
+            relay_batch: positive(get("INGEST_RELAY_BATCH"))?,
+            relay_poll: nonzero_duration(get("INGEST_RELAY_POLL"))?,
+            confirm_timeout: nonzero_duration(get("INGEST_CONFIRM_TIMEOUT"))?,
+            simulated_work: parse_with(get("INGEST_SIMULATED_WORK"), parse_duration)?,
+            shutdown_timeout: nonzero_duration(get("INGEST_SHUTDOWN_TIMEOUT"))?,
+            log_level: parse_with(get("INGEST_LOG"), |s| {
+                s.parse::<log::LevelFilter>()
+                    .map_err(|_| "expected error, warn, info, debug or trace".into())
+            })?,
+        };
+        Ok(config)
+    }
+
+    /// The `--help` text listing every variable and its default.
+    pub fn help() -> String {
+        let mut out = String::from("Configuration (environment variables):\n");
+        for v in VARS {
+            out.push_str(&format!(
+                "  {:<24} {} [default: {}]\n",
+                v.name, v.help, v.default
+            ));
+        }
+        out
+    }
+}
+
+/// Parses `500ms`, `2s`, `5m`, `1h` or `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit; write for example 500ms, 2s, 5m, 1h or 7d"))?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a whole number"))?;
+    let secs = |mult: u64| Duration::from_secs(n.saturating_mul(mult));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(secs(1)),
+        "m" => Ok(secs(60)),
+        "h" => Ok(secs(3600)),
+        "d" => Ok(secs(86_400)),
+        _ => Err(format!("unknown unit {unit:?}; use ms, s, m, h or d")),
+    }
+}
+
+fn parse_with<T>(
+    (var, value): (&'static str, &str),
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, Error> {
+    parse(value).map_err(|reason| Error { var, reason })
+}
+
+fn positive<T>(input: (&'static str, &str)) -> Result<T, Error>
+where
+    T: std::str::FromStr + Default + PartialEq,
+{
+    parse_with(input, |s| match s.trim().parse::<T>() {
+        Ok(n) if n != T::default() => Ok(n),
+        _ => Err(format!("{s:?} is not a positive whole number in range")),
+    })
+}
+
+fn non_empty(input: (&'static str, &str)) -> Result<String, Error> {
+    parse_with(input, |s| {
+        if s.trim().is_empty() {
+            Err("must not be empty".into())
+        } else {
+            Ok(s.to_string())
+        }
+    })
+}
+
+fn nonzero_duration(input: (&'static str, &str)) -> Result<Duration, Error> {
+    parse_with(input, |s| match parse_duration(s)? {
+        d if d.is_zero() => Err("must be greater than zero".into()),
+        d => Ok(d),
+    })
+}
+
+/// A PostgreSQL schema name we can embed without quoting surprises.
+fn identifier(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} must be a lowercase identifier: a-z, 0-9 and _, not starting with a digit"
+        ))
+    }
+}
+
+/// An AMQP name prefix: letters, digits, `.`, `-` and `_`.
+fn amqp_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 200
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} may hold only letters, digits, '.', '-' and '_'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, Error> {
+        Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.http_addr, "127.0.0.1:5001".parse().unwrap());
+        assert_eq!(c.db_schema, "public");
+        assert_eq!(c.amqp_prefix, "ingest");
+        assert_eq!(c.db_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let e = with(&[("INGEST_WORKERS", "zero")]).unwrap_err();
+        assert_eq!(e.var, "INGEST_WORKERS");
+        assert!(e.to_string().starts_with("invalid INGEST_WORKERS: "));
+        assert_eq!(
+            with(&[("INGEST_WORKERS", "0")]).unwrap_err().var,
+            "INGEST_WORKERS"
+        );
+        assert_eq!(
+            with(&[("INGEST_DB_SCHEMA", "Robert'); DROP")])
+                .unwrap_err()
+                .var,
+            "INGEST_DB_SCHEMA"
+        );
+        assert_eq!(
+            with(&[("INGEST_HTTP_ADDR", "localhost")]).unwrap_err().var,
+            "INGEST_HTTP_ADDR"
+        );
+        assert_eq!(
+            with(&[("INGEST_AMQP_URL", "http://x")]).unwrap_err().var,
+            "INGEST_AMQP_URL"
+        );
+        assert_eq!(
+            with(&[("INGEST_PREFETCH", "70000")]).unwrap_err().var,
+            "INGEST_PREFETCH"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("2").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("3w").is_err());
+    }
+
+    #[test]
+    fn every_var_is_read() {
+        // A variable documented in VARS but never looked up would silently do
+        // nothing; `get` panics on the reverse case, so together they keep the
+        // table and the parser in step.
+        let src = include_str!("config.rs");
+        for v in VARS {
+            assert!(
+                src.matches(&format!("get(\"{}\")", v.name)).count() >= 1,
+                "{} is documented but never read",
+                v.name
+            );
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The consumer thread: owns the AMQP channel, feeds workers, acks results.
+//!
+//! One thread holds the broker connection (amiquip channels are not shared
+//! between threads), hands each delivery to the worker pool over a bounded
+//! channel and acknowledges only when a worker reports that its transaction
+//! committed. It reconnects by itself with capped backoff. It does not touch
+//! the database; the workers do.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use amiquip::{ConsumerMessage, ConsumerOptions};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, never, select, unbounded};
+use log::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::broker::{self, AmqpUrl, Topology};
+use crate::health::Health;
+use crate::store::Store;
+use crate::worker::{self, Done, Job, Outcome, Processor};
+
+/// What the consumer needs to run.
+pub struct Consumer {
+    /// Broker address.
+    pub url: AmqpUrl,
+    /// Queue and exchange names.
+    pub topology: Topology,
+    /// `basic.qos` prefetch count.
+    pub prefetch: u16,
+    /// Worker threads to start.
+    pub workers: usize,
+    /// TCP and handshake timeout.
+    pub connect_timeout: Duration,
+    /// Where workers open their transactions.
+    pub store: Store,
+    /// The business logic.
+    pub processor: Arc<dyn Processor>,
+    /// Where the connection state is published.
+    pub health: Arc<Health>,
+}
+
+enum SessionEnd {
+    /// Asked to stop; everything dispatched was settled.
+    Stopped,
+}
+
+impl Consumer {
+    /// Consumes until `stop` disconnects, then lets workers finish and ack
+    /// what they hold and returns once all worker threads have exited.
+    pub fn run(self, stop: Receiver<()>) {
+        let (job_tx, job_rx) = bounded::<Job>(self.workers);
+        let (done_tx, done_rx) = unbounded::<Done>();
+        let workers: Vec<_> = (0..self.workers)
+            .map(|i| {
+                let (jobs, done) = (job_rx.clone(), done_tx.clone());
+                let (store, processor) = (self.store.clone(), self.processor.clone());
+                thread::Builder::new()
+                    .name(format!("worker-{i}"))
+                    .spawn(move || worker::run(jobs, done, store, &*processor))
+                    .expect("spawn worker thread")
+            })
+            .collect();
+        drop((job_rx, done_tx));
+
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut generation = 0u64;
+        loop {
+            generation += 1;
+            match self.session(generation, &job_tx, &done_rx, &stop) {
+                Ok(SessionEnd::Stopped) => break,
+                Err(e) => {
+                    // One log line per state change, not one per retry.
+                    if self.connected() {
+                        backoff.reset();
+                        warn!("consumer: broker connection lost, reconnecting: {e}");
+                    } else if backoff.failures() == 0 {
+                        warn!("consumer: cannot reach the broker, retrying: {e}");
+                    }
+                    self.health.set_consumer(false);
+                    match stop.recv_timeout(backoff.next_delay()) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
+                }
+            }
+        }
+        self.health.set_consumer(false);
+        drop(job_tx);
+        for w in workers {
+            let _ = w.join();
+        }
+        info!("consumer: stopped");
+    }
+
+    fn connected(&self) -> bool {
+        self.health
+            .broker_checks()
+            .iter()
+            .any(|(name, up)| *name == "broker_consumer" && *up)
+    }
+
+    fn session(
+        &self,
+        generation: u64,
+        jobs: &Sender<Job>,
+        done: &Receiver<Done>,
+        stop: &Receiver<()>,
+    ) -> Result<SessionEnd, broker::Error> {
+        let mut connection = broker::connect(&self.url, self.connect_timeout)?;
+        let channel = connection.open_channel(None)?;
+        self.topology.declare(&channel)?;
+        channel.qos(0, self.prefetch, false)?;
+        let queue = channel.queue_declare_passive(&*self.topology.queue)?;
+        let consumer = queue.consume(ConsumerOptions::default())?;
+        self.health.set_consumer(true);
+        info!(
+            "consumer: connected to {} queue {}",
+            self.url.redacted(),
+            self.topology.queue
+        );
+
+        let mut in_flight = 0usize;
+        let mut stopping = false;
+        while !(stopping && in_flight == 0) {
+            let deliveries = if stopping {
+                never()
+            } else {
+                consumer.receiver().clone()
+            };
+            let stop_rx = if stopping { never() } else { stop.clone() };
+            select! {
+                recv(deliveries) -> msg => match msg {
+                    Ok(ConsumerMessage::Delivery(delivery)) => {
+                        in_flight += 1;
+                        // Blocks while every worker is busy; prefetch bounds
+                        // what waits behind it in the broker's buffer.
+                        if jobs.send(Job { generation, delivery }).is_err() {
+                            return Err(broker::Error::Closed);
+                        }
+                    }
+                    Ok(other) => {
+                        warn!("consumer: consumption ended: {other:?}");
+                        return Err(broker::Error::Closed);
+                    }
+                    Err(_) => return Err(broker::Error::Closed),
+                },
+                recv(done) -> msg => {
+                    let Ok(d) = msg else { return Err(broker::Error::Closed) };
+                    // A result from an earlier connection: its tag is void
+                    // here, and the broker has redelivered that message.
+                    if d.generation != generation {
+                        continue;
+                    }
+                    in_flight -= 1;
+                    match d.outcome {
+                        Outcome::Ack => consumer.ack(d.delivery)?,
+                        Outcome::Reject => consumer.reject(d.delivery, false)?,
+                        Outcome::Requeue => consumer.nack(d.delivery, true)?,
+                    }
+                },
+                recv(stop_rx) -> _ => {
+                    stopping = true;
+                    // Deliveries prefetched but not dispatched go back to the
+                    // queue when the channel closes.
+                    let _ = consumer.cancel();
+                },
+            }
+        }
+        drop(consumer);
+        let _ = channel.close();
+        let _ = connection.close();
+        Ok(SessionEnd::Stopped)
+    }
+}

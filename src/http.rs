@@ -1,0 +1,423 @@
+//! The HTTP API: routes, request parsing, and the mapping of errors to responses.
+//!
+//! Handler threads share one `tiny_http::Server`. A request is routed, its
+//! body checked (media type, size, JSON shape) before anything touches the
+//! database, and every failure becomes an [`ApiError`], which
+//! [`error_response`] alone turns into a status and a JSON body. A panic in a
+//! handler answers 500 and the thread goes on serving.
+
+use std::io::{Cursor, Read};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::Sender;
+use log::{error, warn};
+use serde_json::{Value, json};
+use tiny_http::{Header, Method, Request, Response, Server};
+use uuid::Uuid;
+
+use crate::health::Health;
+use crate::store::{self, Store};
+
+/// Seconds a client should wait before retrying a 503.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// Everything a handler needs.
+pub struct Api {
+    /// Where events are written.
+    pub store: Store,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// Wakes the relay in this process after a commit.
+    pub wake: Option<Sender<()>>,
+    /// Wake relays in other processes with `NOTIFY` (API-only role).
+    pub notify: bool,
+    /// Broker connection state for `/readyz`.
+    pub health: Arc<Health>,
+}
+
+/// A response body: status, JSON and extra headers.
+pub type HttpResponse = Response<Cursor<Vec<u8>>>;
+
+/// Everything that can go wrong with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// The body is not valid JSON.
+    InvalidJson(String),
+    /// The JSON is valid but not the shape the route expects.
+    InvalidBody(String),
+    /// The path holds something that is not a UUID.
+    InvalidId(String),
+    /// No route has this path.
+    NotFound,
+    /// No event has this id.
+    EventNotFound(Uuid),
+    /// The path exists but not for this method; the value lists the allowed ones.
+    MethodNotAllowed(&'static str),
+    /// The body is larger than the limit (the value).
+    PayloadTooLarge(usize),
+    /// The request's Content-Type is not JSON.
+    UnsupportedMediaType(Option<String>),
+    /// The database is unreachable or overloaded.
+    Unavailable,
+    /// A bug: logged in full, answered without detail.
+    Internal,
+}
+
+impl From<store::Error> for ApiError {
+    fn from(e: store::Error) -> ApiError {
+        if e.is_unavailable() {
+            warn!("database unavailable: {e}");
+            ApiError::Unavailable
+        } else {
+            error!("database error: {e}");
+            ApiError::Internal
+        }
+    }
+}
+
+/// The one place an error becomes a status code and a JSON body.
+pub fn error_response(err: &ApiError) -> HttpResponse {
+    let (status, code, detail) = match err {
+        ApiError::InvalidJson(d) => (400, "invalid_json", d.clone()),
+        ApiError::InvalidBody(d) => (400, "invalid_body", d.clone()),
+        ApiError::InvalidId(id) => (400, "invalid_id", format!("{id:?} is not a UUID")),
+        ApiError::NotFound => (404, "not_found", "no such route".to_string()),
+        ApiError::EventNotFound(id) => (404, "event_not_found", format!("no event with id {id}")),
+        ApiError::MethodNotAllowed(allow) => (
+            405,
+            "method_not_allowed",
+            format!("this route accepts {allow}"),
+        ),
+        ApiError::PayloadTooLarge(max) => (
+            413,
+            "payload_too_large",
+            format!("the body exceeds the limit of {max} bytes"),
+        ),
+        ApiError::UnsupportedMediaType(got) => (
+            415,
+            "unsupported_media_type",
+            match got {
+                Some(ct) => format!("Content-Type {ct:?} is not application/json"),
+                None => "Content-Type application/json is required".to_string(),
+            },
+        ),
+        ApiError::Unavailable => (
+            503,
+            "unavailable",
+            "the database is unavailable; retry later".to_string(),
+        ),
+        ApiError::Internal => (500, "internal", "internal error".to_string()),
+    };
+    let mut response = json_response(status, &json!({ "error": code, "detail": detail }));
+    match err {
+        ApiError::MethodNotAllowed(allow) => response.add_header(header("Allow", allow)),
+        ApiError::Unavailable => {
+            response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string()))
+        }
+        _ => {}
+    }
+    response
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: u16, body: &Value) -> HttpResponse {
+    Response::from_data(body.to_string().into_bytes())
+        .with_status_code(status)
+        .with_header(header("Content-Type", "application/json"))
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header is valid")
+}
+
+/// The routes of the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /Ingestion/ingest` and `POST /v1/events`.
+    Ingest,
+    /// `GET /v1/events/<id>`.
+    GetEvent(Uuid),
+    /// `GET /healthz`.
+    Healthz,
+    /// `GET /readyz`.
+    Readyz,
+}
+
+/// Maps a method and a URL to a route. The legacy path matches without
+/// regard to case, as the original ASP.NET routing did.
+pub fn route(method: &Method, url: &str) -> Result<Route, ApiError> {
+    let path = url.split(['?', '#']).next().unwrap_or("");
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let (allow, route) = if path.eq_ignore_ascii_case("/Ingestion/ingest") || path == "/v1/events" {
+        ("POST", Ok(Route::Ingest))
+    } else if let Some(id) = path.strip_prefix("/v1/events/") {
+        let route = Uuid::parse_str(id)
+            .map(Route::GetEvent)
+            .map_err(|_| ApiError::InvalidId(id.to_string()));
+        ("GET", route)
+    } else if path == "/healthz" {
+        ("GET", Ok(Route::Healthz))
+    } else if path == "/readyz" {
+        ("GET", Ok(Route::Readyz))
+    } else {
+        return Err(ApiError::NotFound);
+    };
+    let allowed = match allow {
+        "POST" => *method == Method::Post,
+        _ => *method == Method::Get || *method == Method::Head,
+    };
+    if !allowed {
+        return Err(ApiError::MethodNotAllowed(allow));
+    }
+    route
+}
+
+/// Checks that a Content-Type names JSON (`application/json`, optionally
+/// with parameters, or any `+json` type).
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Validates an ingest body and returns its payload.
+pub fn parse_ingest(body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::InvalidJson("the body is empty".into()));
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let Value::Object(mut object) = value else {
+        return Err(ApiError::InvalidBody(
+            "the body must be a JSON object with a \"payload\" field".into(),
+        ));
+    };
+    match object.remove("payload") {
+        None => Err(ApiError::InvalidBody(
+            "the \"payload\" field is missing".into(),
+        )),
+        Some(Value::Null) => Err(ApiError::InvalidBody(
+            "the \"payload\" field is null".into(),
+        )),
+        Some(payload) => Ok(payload),
+    }
+}
+
+impl Api {
+    /// Answers one request; errors become responses here.
+    pub fn handle(&self, request: &mut Request) -> HttpResponse {
+        match self.dispatch(request) {
+            Ok(response) => response,
+            Err(err) => error_response(&err),
+        }
+    }
+
+    fn dispatch(&self, request: &mut Request) -> Result<HttpResponse, ApiError> {
+        match route(request.method(), request.url())? {
+            Route::Ingest => self.ingest(request),
+            Route::GetEvent(id) => {
+                let event = self
+                    .store
+                    .get_event(id)?
+                    .ok_or(ApiError::EventNotFound(id))?;
+                Ok(json_response(200, &event.to_json()))
+            }
+            Route::Healthz => Ok(json_response(200, &json!({ "status": "ok" }))),
+            Route::Readyz => Ok(self.readyz()),
+        }
+    }
+
+    fn ingest(&self, request: &mut Request) -> Result<HttpResponse, ApiError> {
+        let content_type = request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Content-Type"))
+            .map(|h| h.value.as_str().to_string());
+        match &content_type {
+            Some(ct) if is_json_media_type(ct) => {}
+            _ => return Err(ApiError::UnsupportedMediaType(content_type)),
+        }
+        let body = self.read_body(request)?;
+        let payload = parse_ingest(&body)?;
+        let id = self.store.insert_event(&payload, self.notify)?;
+        if let Some(wake) = &self.wake {
+            // A full channel means a wake-up is already pending.
+            let _ = wake.try_send(());
+        }
+        let mut response =
+            json_response(202, &json!({ "id": id.to_string(), "status": "pending" }));
+        response.add_header(header("Location", &format!("/v1/events/{id}")));
+        Ok(response)
+    }
+
+    fn read_body(&self, request: &mut Request) -> Result<Vec<u8>, ApiError> {
+        let max = self.max_body_bytes;
+        if request.body_length().is_some_and(|n| n > max) {
+            return Err(ApiError::PayloadTooLarge(max));
+        }
+        let mut body = Vec::with_capacity(request.body_length().unwrap_or(0).min(max));
+        request
+            .as_reader()
+            .take(max as u64 + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| ApiError::InvalidBody(format!("the body could not be read: {e}")))?;
+        if body.len() > max {
+            return Err(ApiError::PayloadTooLarge(max));
+        }
+        Ok(body)
+    }
+
+    fn readyz(&self) -> HttpResponse {
+        let mut checks = serde_json::Map::new();
+        let mut ready = true;
+        let db = match self.store.ping() {
+            Ok(()) => "up",
+            Err(e) => {
+                warn!("readyz: postgres is down: {e}");
+                ready = false;
+                "down"
+            }
+        };
+        checks.insert("postgres".into(), db.into());
+        for (name, up) in self.health.broker_checks() {
+            ready &= up;
+            checks.insert(name.into(), if up { "up" } else { "down" }.into());
+        }
+        let status = if ready { "ready" } else { "unavailable" };
+        json_response(
+            if ready { 200 } else { 503 },
+            &json!({ "status": status, "checks": checks }),
+        )
+    }
+}
+
+/// Runs `f`, turning a panic into a 500 response so the thread survives.
+pub fn guarded(f: impl FnOnce() -> HttpResponse) -> HttpResponse {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(response) => response,
+        Err(_) => {
+            error!("a request handler panicked; answered 500");
+            error_response(&ApiError::Internal)
+        }
+    }
+}
+
+/// One handler thread: serves requests until `stopping` is set and the
+/// thread is unblocked.
+pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
+    loop {
+        let mut request = match server.recv() {
+            Ok(r) => r,
+            Err(_) if stopping.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                warn!("http: accept failed: {e}");
+                continue;
+            }
+        };
+        let response = guarded(|| api.handle(&mut request));
+        if let Err(e) = request.respond(response) {
+            // The client went away; nothing to do.
+            log::debug!("http: response not delivered: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let id = Uuid::new_v4();
+        assert_eq!(route(&Method::Post, "/Ingestion/ingest"), Ok(Route::Ingest));
+        assert_eq!(
+            route(&Method::Post, "/ingestion/INGEST/"),
+            Ok(Route::Ingest)
+        );
+        assert_eq!(route(&Method::Post, "/v1/events?x=1"), Ok(Route::Ingest));
+        assert_eq!(
+            route(&Method::Get, &format!("/v1/events/{id}")),
+            Ok(Route::GetEvent(id))
+        );
+        assert_eq!(
+            route(&Method::Get, "/v1/events/nope"),
+            Err(ApiError::InvalidId("nope".into()))
+        );
+        assert_eq!(route(&Method::Get, "/healthz"), Ok(Route::Healthz));
+        assert_eq!(route(&Method::Get, "/nope"), Err(ApiError::NotFound));
+        assert_eq!(
+            route(&Method::Get, "/v1/events"),
+            Err(ApiError::MethodNotAllowed("POST"))
+        );
+        assert_eq!(
+            route(&Method::Delete, &format!("/v1/events/{id}")),
+            Err(ApiError::MethodNotAllowed("GET"))
+        );
+    }
+
+    #[test]
+    fn media_types() {
+        assert!(is_json_media_type("application/json"));
+        assert!(is_json_media_type("Application/JSON; charset=utf-8"));
+        assert!(is_json_media_type("application/cloudevents+json"));
+        assert!(!is_json_media_type("text/plain"));
+        assert!(!is_json_media_type(""));
+    }
+
+    #[test]
+    fn ingest_bodies() {
+        assert_eq!(
+            parse_ingest(br#"{"payload":"Test masivo"}"#),
+            Ok(json!("Test masivo"))
+        );
+        assert_eq!(
+            parse_ingest(br#"{"payload":{"a":[1]}}"#),
+            Ok(json!({"a":[1]}))
+        );
+        assert!(matches!(parse_ingest(b""), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(
+            parse_ingest(b"{\"payload\":"),
+            Err(ApiError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse_ingest(b"[1]"),
+            Err(ApiError::InvalidBody(_))
+        ));
+        assert!(matches!(parse_ingest(b"{}"), Err(ApiError::InvalidBody(_))));
+        assert!(matches!(
+            parse_ingest(br#"{"payload":null}"#),
+            Err(ApiError::InvalidBody(_))
+        ));
+    }
+
+    #[test]
+    fn a_panic_becomes_a_500() {
+        let response = guarded(|| panic!("boom"));
+        assert_eq!(response.status_code().0, 500);
+        // The thread that caught it keeps working.
+        assert_eq!(
+            guarded(|| json_response(200, &json!({}))).status_code().0,
+            200
+        );
+    }
+
+    #[test]
+    fn errors_carry_their_headers() {
+        let r = error_response(&ApiError::MethodNotAllowed("POST"));
+        assert_eq!(r.status_code().0, 405);
+        assert!(r.headers().iter().any(|h| h.field.equiv("Allow")));
+        let r = error_response(&ApiError::Unavailable);
+        assert_eq!(r.status_code().0, 503);
+        assert!(r.headers().iter().any(|h| h.field.equiv("Retry-After")));
+    }
+}

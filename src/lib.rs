@@ -1,0 +1,32 @@
+//! `ingestd`: HTTP event ingestion with a transactional outbox, RabbitMQ and
+//! worker threads, processing every accepted event in effect exactly once.
+//!
+//! The binary is a thin wrapper over [`app::start`]; everything lives here so
+//! that the integration tests can drive it. See `ARCHITECTURE.md` for the data
+//! path and the invariants each module keeps.
+
+pub mod app;
+pub mod backoff;
+pub mod broker;
+pub mod config;
+pub mod consumer;
+pub mod health;
+pub mod http;
+pub mod logging;
+pub mod relay;
+pub mod signals;
+pub mod store;
+pub mod worker;
+
+pub use app::{App, Role, start};
+pub use config::Config;
+pub use worker::{DefaultProcessor, Event, ProcessError, Processor};
+
+/// Version and git revision, as `--version` prints them.
+pub fn version() -> String {
+    format!(
+        "ingestd {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        env!("INGESTD_GIT_REVISION")
+    )
+}

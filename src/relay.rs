@@ -1,0 +1,240 @@
+//! The relay: moves outbox rows to the broker (Transactional Outbox).
+//!
+//! In one transaction it claims a batch of outbox rows with
+//! `FOR UPDATE SKIP LOCKED`, publishes them as persistent messages, waits for
+//! the broker's confirms and only then deletes the rows and commits. Any
+//! failure rolls the transaction back, so the rows stay for the next try; a
+//! crash between publish and delete causes a redelivery, which workers skip.
+//! Only the relay publishes to the broker.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, never, select};
+use log::{debug, info, warn};
+use postgres::fallible_iterator::FallibleIterator;
+
+use crate::backoff::Backoff;
+use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
+use crate::health::Health;
+use crate::store::{self, Store};
+
+/// What the relay needs to run.
+pub struct Relay {
+    /// Where the outbox lives.
+    pub store: Store,
+    /// Broker address.
+    pub url: AmqpUrl,
+    /// Exchange and queue names.
+    pub topology: Topology,
+    /// Rows per transaction.
+    pub batch: usize,
+    /// Poll interval when nothing wakes the relay.
+    pub poll: Duration,
+    /// How long to wait for a batch's confirms.
+    pub confirm_timeout: Duration,
+    /// TCP and handshake timeout.
+    pub connect_timeout: Duration,
+    /// Where the connection state is published.
+    pub health: Arc<Health>,
+}
+
+/// Why one relay pass failed.
+#[derive(Debug)]
+pub enum Error {
+    /// The outbox could not be read or updated; the broker may be fine.
+    Store(store::Error),
+    /// Publishing failed; the connection must be replaced.
+    Broker(broker::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Store(e) => e.fmt(f),
+            Error::Broker(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Store(e) => Some(e),
+            Error::Broker(e) => Some(e),
+        }
+    }
+}
+
+impl From<store::Error> for Error {
+    fn from(e: store::Error) -> Error {
+        Error::Store(e)
+    }
+}
+
+impl From<broker::Error> for Error {
+    fn from(e: broker::Error) -> Error {
+        Error::Broker(e)
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Error {
+        Error::Store(e.into())
+    }
+}
+
+impl Relay {
+    /// Relays until `stop` disconnects. A batch under way is finished first.
+    pub fn run(self, wake: Receiver<()>, stop: Receiver<()>) {
+        let mut wake = wake;
+        let mut publisher: Option<Publisher> = None;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut failing = false;
+        while matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+            let result = match publisher.as_mut() {
+                Some(p) => self.relay_once(p),
+                None => match Publisher::open(&self.url, &self.topology, self.connect_timeout) {
+                    Ok(p) => {
+                        info!("relay: connected to {}", self.url.redacted());
+                        self.health.set_relay(true);
+                        publisher = Some(p);
+                        continue;
+                    }
+                    Err(e) => Err(Error::Broker(e)),
+                },
+            };
+            let pause = match result {
+                Ok(n) => {
+                    if failing {
+                        info!("relay: recovered");
+                        failing = false;
+                    }
+                    backoff.reset();
+                    if n >= self.batch {
+                        // A full batch: more rows are probably waiting.
+                        continue;
+                    }
+                    self.poll
+                }
+                Err(e) => {
+                    if let Error::Broker(_) = e {
+                        publisher = None;
+                        self.health.set_relay(false);
+                    }
+                    // One log line per state change, not one per retry.
+                    if !failing {
+                        warn!("relay: {e}; retrying with backoff");
+                        failing = true;
+                    }
+                    backoff.next_delay()
+                }
+            };
+            let stop_now = select! {
+                recv(stop) -> _ => true,
+                recv(wake) -> msg => {
+                    if msg.is_err() {
+                        // The API side is gone; keep polling.
+                        wake = never();
+                    }
+                    false
+                },
+                default(pause) => false,
+            };
+            if stop_now {
+                break;
+            }
+        }
+        if let Some(p) = publisher {
+            p.close();
+        }
+        self.health.set_relay(false);
+        info!("relay: stopped");
+    }
+
+    /// One pass: claim, publish with confirms, delete, commit. Returns how
+    /// many rows were relayed.
+    pub fn relay_once(&self, publisher: &mut Publisher) -> Result<usize, Error> {
+        let mut conn = self.store.conn()?;
+        let mut tx = conn.transaction()?;
+        let ids = publish_claimed(&mut tx, publisher, self.batch, self.confirm_timeout)?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        store::delete_outbox(&mut tx, &ids)?;
+        tx.commit()?;
+        Ok(ids.len())
+    }
+}
+
+/// Claims up to `batch` rows inside `tx` and publishes them with confirms,
+/// returning the outbox ids now safe to delete. Deleting them and committing
+/// is the caller's job; dropping `tx` instead leaves them for another pass
+/// (which is what a crash at this point does).
+pub fn publish_claimed(
+    tx: &mut postgres::Transaction<'_>,
+    publisher: &mut Publisher,
+    batch: usize,
+    confirm_timeout: Duration,
+) -> Result<Vec<i64>, Error> {
+    let rows = store::claim_outbox(tx, batch as i64)?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let messages: Vec<Message> = rows
+        .iter()
+        .map(|r| Message {
+            id: r.event_id.to_string(),
+            body: r.body.clone().into_bytes(),
+            timestamp: u64::try_from(r.created_epoch).unwrap_or(now),
+        })
+        .collect();
+    publisher.publish_batch(&messages, confirm_timeout)?;
+    for r in &rows {
+        debug!("event {}: published", r.event_id);
+    }
+    Ok(rows.iter().map(|r| r.outbox_id).collect())
+}
+
+/// Forwards PostgreSQL `NOTIFY`s on the store's channel to `wake`, so a relay
+/// wakes at once when an API in another process commits. Reconnects by itself
+/// and returns when `stop` disconnects.
+pub fn listen(store: Store, wake: Sender<()>, stop: Receiver<()>) {
+    let channel = store.notify_channel();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let result = store.dedicated().and_then(|mut client| {
+            client.batch_execute(&format!("LISTEN \"{channel}\""))?;
+            backoff.reset();
+            debug!("relay: listening on {channel}");
+            loop {
+                if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+                    return Ok(());
+                }
+                let woke = client
+                    .notifications()
+                    .timeout_iter(Duration::from_millis(250))
+                    .next()?
+                    .is_some();
+                if woke {
+                    let _ = wake.try_send(());
+                } else if client.is_closed() {
+                    return Ok(());
+                }
+            }
+        });
+        if let Err(e) = result
+            && backoff.failures() == 0
+        {
+            warn!("relay: LISTEN connection failed, falling back to polling until it returns: {e}");
+        }
+        match stop.recv_timeout(backoff.next_delay()) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    }
+}

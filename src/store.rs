@@ -1,0 +1,347 @@
+//! PostgreSQL: the pool, the schema and every statement on `events` and `outbox`.
+//!
+//! All SQL lives here, next to the function that runs it, with parameters. The
+//! store knows the tables and their transactions; it does not know HTTP, AMQP
+//! or what processing an event means.
+
+use std::fmt;
+use std::time::Duration;
+
+use postgres::{Client, NoTls, Transaction};
+use r2d2::PooledConnection;
+use r2d2_postgres::PostgresConnectionManager;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::config::Config;
+
+/// The schema, embedded so the binary can create its tables anywhere.
+pub const SCHEMA_SQL: &str = include_str!("../schema.sql");
+
+/// A pooled connection.
+pub type Conn = PooledConnection<PostgresConnectionManager<NoTls>>;
+
+/// Failures reaching or using PostgreSQL.
+#[derive(Debug)]
+pub enum Error {
+    /// The connection URL could not be parsed.
+    Url(postgres::Error),
+    /// No pooled connection became free within the pool timeout.
+    Pool(r2d2::Error),
+    /// A statement or the connection failed.
+    Db(postgres::Error),
+}
+
+impl Error {
+    /// True when PostgreSQL is unreachable or overloaded rather than the
+    /// statement being wrong: the caller should try again later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Url(_) => false,
+            Error::Pool(_) => true,
+            Error::Db(e) => match e.code() {
+                // No SQLSTATE: an I/O error or a closed connection.
+                None => true,
+                Some(code) => {
+                    let c = code.code();
+                    // 08: connection exception, 53: insufficient resources,
+                    // 57P0x: the server is shutting down or starting up.
+                    c.starts_with("08") || c.starts_with("53") || c.starts_with("57P0")
+                }
+            },
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Url(e) => write!(f, "bad database URL: {e}"),
+            Error::Pool(e) => write!(f, "no database connection available: {e}"),
+            Error::Db(e) => write!(f, "database error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Url(e) | Error::Db(e) => Some(e),
+            Error::Pool(e) => Some(e),
+        }
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Error {
+        Error::Db(e)
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(e: r2d2::Error) -> Error {
+        Error::Pool(e)
+    }
+}
+
+/// An event as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    /// The event's id.
+    pub id: Uuid,
+    /// `pending`, `processed` or `failed`.
+    pub status: String,
+    /// Completed processing attempts.
+    pub attempts: i32,
+    /// The client's payload, as sent.
+    pub payload: Value,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// RFC 3339, UTC, once processed.
+    pub processed_at: Option<String>,
+    /// The last processing error, if any.
+    pub last_error: Option<String>,
+}
+
+impl EventRecord {
+    /// The JSON body of `GET /v1/events/<id>`.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "id": self.id.to_string(),
+            "status": self.status,
+            "attempts": self.attempts,
+            "payload": self.payload,
+            "created_at": self.created_at,
+            "processed_at": self.processed_at,
+            "last_error": self.last_error,
+        })
+    }
+}
+
+/// An event as a worker sees it, read under a row lock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LockedEvent {
+    /// The event's id.
+    pub id: Uuid,
+    /// Current status; `processed` means a duplicate delivery.
+    pub status: String,
+    /// Attempts before this one.
+    pub attempts: i32,
+    /// The client's payload.
+    pub payload: Value,
+}
+
+/// One claimed outbox row, ready to publish.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// The outbox row id, deleted after the confirm.
+    pub outbox_id: i64,
+    /// The event id, the message's `message_id`.
+    pub event_id: Uuid,
+    /// The message body: `{"id", "payload", "created_at"}` as JSON text.
+    pub body: String,
+    /// Seconds since the epoch when the event was accepted.
+    pub created_epoch: i64,
+}
+
+// RFC 3339 in UTC with microseconds, as every timestamp in our JSON.
+macro_rules! rfc3339 {
+    ($col:literal) => {
+        concat!(
+            "to_char(",
+            $col,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        )
+    };
+}
+
+/// The connection pool, bound to one schema.
+#[derive(Clone)]
+pub struct Store {
+    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    schema: String,
+    pg_config: postgres::Config,
+}
+
+impl Store {
+    /// Builds the pool without connecting yet; connections open on demand.
+    pub fn open(config: &Config) -> Result<Store, Error> {
+        Store::open_sized(config, config.db_pool_size)
+    }
+
+    /// Like [`Store::open`] with an explicit pool size.
+    pub fn open_sized(config: &Config, size: u32) -> Result<Store, Error> {
+        let mut pg: postgres::Config = config.database_url.parse().map_err(Error::Url)?;
+        pg.options(&format!("-c search_path={}", config.db_schema))
+            .connect_timeout(config.db_timeout)
+            .keepalives_idle(Duration::from_secs(30))
+            .application_name("ingestd");
+        let manager = PostgresConnectionManager::new(pg.clone(), NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(size)
+            .min_idle(Some(1))
+            .connection_timeout(config.db_timeout)
+            .build_unchecked(manager);
+        Ok(Store {
+            pool,
+            schema: config.db_schema.clone(),
+            pg_config: pg,
+        })
+    }
+
+    /// A pooled connection, or an error after the pool timeout.
+    pub fn conn(&self) -> Result<Conn, Error> {
+        Ok(self.pool.get()?)
+    }
+
+    /// A dedicated connection outside the pool (for `LISTEN`).
+    pub fn dedicated(&self) -> Result<Client, Error> {
+        Ok(self.pg_config.connect(NoTls)?)
+    }
+
+    /// The schema this store works in.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The `NOTIFY` channel that wakes relays in other processes.
+    pub fn notify_channel(&self) -> String {
+        format!("ingestd_outbox_{}", self.schema)
+    }
+
+    /// Creates the schema and tables if missing. Concurrent callers serialise
+    /// on an advisory lock, so several processes may start at once.
+    pub fn migrate(&self) -> Result<(), Error> {
+        let mut client = self.dedicated()?;
+        let mut tx = client.transaction()?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('ingestd.migrate'))",
+            &[],
+        )?;
+        // The schema name is validated as a plain identifier by `Config`.
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{0}\"; SET LOCAL search_path TO \"{0}\";",
+            self.schema
+        ))?;
+        tx.batch_execute(SCHEMA_SQL)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Answers whether PostgreSQL responds.
+    pub fn ping(&self) -> Result<(), Error> {
+        self.conn()?.simple_query("SELECT 1")?;
+        Ok(())
+    }
+
+    /// Writes a new event and its outbox row in one transaction. With
+    /// `notify`, the commit also wakes relays listening in other processes.
+    pub fn insert_event(&self, payload: &Value, notify: bool) -> Result<Uuid, Error> {
+        let id = Uuid::new_v4();
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO events (id, payload) VALUES ($1, $2)",
+            &[&id, payload],
+        )?;
+        tx.execute("INSERT INTO outbox (event_id) VALUES ($1)", &[&id])?;
+        if notify {
+            tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel()])?;
+        }
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Reads one event for the API.
+    pub fn get_event(&self, id: Uuid) -> Result<Option<EventRecord>, Error> {
+        let row = self.conn()?.query_opt(
+            concat!(
+                "SELECT id, status, attempts, payload, ",
+                rfc3339!("created_at"),
+                ", ",
+                rfc3339!("processed_at"),
+                ", last_error FROM events WHERE id = $1"
+            ),
+            &[&id],
+        )?;
+        Ok(row.map(|r| EventRecord {
+            id: r.get(0),
+            status: r.get(1),
+            attempts: r.get(2),
+            payload: r.get(3),
+            created_at: r.get(4),
+            processed_at: r.get(5),
+            last_error: r.get(6),
+        }))
+    }
+}
+
+/// Claims up to `limit` outbox rows that no other relay holds, oldest first.
+/// The rows stay locked until `tx` ends.
+pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRow>, Error> {
+    let rows = tx.query(
+        concat!(
+            "SELECT o.id, e.id, json_build_object('id', e.id, 'payload', e.payload, ",
+            "'created_at', ",
+            rfc3339!("e.created_at"),
+            ")::text, extract(epoch FROM e.created_at)::bigint ",
+            "FROM outbox o JOIN events e ON e.id = o.event_id ",
+            "ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+        ),
+        &[&limit],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| OutboxRow {
+            outbox_id: r.get(0),
+            event_id: r.get(1),
+            body: r.get(2),
+            created_epoch: r.get(3),
+        })
+        .collect())
+}
+
+/// Deletes published outbox rows.
+pub fn delete_outbox(tx: &mut Transaction<'_>, ids: &[i64]) -> Result<u64, Error> {
+    Ok(tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])?)
+}
+
+/// Locks an event row for processing; `None` if no such event exists.
+pub fn lock_event(tx: &mut Transaction<'_>, id: Uuid) -> Result<Option<LockedEvent>, Error> {
+    let row = tx.query_opt(
+        "SELECT status, attempts, payload FROM events WHERE id = $1 FOR UPDATE",
+        &[&id],
+    )?;
+    Ok(row.map(|r| LockedEvent {
+        id,
+        status: r.get(0),
+        attempts: r.get(1),
+        payload: r.get(2),
+    }))
+}
+
+/// Marks a locked event processed and counts the attempt.
+pub fn mark_processed(tx: &mut Transaction<'_>, id: Uuid) -> Result<(), Error> {
+    tx.execute(
+        "UPDATE events SET status = 'processed', processed_at = now(), \
+         attempts = attempts + 1, last_error = NULL WHERE id = $1",
+        &[&id],
+    )?;
+    Ok(())
+}
+
+/// Records a failed attempt; with `give_up` the event becomes `failed`.
+pub fn record_failure(
+    tx: &mut Transaction<'_>,
+    id: Uuid,
+    error: &str,
+    give_up: bool,
+) -> Result<(), Error> {
+    tx.execute(
+        "UPDATE events SET attempts = attempts + 1, last_error = $2, \
+         status = CASE WHEN $3 THEN 'failed' ELSE status END \
+         WHERE id = $1 AND status = 'pending'",
+        &[&id, &error, &give_up],
+    )?;
+    Ok(())
+}
