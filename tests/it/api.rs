@@ -1,0 +1,246 @@
+//! The HTTP API: routes, the status query and every bad-input case.
+
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::util::{TestEnv, get, post_json, request};
+
+#[test]
+fn legacy_route_accepts_the_original_body() {
+    let env = TestEnv::new("legacy");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    let resp = post_json(addr, "/Ingestion/ingest", r#"{"payload":"Test masivo"}"#);
+    assert_eq!(resp.status, 202);
+    let body = resp.json();
+    assert_eq!(body["status"], "pending");
+    let id = Uuid::parse_str(body["id"].as_str().unwrap()).unwrap();
+    assert_eq!(resp.header("location"), Some(&*format!("/v1/events/{id}")));
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+
+    env.wait_processed(&[id], Duration::from_secs(10));
+    let event = get(addr, &format!("/v1/events/{id}")).json();
+    assert_eq!(event["payload"], "Test masivo");
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn status_query_shows_the_event_lifecycle() {
+    let env = TestEnv::new("status");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    let resp = post_json(
+        addr,
+        "/v1/events",
+        r#"{"payload":{"order":42,"items":[1,2]}}"#,
+    );
+    assert_eq!(resp.status, 202);
+    let id = Uuid::parse_str(resp.json()["id"].as_str().unwrap()).unwrap();
+    env.wait_processed(&[id], Duration::from_secs(10));
+
+    let resp = get(addr, &format!("/v1/events/{id}"));
+    assert_eq!(resp.status, 200);
+    let event = resp.json();
+    assert_eq!(event["id"], id.to_string());
+    assert_eq!(event["status"], "processed");
+    assert_eq!(event["attempts"], 1);
+    assert_eq!(event["payload"], json!({"order":42,"items":[1,2]}));
+    assert!(event["created_at"].as_str().unwrap().ends_with('Z'));
+    assert!(event["processed_at"].as_str().is_some());
+    assert!(event["last_error"].is_null());
+
+    let unknown = get(addr, &format!("/v1/events/{}", Uuid::new_v4()));
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"], "event_not_found");
+    let invalid = get(addr, "/v1/events/not-a-uuid");
+    assert_eq!(invalid.status, 400);
+    assert_eq!(invalid.json()["error"], "invalid_id");
+
+    assert_eq!(get(addr, "/healthz").status, 200);
+    let ready = get(addr, "/readyz");
+    assert_eq!(ready.status, 200, "{:?}", ready.json());
+    assert_eq!(ready.json()["checks"]["postgres"], "up");
+    app.shutdown().unwrap();
+}
+
+/// One bad request: name, method, path, headers, body, status, error code.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Headers<'a>,
+    &'a [u8],
+    u16,
+    &'a str,
+);
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
+#[test]
+fn bad_input_is_refused_and_writes_nothing() {
+    let env = TestEnv::new("badinput");
+    let app = env.start_role(
+        &env.config_with(&[("INGEST_MAX_BODY_BYTES", "1024")]),
+        ingestd::Role::All,
+    );
+    let addr = app.http_addr().unwrap();
+    let json_ct = [("Content-Type", "application/json")];
+    let big = format!(r#"{{"payload":"{}"}}"#, "x".repeat(2000));
+
+    let cases: Vec<Case> = vec![
+        (
+            "malformed json",
+            "POST",
+            "/v1/events",
+            &json_ct,
+            b"{\"payload\": ",
+            400,
+            "invalid_json",
+        ),
+        (
+            "empty body",
+            "POST",
+            "/v1/events",
+            &json_ct,
+            b"",
+            400,
+            "invalid_json",
+        ),
+        (
+            "missing payload",
+            "POST",
+            "/v1/events",
+            &json_ct,
+            b"{\"data\":1}",
+            400,
+            "invalid_body",
+        ),
+        (
+            "null payload",
+            "POST",
+            "/v1/events",
+            &json_ct,
+            b"{\"payload\":null}",
+            400,
+            "invalid_body",
+        ),
+        (
+            "non-object body",
+            "POST",
+            "/Ingestion/ingest",
+            &json_ct,
+            b"[1,2]",
+            400,
+            "invalid_body",
+        ),
+        (
+            "invalid utf-8",
+            "POST",
+            "/v1/events",
+            &json_ct,
+            b"{\"payload\":\"\xff\"}",
+            400,
+            "invalid_json",
+        ),
+        (
+            "wrong content type",
+            "POST",
+            "/v1/events",
+            &[("Content-Type", "text/plain")],
+            b"{\"payload\":1}",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "missing content type",
+            "POST",
+            "/Ingestion/ingest",
+            &[],
+            b"{\"payload\":1}",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "oversize body",
+            "POST",
+            "/v1/events",
+            &json_ct,
+            big.as_bytes(),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "unknown path",
+            "POST",
+            "/v2/events",
+            &json_ct,
+            b"{\"payload\":1}",
+            404,
+            "not_found",
+        ),
+        (
+            "wrong method",
+            "GET",
+            "/Ingestion/ingest",
+            &[],
+            b"",
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "delete an event",
+            "DELETE",
+            "/v1/events/00000000-0000-0000-0000-000000000000",
+            &[],
+            b"",
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "invalid id",
+            "GET",
+            "/v1/events/123",
+            &[],
+            b"",
+            400,
+            "invalid_id",
+        ),
+    ];
+    for (name, method, path, headers, body, status, code) in cases {
+        let resp = request(addr, method, path, headers, body).expect(name);
+        assert_eq!(
+            resp.status,
+            status,
+            "{name}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        let err = resp.json();
+        assert_eq!(err["error"], code, "{name}");
+        assert!(
+            err["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{name}"
+        );
+        if status == 405 {
+            assert!(resp.header("allow").is_some(), "{name}: Allow header");
+        }
+        assert_eq!(
+            env.count("SELECT count(*) FROM events"),
+            0,
+            "{name} wrote an event"
+        );
+        assert_eq!(
+            env.count("SELECT count(*) FROM outbox"),
+            0,
+            "{name} wrote an outbox row"
+        );
+    }
+    // The server still serves a good request afterwards.
+    assert_eq!(
+        post_json(addr, "/v1/events", r#"{"payload":1}"#).status,
+        202
+    );
+    app.shutdown().unwrap();
+}

@@ -1,0 +1,8 @@
+//! Integration tests against the real PostgreSQL and RabbitMQ. Each test
+//! isolates itself in its own schema and AMQP prefix (see `util`).
+
+mod api;
+mod faults;
+mod pipeline;
+mod shutdown;
+mod util;

@@ -1,0 +1,134 @@
+//! The data path end to end, and the exactly-once-in-effect guarantee
+//! against duplicate deliveries.
+
+use std::time::Duration;
+
+use ingestd::Role;
+use ingestd::broker::{AmqpUrl, Publisher};
+use ingestd::relay;
+use ingestd::store::Store;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::util::{TestEnv, amqp_url, ingest, wait_until};
+
+#[test]
+fn ingest_to_processed_end_to_end() {
+    let env = TestEnv::new("e2e");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    let ids: Vec<Uuid> = (0..100).map(|i| ingest(addr, &json!({ "n": i }))).collect();
+    env.wait_processed(&ids, Duration::from_secs(20));
+
+    for id in &ids {
+        assert_eq!(env.runs(*id), 1, "event {id} processed once");
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox"),
+        0,
+        "outbox drained"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM events WHERE attempts <> 1 OR processed_at IS NULL"),
+        0
+    );
+    app.shutdown().unwrap();
+}
+
+/// With one worker and a prefetch of one, deliveries are handled in queue
+/// order, so once an event ingested after the duplicates is processed, the
+/// duplicates have been handled too.
+fn serial_config(env: &TestEnv) -> ingestd::Config {
+    env.config_with(&[("INGEST_WORKERS", "1"), ("INGEST_PREFETCH", "1")])
+}
+
+#[test]
+fn a_message_delivered_twice_is_processed_once() {
+    let env = TestEnv::new("dup");
+    let app = env.start_role(&serial_config(&env), Role::All);
+    let addr = app.http_addr().unwrap();
+
+    let id = ingest(addr, &json!("once"));
+    env.wait_processed(&[id], Duration::from_secs(10));
+
+    // The broker delivers the same message again, twice.
+    let body = json!({ "id": id.to_string(), "payload": "once" }).to_string();
+    env.publish_raw(body.as_bytes());
+    env.publish_raw(body.as_bytes());
+    let sentinel = ingest(addr, &json!("after"));
+    env.wait_processed(&[sentinel], Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "queue drained", || {
+        env.queue_depth(&env.topology().queue) == 0
+    });
+
+    assert_eq!(env.runs(id), 1, "the duplicate was skipped");
+    assert_eq!(env.status(id).as_deref(), Some("processed"));
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn a_relay_crash_between_publish_and_delete_is_processed_once() {
+    let env = TestEnv::new("relaycrash");
+    let config = serial_config(&env);
+    let store = Store::open_sized(&config, 2).unwrap();
+    let id = store.insert_event(&json!("crash"), false).unwrap();
+
+    // A relay claims and publishes the row, then dies before deleting it:
+    // its transaction rolls back and the row stays in the outbox.
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    let mut publisher = Publisher::open(&url, &env.topology(), Duration::from_secs(5)).unwrap();
+    {
+        let mut conn = store.conn().unwrap();
+        let mut tx = conn.transaction().unwrap();
+        let published =
+            relay::publish_claimed(&mut tx, &mut publisher, 10, Duration::from_secs(5)).unwrap();
+        assert_eq!(published.len(), 1);
+        drop(tx);
+    }
+    publisher.close();
+    assert_eq!(env.count("SELECT count(*) FROM outbox"), 1);
+    assert_eq!(env.queue_depth(&env.topology().queue), 1);
+
+    // A new relay publishes the row again.
+    let relay_app = env.start_role(&config, Role::Relay);
+    wait_until(Duration::from_secs(10), "outbox drained", || {
+        env.count("SELECT count(*) FROM outbox") == 0
+    });
+    assert_eq!(
+        env.queue_depth(&env.topology().queue),
+        2,
+        "the message is in the queue twice"
+    );
+
+    // Workers see both copies; a later event proves both were handled.
+    let worker_app = env.start_role(&config, Role::Worker);
+    let sentinel = store.insert_event(&json!("after"), true).unwrap();
+    env.wait_processed(&[id, sentinel], Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "queue drained", || {
+        env.queue_depth(&env.topology().queue) == 0
+    });
+    assert_eq!(env.runs(id), 1, "processed once despite two deliveries");
+    worker_app.shutdown().unwrap();
+    relay_app.shutdown().unwrap();
+}
+
+#[test]
+fn a_poison_message_is_dead_lettered_and_does_not_block() {
+    let env = TestEnv::new("poison");
+    let app = env.start_role(&serial_config(&env), Role::All);
+    let addr = app.http_addr().unwrap();
+
+    env.publish_raw(b"this is not json");
+    env.publish_raw(
+        json!({ "id": Uuid::new_v4().to_string(), "payload": 1 })
+            .to_string()
+            .as_bytes(),
+    );
+    let id = ingest(addr, &json!("behind the poison"));
+    env.wait_processed(&[id], Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "two dead letters", || {
+        env.queue_depth(&env.topology().dead_queue) == 2
+    });
+    app.shutdown().unwrap();
+}

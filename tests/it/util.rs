@@ -1,0 +1,426 @@
+//! Helpers shared by every integration test: an isolated environment per
+//! test (its own schema and AMQP prefix), a tiny HTTP client, a fault-injecting
+//! TCP proxy, and waiting for a condition with a deadline.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ingestd::broker::{self, AmqpUrl, Topology};
+use ingestd::{App, Config, Event, ProcessError, Processor, Role};
+use postgres::{Client, NoTls, Transaction};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// PostgreSQL the tests use; override with `INGEST_TEST_DATABASE_URL`.
+pub fn db_url() -> String {
+    std::env::var("INGEST_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// RabbitMQ the tests use; override with `INGEST_TEST_AMQP_URL`.
+pub fn amqp_url() -> String {
+    std::env::var("INGEST_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// One test's private corner of the shared services. Dropping it removes
+/// the schema, the exchanges and the queues it created.
+pub struct TestEnv {
+    /// Schema name and AMQP prefix.
+    pub name: String,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestEnv {
+    /// A fresh environment; fails the test, naming the URL, when PostgreSQL
+    /// or RabbitMQ cannot be reached.
+    pub fn new(tag: &str) -> TestEnv {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("it_{tag}_{}_{n}", std::process::id());
+        let url = db_url();
+        if let Err(e) = Client::connect(&url, NoTls) {
+            panic!("cannot reach PostgreSQL at {url}: {e}");
+        }
+        let amqp = AmqpUrl::parse(&amqp_url()).expect("valid INGEST_TEST_AMQP_URL");
+        if let Err(e) = broker::connect(&amqp, Duration::from_secs(5)) {
+            panic!("cannot reach RabbitMQ at {}: {e}", amqp_url());
+        }
+        let env = TestEnv { name };
+        // Tables exist before any app starts, so tests can add their own.
+        ingestd::app::migrate(&env.config()).expect("migrate");
+        env.sql()
+            .batch_execute("CREATE TABLE runs (event_id uuid NOT NULL)")
+            .expect("create runs table");
+        env
+    }
+
+    /// A configuration for this environment: port 0, small pools.
+    pub fn config(&self) -> Config {
+        self.config_with(&[])
+    }
+
+    /// Like [`TestEnv::config`] with some variables overridden.
+    pub fn config_with(&self, extra: &[(&str, &str)]) -> Config {
+        let mut vars: HashMap<String, String> = [
+            ("INGEST_HTTP_ADDR", "127.0.0.1:0".to_string()),
+            ("INGEST_DATABASE_URL", db_url()),
+            ("INGEST_AMQP_URL", amqp_url()),
+            ("INGEST_DB_SCHEMA", self.name.clone()),
+            ("INGEST_AMQP_PREFIX", self.name.clone()),
+            ("INGEST_DB_POOL_SIZE", "6".into()),
+            ("INGEST_WORKERS", "2".into()),
+            ("INGEST_HTTP_THREADS", "4".into()),
+            ("INGEST_RELAY_POLL", "200ms".into()),
+            ("INGEST_SHUTDOWN_TIMEOUT", "20s".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        Config::from_vars(vars).expect("test config")
+    }
+
+    /// Starts every role with a [`Counting`] processor.
+    pub fn start(&self) -> App {
+        self.start_role(&self.config(), Role::All)
+    }
+
+    /// Starts `role` with `config` and a [`Counting`] processor.
+    pub fn start_role(&self, config: &Config, role: Role) -> App {
+        ingestd::start(config, role, Arc::new(Counting)).expect("start ingestd")
+    }
+
+    /// A connection whose search_path is this environment's schema.
+    pub fn sql(&self) -> Client {
+        let mut c = Client::connect(&db_url(), NoTls).expect("connect");
+        c.batch_execute(&format!("SET search_path TO {}", self.name))
+            .expect("search_path");
+        c
+    }
+
+    /// Runs a `SELECT count(*)`-like query returning one bigint.
+    pub fn count(&self, sql: &str) -> i64 {
+        self.sql().query_one(sql, &[]).expect(sql).get(0)
+    }
+
+    /// Committed processor runs of one event.
+    pub fn runs(&self, id: Uuid) -> i64 {
+        self.sql()
+            .query_one("SELECT count(*) FROM runs WHERE event_id = $1", &[&id])
+            .expect("count runs")
+            .get(0)
+    }
+
+    /// The status of one event.
+    pub fn status(&self, id: Uuid) -> Option<String> {
+        self.sql()
+            .query_opt("SELECT status FROM events WHERE id = $1", &[&id])
+            .expect("status")
+            .map(|r| r.get(0))
+    }
+
+    /// Waits until every id is processed.
+    pub fn wait_processed(&self, ids: &[Uuid], timeout: Duration) {
+        let ids = ids.to_vec();
+        wait_until(timeout, "all events processed", || {
+            let done: i64 = self
+                .sql()
+                .query_one(
+                    "SELECT count(*) FROM events WHERE id = ANY($1) AND status = 'processed'",
+                    &[&ids],
+                )
+                .expect("count processed")
+                .get(0);
+            done == ids.len() as i64
+        });
+    }
+
+    /// The topology names of this environment.
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.name)
+    }
+
+    /// Messages ready in a queue (not counting unacknowledged ones).
+    pub fn queue_depth(&self, queue: &str) -> u32 {
+        let url = AmqpUrl::parse(&amqp_url()).unwrap();
+        let mut conn = broker::connect(&url, Duration::from_secs(5)).expect("amqp connect");
+        let channel = conn.open_channel(None).expect("channel");
+        let q = channel.queue_declare_passive(queue).expect("queue exists");
+        let n = q.declared_message_count().unwrap_or(0);
+        let _ = conn.close();
+        n
+    }
+
+    /// Publishes a raw body to this environment's events exchange.
+    pub fn publish_raw(&self, body: &[u8]) {
+        let url = AmqpUrl::parse(&amqp_url()).unwrap();
+        let mut publisher =
+            broker::Publisher::open(&url, &self.topology(), Duration::from_secs(5)).expect("open");
+        let message = broker::Message {
+            id: "raw".into(),
+            body: body.to_vec(),
+            timestamp: 0,
+        };
+        publisher
+            .publish_batch(&[message], Duration::from_secs(5))
+            .expect("publish");
+        publisher.close();
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Ok(mut c) = Client::connect(&db_url(), NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+        }
+        let url = AmqpUrl::parse(&amqp_url()).unwrap();
+        if let Ok(mut conn) = broker::connect(&url, Duration::from_secs(5)) {
+            let t = self.topology();
+            if let Ok(ch) = conn.open_channel(None) {
+                let _ = ch.queue_delete(&*t.queue, Default::default());
+                let _ = ch.queue_delete(&*t.dead_queue, Default::default());
+                let _ = ch.exchange_delete(&*t.exchange, false);
+                let _ = ch.exchange_delete(&*t.dead_exchange, false);
+            }
+            let _ = conn.close();
+        }
+    }
+}
+
+/// A processor that records each committed run in the `runs` table, inside
+/// the worker's transaction, so a second committed run is visible.
+pub struct Counting;
+
+impl Processor for Counting {
+    fn process(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), ProcessError> {
+        tx.execute("INSERT INTO runs (event_id) VALUES ($1)", &[&event.id])
+            .map_err(|e| ProcessError::Transient(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Polls `f` until it is true; fails the test naming `what` at the deadline.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An HTTP response as the tests see it.
+#[derive(Debug)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Header names in lowercase.
+    pub headers: Vec<(String, String)>,
+    /// Raw body.
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    /// The body as JSON; fails the test if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request on a fresh connection and reads the whole response.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Resp> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("head not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Resp {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    })
+}
+
+/// `POST` a JSON body to `path`.
+pub fn post_json(addr: SocketAddr, path: &str, body: &str) -> Resp {
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .expect("POST")
+}
+
+/// `GET` a path.
+pub fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, "GET", path, &[], b"").expect("GET")
+}
+
+/// Ingests one event through `/v1/events` and returns its id.
+pub fn ingest(addr: SocketAddr, payload: &Value) -> Uuid {
+    let resp = post_json(
+        addr,
+        "/v1/events",
+        &serde_json::json!({ "payload": payload }).to_string(),
+    );
+    assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
+    Uuid::parse_str(resp.json()["id"].as_str().unwrap()).unwrap()
+}
+
+/// A TCP proxy in front of one service. Taking it down closes every
+/// connection through it and refuses new ones, which cuts exactly the test
+/// instance that uses it off the service while others carry on.
+pub struct Proxy {
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    up: AtomicBool,
+    closed: AtomicBool,
+    conns: Mutex<Vec<TcpStream>>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `target` (`host:port`), up or down.
+    pub fn start(target: &str, up: bool) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let target: SocketAddr = target.parse().expect("proxy target");
+        let state = Arc::new(ProxyState {
+            up: AtomicBool::new(up),
+            closed: AtomicBool::new(false),
+            conns: Mutex::new(Vec::new()),
+        });
+        let st = state.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.closed.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                if !st.up.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut conns = st.conns.lock().unwrap();
+                    conns.push(client.try_clone().unwrap());
+                    conns.push(server.try_clone().unwrap());
+                }
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    /// The proxy's own address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn down(&self) {
+        self.state.up.store(false, Ordering::SeqCst);
+        for c in self.state.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn up(&self) {
+        self.state.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.down();
+        self.state.closed.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
