@@ -9,6 +9,8 @@ CREATE TABLE IF NOT EXISTS events (
     status       text        NOT NULL DEFAULT 'pending'
                              CHECK (status IN ('pending', 'processed', 'failed')),
     attempts     integer     NOT NULL DEFAULT 0,
+    -- Committed processings; anything above 1 would be a double processing.
+    processed_count integer  NOT NULL DEFAULT 0,
     last_error   text,
     created_at   timestamptz NOT NULL DEFAULT now(),
     processed_at timestamptz

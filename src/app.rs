@@ -24,7 +24,7 @@ use crate::health::Health;
 use crate::http::{self, Api};
 use crate::relay::{self, Relay};
 use crate::store::{self, Store};
-use crate::worker::Processor;
+use crate::worker::{Processor, Worker};
 
 /// Which parts of the pipeline this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +106,18 @@ pub fn migrate(config: &Config) -> Result<(), Error> {
         .map_err(|e| Error::Database(redact_db_url(&config.database_url), e))
 }
 
+/// Sends failed events back through the outbox (`ingestd replay --failed`).
+pub fn replay_failed(config: &Config, since: Option<&store::Since>) -> Result<u64, Error> {
+    let name = redact_db_url(&config.database_url);
+    let store = Store::open_sized(config, 1).map_err(|e| Error::Database(name.clone(), e))?;
+    store
+        .migrate()
+        .map_err(|e| Error::Database(name.clone(), e))?;
+    store
+        .replay_failed(since)
+        .map_err(|e| Error::Database(name, e))
+}
+
 /// Starts `role` with `processor` as the business logic.
 pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Result<App, Error> {
     let db_name = redact_db_url(&config.database_url);
@@ -116,14 +128,16 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
     info!("database ready: {db_name} schema {}", config.db_schema);
 
     let url = AmqpUrl::parse(&config.amqp_url).expect("Config validated the AMQP URL");
-    let topology = Topology::new(&config.amqp_prefix);
+    let topology = Topology::new(&config.amqp_prefix, &config.retry_delays);
     let health = Arc::new(Health::new(role.relay(), role.worker()));
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (wake_tx, wake_rx) = bounded::<()>(1);
     let mut background = Vec::new();
 
     if role.relay() {
-        if !role.api() {
+        // Even beside an API, other processes (more APIs, `ingestd replay`)
+        // may write the outbox; their commits NOTIFY.
+        {
             let (store, wake, stop) = (store.clone(), wake_tx.clone(), stop_rx.clone());
             background.push(spawn("relay-listen", move || {
                 relay::listen(store, wake, stop)
@@ -149,8 +163,13 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             prefetch: config.prefetch,
             workers: config.workers,
             connect_timeout: Duration::from_secs(5),
-            store: store.clone(),
-            processor,
+            worker: Worker {
+                store: store.clone(),
+                processor,
+                retries: config.retry_delays.len(),
+                health: health.clone(),
+            },
+            confirm_timeout: config.confirm_timeout,
             health: health.clone(),
         };
         let stop = stop_rx.clone();

@@ -22,6 +22,8 @@ use crossbeam_channel::Receiver;
 pub const EVENT_ROUTING_KEY: &str = "event";
 /// AMQP `type` property of event messages.
 pub const EVENT_MESSAGE_TYPE: &str = "ingestd.event";
+/// Header carrying the number of the attempt a retried message is for.
+pub const ATTEMPT_HEADER: &str = "x-ingestd-attempt";
 
 /// Failures talking to the broker.
 #[derive(Debug)]
@@ -180,17 +182,29 @@ pub struct Topology {
     pub dead_exchange: String,
     /// Durable queue holding dead-lettered messages for operators.
     pub dead_queue: String,
+    /// Retry delays, one delay queue each, in schedule order.
+    pub delays: Vec<Duration>,
 }
 
 impl Topology {
-    /// Names for `prefix`: `<prefix>.events`, `<prefix>.dlx`, `<prefix>.dead`.
-    pub fn new(prefix: &str) -> Topology {
+    /// Names for `prefix`: `<prefix>.events`, `<prefix>.dlx`, `<prefix>.dead`
+    /// and one `<prefix>.delay.<ms>` queue per retry delay.
+    pub fn new(prefix: &str, delays: &[Duration]) -> Topology {
         Topology {
             exchange: format!("{prefix}.events"),
             queue: format!("{prefix}.events"),
             dead_exchange: format!("{prefix}.dlx"),
             dead_queue: format!("{prefix}.dead"),
+            delays: delays.to_vec(),
         }
+    }
+
+    /// The delay queue of retry step `step` (0-based). The name carries the
+    /// delay, so changing the schedule declares new queues instead of
+    /// clashing with the arguments of existing ones.
+    pub fn delay_queue(&self, step: usize) -> String {
+        let prefix = self.queue.strip_suffix(".events").unwrap_or(&self.queue);
+        format!("{prefix}.delay.{}ms", self.delays[step].as_millis())
     }
 
     /// Declares every exchange, queue and binding; safe to repeat.
@@ -200,14 +214,13 @@ impl Topology {
             ..ExchangeDeclareOptions::default()
         };
         channel.exchange_declare(ExchangeType::Fanout, &*self.dead_exchange, durable.clone())?;
-        let dead = channel.queue_declare(
+        declare_queue(channel, &self.dead_queue, FieldTable::new())?;
+        channel.queue_bind(
             &*self.dead_queue,
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
+            &*self.dead_exchange,
+            "",
+            FieldTable::new(),
         )?;
-        channel.queue_bind(dead.name(), &*self.dead_exchange, "", FieldTable::new())?;
 
         channel.exchange_declare(ExchangeType::Topic, &*self.exchange, durable)?;
         let mut arguments = FieldTable::new();
@@ -215,17 +228,48 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             AmqpValue::LongString(self.dead_exchange.clone()),
         );
-        let queue = channel.queue_declare(
-            &*self.queue,
-            QueueDeclareOptions {
-                durable: true,
-                arguments,
-                ..QueueDeclareOptions::default()
-            },
-        )?;
-        channel.queue_bind(queue.name(), &*self.exchange, "#", FieldTable::new())?;
+        declare_queue(channel, &self.queue, arguments)?;
+        channel.queue_bind(&*self.queue, &*self.exchange, "#", FieldTable::new())?;
+
+        // A delay queue has no consumer: its messages expire after the delay
+        // and are dead-lettered back to the events exchange.
+        for (step, delay) in self.delays.iter().enumerate() {
+            let mut arguments = FieldTable::new();
+            arguments.insert(
+                "x-message-ttl".into(),
+                AmqpValue::LongLongInt(delay.as_millis() as i64),
+            );
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AmqpValue::LongString(self.exchange.clone()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AmqpValue::LongString(EVENT_ROUTING_KEY.into()),
+            );
+            declare_queue(channel, &self.delay_queue(step), arguments)?;
+        }
         Ok(())
     }
+
+    /// Every queue name, for cleanup and inspection.
+    pub fn queues(&self) -> Vec<String> {
+        let mut out = vec![self.queue.clone(), self.dead_queue.clone()];
+        out.extend((0..self.delays.len()).map(|i| self.delay_queue(i)));
+        out
+    }
+}
+
+fn declare_queue(channel: &Channel, name: &str, arguments: FieldTable) -> Result<(), Error> {
+    channel.queue_declare(
+        name,
+        QueueDeclareOptions {
+            durable: true,
+            arguments,
+            ..QueueDeclareOptions::default()
+        },
+    )?;
+    Ok(())
 }
 
 /// Opens a connection with `TCP_NODELAY`, failing within `timeout`.
@@ -271,58 +315,70 @@ pub struct Message {
     pub body: Vec<u8>,
     /// Seconds since the epoch, the AMQP `timestamp`.
     pub timestamp: u64,
+    /// For a retry: the number of the attempt it is for.
+    pub attempt: Option<i32>,
 }
 
-/// A channel in confirm mode that publishes batches and waits for their
-/// confirms. After any error its state is unknown: drop it and reconnect.
-pub struct Publisher {
-    // Field order matters: the channel must close before its connection.
+/// A channel in confirm mode: publishes and waits for the broker's confirms.
+/// After any error its state is unknown: drop it and reconnect.
+pub struct ConfirmChannel {
     channel: Channel,
-    connection: Connection,
     confirms: Receiver<Confirm>,
     returns: Receiver<Return>,
     smoother: ConfirmSmoother,
     published: u64,
     confirmed: u64,
-    exchange: String,
 }
 
-impl Publisher {
-    /// Connects, declares the topology and puts a channel in confirm mode.
-    pub fn open(url: &AmqpUrl, topology: &Topology, timeout: Duration) -> Result<Publisher, Error> {
-        let mut connection = connect(url, timeout)?;
+impl ConfirmChannel {
+    /// Opens a new channel on `connection` and puts it in confirm mode.
+    pub fn open(connection: &mut Connection) -> Result<ConfirmChannel, Error> {
         let channel = connection.open_channel(None)?;
-        topology.declare(&channel)?;
         let confirms = channel.listen_for_publisher_confirms()?;
         let returns = channel.listen_for_returns()?;
         channel.enable_publisher_confirms()?;
-        Ok(Publisher {
+        Ok(ConfirmChannel {
             channel,
-            connection,
             confirms,
             returns,
             smoother: ConfirmSmoother::new(),
             published: 0,
             confirmed: 0,
-            exchange: topology.exchange.clone(),
         })
     }
 
-    /// Publishes every message as persistent JSON and returns once the broker
-    /// confirmed all of them; any nack, return or timeout fails the batch.
-    pub fn publish_batch(&mut self, messages: &[Message], timeout: Duration) -> Result<(), Error> {
+    /// The underlying channel, for declarations.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes every message as persistent JSON to `exchange` with
+    /// `routing_key` and returns once the broker confirmed all of them; any
+    /// nack, return or timeout fails the whole batch.
+    pub fn publish_confirmed(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        messages: &[Message],
+        timeout: Duration,
+    ) -> Result<(), Error> {
         for m in messages {
-            let properties = AmqpProperties::default()
+            let mut properties = AmqpProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_message_id(m.id.clone())
                 .with_type_(EVENT_MESSAGE_TYPE.into())
                 .with_timestamp(m.timestamp);
+            if let Some(attempt) = m.attempt {
+                let mut headers = FieldTable::new();
+                headers.insert(ATTEMPT_HEADER.into(), AmqpValue::LongInt(attempt));
+                properties = properties.with_headers(headers);
+            }
             self.channel.basic_publish(
-                &*self.exchange,
+                exchange,
                 Publish {
                     body: &m.body,
-                    routing_key: EVENT_ROUTING_KEY.into(),
+                    routing_key: routing_key.into(),
                     mandatory: true,
                     immediate: false,
                     properties,
@@ -361,10 +417,53 @@ impl Publisher {
         if nacked { Err(Error::Nacked) } else { Ok(()) }
     }
 
-    /// Closes the channel and connection politely.
+    /// Closes the channel politely.
     pub fn close(self) {
         let _ = self.channel.close();
+    }
+}
+
+/// The relay's connection: one confirm channel publishing events to the
+/// events exchange.
+pub struct Publisher {
+    // Field order matters: the channel must close before its connection.
+    channel: ConfirmChannel,
+    connection: Connection,
+    exchange: String,
+}
+
+impl Publisher {
+    /// Connects, declares the topology and opens a confirm channel.
+    pub fn open(url: &AmqpUrl, topology: &Topology, timeout: Duration) -> Result<Publisher, Error> {
+        let mut connection = connect(url, timeout)?;
+        let channel = ConfirmChannel::open(&mut connection)?;
+        topology.declare(channel.channel())?;
+        Ok(Publisher {
+            channel,
+            connection,
+            exchange: topology.exchange.clone(),
+        })
+    }
+
+    /// Publishes a batch of events and waits for all confirms.
+    pub fn publish_batch(&mut self, messages: &[Message], timeout: Duration) -> Result<(), Error> {
+        self.channel
+            .publish_confirmed(&self.exchange, EVENT_ROUTING_KEY, messages, timeout)
+    }
+
+    /// Closes the channel and connection politely.
+    pub fn close(self) {
+        self.channel.close();
         let _ = self.connection.close();
+    }
+}
+
+/// The attempt number of `delivery`, from the header the consumer sets when
+/// it schedules a retry; a first delivery has none.
+pub fn attempt_header(properties: &AmqpProperties) -> Option<i32> {
+    match properties.headers().as_ref()?.get(ATTEMPT_HEADER)? {
+        AmqpValue::LongInt(n) => Some(*n),
+        _ => None,
     }
 }
 
@@ -408,8 +507,11 @@ mod tests {
 
     #[test]
     fn topology_names_follow_the_prefix() {
-        let t = Topology::new("t1");
+        let t = Topology::new("t1", &[Duration::from_secs(1), Duration::from_secs(120)]);
         assert_eq!(t.exchange, "t1.events");
         assert_eq!(t.dead_queue, "t1.dead");
+        assert_eq!(t.delay_queue(0), "t1.delay.1000ms");
+        assert_eq!(t.delay_queue(1), "t1.delay.120000ms");
+        assert_eq!(t.queues().len(), 4);
     }
 }

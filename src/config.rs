@@ -93,6 +93,11 @@ pub const VARS: &[Var] = &[
         help: "wait for publisher confirms before the batch is retried",
     },
     Var {
+        name: "INGEST_RETRY_DELAYS",
+        default: "1s,5s,30s,2m,10m",
+        help: "waits before each retry of a transiently failing event; one more failure dead-letters it",
+    },
+    Var {
         name: "INGEST_SIMULATED_WORK",
         default: "0ms",
         help: "time the default processor spends per event (for load tests)",
@@ -140,6 +145,9 @@ pub struct Config {
     pub relay_poll: Duration,
     /// `INGEST_CONFIRM_TIMEOUT`: how long the relay waits for confirms.
     pub confirm_timeout: Duration,
+    /// `INGEST_RETRY_DELAYS`: the retry schedule; its length is the number
+    /// of retries after the first attempt.
+    pub retry_delays: Vec<Duration>,
     /// `INGEST_SIMULATED_WORK`: sleep per event in the default processor.
     pub simulated_work: Duration,
     /// `INGEST_SHUTDOWN_TIMEOUT`: bound on a graceful shutdown.
@@ -210,6 +218,14 @@ impl Config {
             relay_batch: positive(get("INGEST_RELAY_BATCH"))?,
             relay_poll: nonzero_duration(get("INGEST_RELAY_POLL"))?,
             confirm_timeout: nonzero_duration(get("INGEST_CONFIRM_TIMEOUT"))?,
+            retry_delays: parse_with(get("INGEST_RETRY_DELAYS"), |s| {
+                s.split(',')
+                    .map(|d| match parse_duration(d)? {
+                        d if d.is_zero() => Err("every delay must be greater than zero".into()),
+                        d => Ok(d),
+                    })
+                    .collect()
+            })?,
             simulated_work: parse_with(get("INGEST_SIMULATED_WORK"), parse_duration)?,
             shutdown_timeout: nonzero_duration(get("INGEST_SHUTDOWN_TIMEOUT"))?,
             log_level: parse_with(get("INGEST_LOG"), |s| {
@@ -364,6 +380,20 @@ mod tests {
             with(&[("INGEST_PREFETCH", "70000")]).unwrap_err().var,
             "INGEST_PREFETCH"
         );
+    }
+
+    #[test]
+    fn retry_schedule() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.retry_delays.len(), 5);
+        assert_eq!(c.retry_delays[4], Duration::from_secs(600));
+        let c = with(&[("INGEST_RETRY_DELAYS", "100ms, 2s")]).unwrap();
+        assert_eq!(
+            c.retry_delays,
+            [Duration::from_millis(100), Duration::from_secs(2)]
+        );
+        assert!(with(&[("INGEST_RETRY_DELAYS", "1s,0s")]).is_err());
+        assert!(with(&[("INGEST_RETRY_DELAYS", "")]).is_err());
     }
 
     #[test]

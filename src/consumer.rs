@@ -15,10 +15,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, never, sele
 use log::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::broker::{self, AmqpUrl, Topology};
+use crate::broker::{self, AmqpUrl, ConfirmChannel, Message, Topology};
 use crate::health::Health;
-use crate::store::Store;
-use crate::worker::{self, Done, Job, Outcome, Processor};
+use crate::worker::{self, Done, Job, Outcome, Worker};
 
 /// What the consumer needs to run.
 pub struct Consumer {
@@ -32,10 +31,10 @@ pub struct Consumer {
     pub workers: usize,
     /// TCP and handshake timeout.
     pub connect_timeout: Duration,
-    /// Where workers open their transactions.
-    pub store: Store,
-    /// The business logic.
-    pub processor: Arc<dyn Processor>,
+    /// What each worker thread runs with.
+    pub worker: Worker,
+    /// How long to wait for the confirm of a retry copy.
+    pub confirm_timeout: Duration,
     /// Where the connection state is published.
     pub health: Arc<Health>,
 }
@@ -54,10 +53,10 @@ impl Consumer {
         let workers: Vec<_> = (0..self.workers)
             .map(|i| {
                 let (jobs, done) = (job_rx.clone(), done_tx.clone());
-                let (store, processor) = (self.store.clone(), self.processor.clone());
+                let worker = self.worker.clone();
                 thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn(move || worker::run(jobs, done, store, &*processor))
+                    .spawn(move || worker::run(worker, jobs, done))
                     .expect("spawn worker thread")
             })
             .collect();
@@ -110,6 +109,9 @@ impl Consumer {
         let mut connection = broker::connect(&self.url, self.connect_timeout)?;
         let channel = connection.open_channel(None)?;
         self.topology.declare(&channel)?;
+        // Retry copies go out on their own confirm channel, so that a copy
+        // is safely in its delay queue before the original is acked.
+        let mut retries = ConfirmChannel::open(&mut connection)?;
         channel.qos(0, self.prefetch, false)?;
         let queue = channel.queue_declare_passive(&*self.topology.queue)?;
         let consumer = queue.consume(ConsumerOptions::default())?;
@@ -157,6 +159,17 @@ impl Consumer {
                         Outcome::Ack => consumer.ack(d.delivery)?,
                         Outcome::Reject => consumer.reject(d.delivery, false)?,
                         Outcome::Requeue => consumer.nack(d.delivery, true)?,
+                        Outcome::Retry { step, attempt } => {
+                            let copy = Message {
+                                id: d.delivery.properties.message_id().clone().unwrap_or_default(),
+                                body: d.delivery.body.clone(),
+                                timestamp: d.delivery.properties.timestamp().unwrap_or(0),
+                                attempt: Some(attempt),
+                            };
+                            let queue = self.topology.delay_queue(step);
+                            retries.publish_confirmed("", &queue, &[copy], self.confirm_timeout)?;
+                            consumer.ack(d.delivery)?;
+                        }
                     }
                 },
                 recv(stop_rx) -> _ => {
@@ -168,6 +181,7 @@ impl Consumer {
             }
         }
         drop(consumer);
+        retries.close();
         let _ = channel.close();
         let _ = connection.close();
         Ok(SessionEnd::Stopped)

@@ -1,8 +1,8 @@
 //! Liveness of the broker connections, shared between the threads that own
-//! them and `/readyz`.
+//! them and `/readyz`, and the workers' view of the database.
 //!
-//! Each component that holds a broker connection flips its own flag on
-//! connect and on loss; nothing else writes here.
+//! Each component flips its own flag on connect and on loss; nothing else
+//! writes here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Health {
     relay: Option<AtomicBool>,
     consumer: Option<AtomicBool>,
+    database: AtomicBool,
 }
 
 impl Health {
@@ -19,6 +20,7 @@ impl Health {
         Health {
             relay: relay.then(|| AtomicBool::new(false)),
             consumer: consumer.then(|| AtomicBool::new(false)),
+            database: AtomicBool::new(true),
         }
     }
 
@@ -34,6 +36,12 @@ impl Health {
         if let Some(flag) = &self.consumer {
             flag.store(up, Ordering::Relaxed);
         }
+    }
+
+    /// Records whether the workers last reached the database; returns the
+    /// previous state so that only a change is logged.
+    pub fn set_database(&self, up: bool) -> bool {
+        self.database.swap(up, Ordering::Relaxed)
     }
 
     /// `(name, up)` for each broker connection this process runs.

@@ -18,7 +18,7 @@ use tiny_http::{Header, Method, Request, Response, Server};
 use uuid::Uuid;
 
 use crate::health::Health;
-use crate::store::{self, Store};
+use crate::store::{self, RetryResult, Store};
 
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
@@ -53,6 +53,8 @@ pub enum ApiError {
     NotFound,
     /// No event has this id.
     EventNotFound(Uuid),
+    /// The request conflicts with the event's state.
+    Conflict(String),
     /// The path exists but not for this method; the value lists the allowed ones.
     MethodNotAllowed(&'static str),
     /// The body is larger than the limit (the value).
@@ -85,6 +87,7 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
         ApiError::InvalidId(id) => (400, "invalid_id", format!("{id:?} is not a UUID")),
         ApiError::NotFound => (404, "not_found", "no such route".to_string()),
         ApiError::EventNotFound(id) => (404, "event_not_found", format!("no event with id {id}")),
+        ApiError::Conflict(d) => (409, "conflict", d.clone()),
         ApiError::MethodNotAllowed(allow) => (
             405,
             "method_not_allowed",
@@ -128,6 +131,13 @@ pub fn json_response(status: u16, body: &Value) -> HttpResponse {
         .with_header(header("Content-Type", "application/json"))
 }
 
+/// `202 Accepted` for an event now pending, with its `Location`.
+fn accepted(id: Uuid) -> HttpResponse {
+    let mut response = json_response(202, &json!({ "id": id.to_string(), "status": "pending" }));
+    response.add_header(header("Location", &format!("/v1/events/{id}")));
+    response
+}
+
 fn header(name: &str, value: &str) -> Header {
     Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header is valid")
 }
@@ -139,6 +149,8 @@ pub enum Route {
     Ingest,
     /// `GET /v1/events/<id>`.
     GetEvent(Uuid),
+    /// `POST /v1/events/<id>/retry`.
+    RetryEvent(Uuid),
     /// `GET /healthz`.
     Healthz,
     /// `GET /readyz`.
@@ -155,11 +167,15 @@ pub fn route(method: &Method, url: &str) -> Result<Route, ApiError> {
         .unwrap_or(path);
     let (allow, route) = if path.eq_ignore_ascii_case("/Ingestion/ingest") || path == "/v1/events" {
         ("POST", Ok(Route::Ingest))
-    } else if let Some(id) = path.strip_prefix("/v1/events/") {
+    } else if let Some(rest) = path.strip_prefix("/v1/events/") {
+        let (id, allow, to_route): (_, _, fn(Uuid) -> Route) = match rest.strip_suffix("/retry") {
+            Some(id) => (id, "POST", Route::RetryEvent),
+            None => (rest, "GET", Route::GetEvent),
+        };
         let route = Uuid::parse_str(id)
-            .map(Route::GetEvent)
+            .map(to_route)
             .map_err(|_| ApiError::InvalidId(id.to_string()));
-        ("GET", route)
+        (allow, route)
     } else if path == "/healthz" {
         ("GET", Ok(Route::Healthz))
     } else if path == "/readyz" {
@@ -232,6 +248,16 @@ impl Api {
                     .ok_or(ApiError::EventNotFound(id))?;
                 Ok(json_response(200, &event.to_json()))
             }
+            Route::RetryEvent(id) => match self.store.retry_event(id, self.notify)? {
+                RetryResult::Requeued => {
+                    self.wake_relay();
+                    Ok(accepted(id))
+                }
+                RetryResult::NotFound => Err(ApiError::EventNotFound(id)),
+                RetryResult::NotFailed(status) => Err(ApiError::Conflict(format!(
+                    "the event is {status}; only failed events can be retried"
+                ))),
+            },
             Route::Healthz => Ok(json_response(200, &json!({ "status": "ok" }))),
             Route::Readyz => Ok(self.readyz()),
         }
@@ -250,14 +276,15 @@ impl Api {
         let body = self.read_body(request)?;
         let payload = parse_ingest(&body)?;
         let id = self.store.insert_event(&payload, self.notify)?;
+        self.wake_relay();
+        Ok(accepted(id))
+    }
+
+    fn wake_relay(&self) {
         if let Some(wake) = &self.wake {
             // A full channel means a wake-up is already pending.
             let _ = wake.try_send(());
         }
-        let mut response =
-            json_response(202, &json!({ "id": id.to_string(), "status": "pending" }));
-        response.add_header(header("Location", &format!("/v1/events/{id}")));
-        Ok(response)
     }
 
     fn read_body(&self, request: &mut Request) -> Result<Vec<u8>, ApiError> {
@@ -352,6 +379,14 @@ mod tests {
         assert_eq!(
             route(&Method::Get, "/v1/events/nope"),
             Err(ApiError::InvalidId("nope".into()))
+        );
+        assert_eq!(
+            route(&Method::Post, &format!("/v1/events/{id}/retry")),
+            Ok(Route::RetryEvent(id))
+        );
+        assert_eq!(
+            route(&Method::Get, &format!("/v1/events/{id}/retry")),
+            Err(ApiError::MethodNotAllowed("POST"))
         );
         assert_eq!(route(&Method::Get, "/healthz"), Ok(Route::Healthz));
         assert_eq!(route(&Method::Get, "/nope"), Err(ApiError::NotFound));

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use ingestd::store::Since;
 use ingestd::{Config, DefaultProcessor, Role, app, config};
 
 const USAGE: &str = "\
@@ -14,6 +15,9 @@ Roles:
   relay     run only the outbox relay
   worker    run only the consumer and its workers
   migrate   apply the schema and exit
+  replay --failed [--since WHEN]
+            send failed events back through the outbox; WHEN is a duration
+            (1h, 7d: created that long ago or later) or a timestamp
 
 Options:
   -h, --help     print this help
@@ -27,7 +31,7 @@ fn main() -> ExitCode {
         Some("api") => Some(Role::Api),
         Some("relay") => Some(Role::Relay),
         Some("worker") => Some(Role::Worker),
-        Some("migrate") => None,
+        Some("migrate" | "replay") => None,
         Some("-h" | "--help") => {
             print!("{USAGE}\n{}", Config::help());
             return ExitCode::SUCCESS;
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
     ingestd::logging::init(&config);
     let result = match role {
         Some(role) => run(&config, role),
+        None if arg.as_deref() == Some("replay") => replay(&config),
         None => app::migrate(&config).map_err(|e| e.to_string()),
     };
     match result {
@@ -75,4 +80,30 @@ fn run(config: &config::Config, role: Role) -> Result<(), String> {
         .map_err(|_| "signal thread ended".to_string())?;
     log::info!("received {signal}");
     app.shutdown().map_err(|e| e.to_string())
+}
+
+fn replay(config: &config::Config) -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let mut failed = false;
+    let mut since = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--failed" => failed = true,
+            "--since" => {
+                let v = it.next().ok_or("--since needs a value")?;
+                since = Some(match config::parse_duration(v) {
+                    Ok(d) => Since::Ago(d),
+                    Err(_) => Since::At(v.clone()),
+                });
+            }
+            other => return Err(format!("replay: unknown argument {other:?}")),
+        }
+    }
+    if !failed {
+        return Err("replay: say which events: --failed".into());
+    }
+    let n = app::replay_failed(config, since.as_ref()).map_err(|e| e.to_string())?;
+    println!("requeued {n} failed events");
+    Ok(())
 }

@@ -191,6 +191,7 @@ pub fn publish_claimed(
             id: r.event_id.to_string(),
             body: r.body.clone().into_bytes(),
             timestamp: u64::try_from(r.created_epoch).unwrap_or(now),
+            attempt: None,
         })
         .collect();
     publisher.publish_batch(&messages, confirm_timeout)?;

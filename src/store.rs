@@ -131,6 +131,26 @@ pub struct LockedEvent {
     pub payload: Value,
 }
 
+/// A lower bound on `created_at` for replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Since {
+    /// A timestamp PostgreSQL understands, such as `2026-01-31T12:00:00Z`.
+    At(String),
+    /// This long before now.
+    Ago(Duration),
+}
+
+/// What became of a retry request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryResult {
+    /// The event is pending again and queued through the outbox.
+    Requeued,
+    /// No event has this id.
+    NotFound,
+    /// Only failed events can be retried; the value is the current status.
+    NotFailed(String),
+}
+
 /// One claimed outbox row, ready to publish.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -252,6 +272,54 @@ impl Store {
         Ok(id)
     }
 
+    /// Sends a failed event back through the outbox: it becomes `pending`
+    /// with a fresh retry budget, in the same transaction as its outbox row.
+    pub fn retry_event(&self, id: Uuid, notify: bool) -> Result<RetryResult, Error> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let status: Option<String> = tx
+            .query_opt("SELECT status FROM events WHERE id = $1 FOR UPDATE", &[&id])?
+            .map(|r| r.get(0));
+        match status.as_deref() {
+            None => return Ok(RetryResult::NotFound),
+            Some("failed") => {}
+            Some(other) => return Ok(RetryResult::NotFailed(other.to_string())),
+        }
+        tx.execute(
+            "UPDATE events SET status = 'pending', attempts = 0, last_error = NULL WHERE id = $1",
+            &[&id],
+        )?;
+        tx.execute("INSERT INTO outbox (event_id) VALUES ($1)", &[&id])?;
+        if notify {
+            tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel()])?;
+        }
+        tx.commit()?;
+        Ok(RetryResult::Requeued)
+    }
+
+    /// Sends every failed event created since `since` (all when `None`)
+    /// back through the outbox in one transaction; returns how many.
+    pub fn replay_failed(&self, since: Option<&Since>) -> Result<u64, Error> {
+        let (at, ago) = match since {
+            None => (None, None),
+            Some(Since::At(ts)) => (Some(ts.as_str()), None),
+            Some(Since::Ago(d)) => (None, Some(d.as_secs_f64())),
+        };
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let n = tx.execute(
+            "WITH r AS (UPDATE events SET status = 'pending', attempts = 0, last_error = NULL \
+             WHERE status = 'failed' \
+             AND ($1::text IS NULL OR created_at >= $1::text::timestamptz) \
+             AND ($2::float8 IS NULL OR created_at >= now() - make_interval(secs => $2)) \
+             RETURNING id) INSERT INTO outbox (event_id) SELECT id FROM r",
+            &[&at, &ago],
+        )?;
+        tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel()])?;
+        tx.commit()?;
+        Ok(n)
+    }
+
     /// Reads one event for the API.
     pub fn get_event(&self, id: Uuid) -> Result<Option<EventRecord>, Error> {
         let row = self.conn()?.query_opt(
@@ -324,7 +392,8 @@ pub fn lock_event(tx: &mut Transaction<'_>, id: Uuid) -> Result<Option<LockedEve
 pub fn mark_processed(tx: &mut Transaction<'_>, id: Uuid) -> Result<(), Error> {
     tx.execute(
         "UPDATE events SET status = 'processed', processed_at = now(), \
-         attempts = attempts + 1, last_error = NULL WHERE id = $1",
+         attempts = attempts + 1, processed_count = processed_count + 1, last_error = NULL \
+         WHERE id = $1",
         &[&id],
     )?;
     Ok(())

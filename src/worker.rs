@@ -6,19 +6,18 @@
 //! back to the consumer thread, which alone talks to the broker; a worker never
 //! acks, publishes or sleeps to retry.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use amiquip::Delivery;
 use crossbeam_channel::{Receiver, Sender};
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use postgres::Transaction;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::health::Health;
 use crate::store::{self, Store};
-
-/// Attempts after which a transient failure is given up and dead-lettered.
-pub const MAX_ATTEMPTS: i32 = 5;
 
 /// An event handed to a [`Processor`].
 #[derive(Debug, Clone, PartialEq)]
@@ -84,8 +83,17 @@ pub enum Outcome {
     Ack,
     /// Can never be processed: reject without requeue (dead-letter).
     Reject,
-    /// Could not be handled now (database down, transient error): requeue.
+    /// The database could not be reached: requeue for another try now.
     Requeue,
+    /// A transient failure: republish to the delay queue of retry step
+    /// `step` (0-based), then ack; the copy carries `attempt`, the number of
+    /// the attempt it is for.
+    Retry {
+        /// Index into the retry schedule.
+        step: usize,
+        /// The number of the next attempt.
+        attempt: i32,
+    },
 }
 
 /// A delivery on its way to a worker. `generation` names the broker
@@ -109,10 +117,23 @@ pub struct Done {
     pub outcome: Outcome,
 }
 
+/// What a worker thread works with.
+#[derive(Clone)]
+pub struct Worker {
+    /// Where events live.
+    pub store: Store,
+    /// The business logic.
+    pub processor: Arc<dyn Processor>,
+    /// Retries after the first attempt (the length of the retry schedule).
+    pub retries: usize,
+    /// Shared by the workers so that a database outage is logged once.
+    pub health: Arc<Health>,
+}
+
 /// Runs jobs until the sending side disconnects.
-pub fn run(jobs: Receiver<Job>, done: Sender<Done>, store: Store, processor: &dyn Processor) {
+pub fn run(worker: Worker, jobs: Receiver<Job>, done: Sender<Done>) {
     for job in jobs {
-        let outcome = handle(&store, processor, &job.delivery.body);
+        let outcome = worker.handle(&job.delivery.body);
         let reply = Done {
             generation: job.generation,
             delivery: job.delivery,
@@ -135,70 +156,89 @@ pub fn parse_message(body: &[u8]) -> Result<Uuid, String> {
     Uuid::parse_str(id).map_err(|e| format!("id {id:?} is not a UUID: {e}"))
 }
 
-/// Handles one message body and says what to do with the delivery.
-pub fn handle(store: &Store, processor: &dyn Processor, body: &[u8]) -> Outcome {
-    let id = match parse_message(body) {
-        Ok(id) => id,
-        Err(e) => {
-            error!("poison message dead-lettered: {e}");
-            return Outcome::Reject;
-        }
-    };
-    match process(store, processor, id) {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            warn!("event {id}: requeued, the database failed: {e}");
-            Outcome::Requeue
+impl Worker {
+    /// Handles one message body and says what to do with the delivery.
+    pub fn handle(&self, body: &[u8]) -> Outcome {
+        let id = match parse_message(body) {
+            Ok(id) => id,
+            Err(e) => {
+                error!("poison message dead-lettered: {e}");
+                return Outcome::Reject;
+            }
+        };
+        match self.process(id) {
+            Ok(outcome) => {
+                if !self.health.set_database(true) {
+                    info!("workers: database reachable again");
+                }
+                outcome
+            }
+            Err(e) => {
+                // One line per outage, not one per requeued message.
+                if self.health.set_database(false) {
+                    warn!("workers: database unavailable, requeueing deliveries: {e}");
+                }
+                debug!("event {id}: requeued: {e}");
+                Outcome::Requeue
+            }
         }
     }
-}
 
-fn process(store: &Store, processor: &dyn Processor, id: Uuid) -> Result<Outcome, store::Error> {
-    let mut conn = store.conn()?;
-    let mut tx = conn.transaction()?;
-    let event = match store::lock_event(&mut tx, id)? {
-        Some(e) => e,
-        None => {
-            error!("event {id}: no such event, message dead-lettered");
-            return Ok(Outcome::Reject);
+    fn process(&self, id: Uuid) -> Result<Outcome, store::Error> {
+        let mut conn = self.store.conn()?;
+        let mut tx = conn.transaction()?;
+        let event = match store::lock_event(&mut tx, id)? {
+            Some(e) => e,
+            None => {
+                error!("event {id}: no such event, message dead-lettered");
+                return Ok(Outcome::Reject);
+            }
+        };
+        if event.status != "pending" {
+            debug!(
+                "event {id}: already {}, duplicate delivery skipped",
+                event.status
+            );
+            return Ok(Outcome::Ack);
         }
-    };
-    if event.status != "pending" {
-        debug!(
-            "event {id}: already {}, duplicate delivery skipped",
-            event.status
-        );
-        return Ok(Outcome::Ack);
-    }
-    let attempt = event.attempts + 1;
-    let input = Event {
-        id,
-        payload: event.payload,
-        attempt,
-    };
-    match processor.process(&mut tx, &input) {
-        Ok(()) => {
-            store::mark_processed(&mut tx, id)?;
-            tx.commit()?;
-            debug!("event {id}: processed");
-            Ok(Outcome::Ack)
-        }
-        Err(err) => {
-            // Undo whatever the processor wrote, then record the attempt.
-            tx.rollback()?;
-            let give_up = match &err {
-                ProcessError::Permanent(_) => true,
-                ProcessError::Transient(_) => attempt >= MAX_ATTEMPTS,
-            };
-            let mut tx = conn.transaction()?;
-            store::record_failure(&mut tx, id, &err.to_string(), give_up)?;
-            tx.commit()?;
-            if give_up {
-                warn!("event {id}: failed after attempt {attempt}: {err}");
-                Ok(Outcome::Reject)
-            } else {
+        let attempt = event.attempts + 1;
+        let input = Event {
+            id,
+            payload: event.payload,
+            attempt,
+        };
+        let err = match self.processor.process(&mut tx, &input) {
+            Ok(()) => {
+                store::mark_processed(&mut tx, id)?;
+                tx.commit()?;
+                debug!("event {id}: processed (attempt {attempt})");
+                return Ok(Outcome::Ack);
+            }
+            Err(err) => err,
+        };
+        // Undo whatever the processor wrote, then record the attempt.
+        tx.rollback()?;
+        let retry = match &err {
+            ProcessError::Permanent(_) => None,
+            ProcessError::Transient(_) => {
+                let step = (attempt - 1) as usize;
+                (step < self.retries).then_some(Outcome::Retry {
+                    step,
+                    attempt: attempt + 1,
+                })
+            }
+        };
+        let mut tx = conn.transaction()?;
+        store::record_failure(&mut tx, id, &err.to_string(), retry.is_none())?;
+        tx.commit()?;
+        match retry {
+            Some(outcome) => {
                 warn!("event {id}: attempt {attempt} failed, will retry: {err}");
-                Ok(Outcome::Requeue)
+                Ok(outcome)
+            }
+            None => {
+                warn!("event {id}: failed after attempt {attempt}, dead-lettered: {err}");
+                Ok(Outcome::Reject)
             }
         }
     }

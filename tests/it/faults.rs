@@ -1,13 +1,15 @@
 //! Outages of one instance's dependencies, made with a TCP proxy so that
 //! tests running in parallel keep their services.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{Proxy, TestEnv, db_url, get, ingest, post_json, wait_until};
+use crate::util::{Proxy, TestEnv, db_url, get, ingest, load, post_json, wait_until};
 
 fn amqp_host_port() -> String {
     let url = ingestd::broker::AmqpUrl::parse(&crate::util::amqp_url()).unwrap();
@@ -56,15 +58,7 @@ fn broker_down_at_ingest_still_accepts_and_delivers_later() {
 #[test]
 fn database_down_answers_503_quickly_and_recovers() {
     let env = TestEnv::new("dbdown");
-    let pg: postgres::Config = db_url().parse().unwrap();
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let proxy = Proxy::start(&format!("127.0.0.1:{port}"), true);
-    let url = format!(
-        "postgres://{}@{}/{}",
-        pg.get_user().unwrap_or("postgres"),
-        proxy.addr(),
-        pg.get_dbname().unwrap_or("test")
-    );
+    let (proxy, url) = db_proxy();
     let config = env.config_with(&[("INGEST_DATABASE_URL", &url), ("INGEST_DB_TIMEOUT", "1s")]);
     let app = env.start_role(&config, Role::Api);
     let addr = app.http_addr().unwrap();
@@ -103,4 +97,114 @@ fn database_down_answers_503_quickly_and_recovers() {
         "refused requests wrote nothing"
     );
     app.shutdown().unwrap();
+}
+
+#[test]
+fn broker_restarts_mid_stream_lose_nothing() {
+    let env = TestEnv::new("brokerbounce");
+    let proxy = Proxy::start(&amqp_host_port(), true);
+    let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr());
+    let app = env.start_role(&env.config_with(&[("INGEST_AMQP_URL", &amqp)]), Role::All);
+    let addr = app.http_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (clients, accepted) = load(addr, 4, stop.clone());
+
+    for round in 1..=2 {
+        let before = accepted.lock().unwrap().len();
+        wait_until(Duration::from_secs(20), "load under way", || {
+            accepted.lock().unwrap().len() >= before + 100
+        });
+        proxy.down();
+        // Ingest goes on while the broker is away.
+        let during = accepted.lock().unwrap().len();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("202s during outage {round}"),
+            || accepted.lock().unwrap().len() >= during + 50,
+        );
+        proxy.up();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let ids = accepted.lock().unwrap().clone();
+    env.wait_processed(&ids, Duration::from_secs(60));
+    let twice = env
+        .count("SELECT count(*) FROM (SELECT event_id FROM runs GROUP BY 1 HAVING count(*) > 1) d");
+    assert_eq!(twice, 0);
+    assert_eq!(env.count("SELECT count(*) FROM runs"), ids.len() as i64);
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn database_restarts_mid_stream_lose_nothing() {
+    let env = TestEnv::new("dbbounce");
+    let (proxy, url) = db_proxy();
+    let config = env.config_with(&[("INGEST_DATABASE_URL", &url), ("INGEST_DB_TIMEOUT", "1s")]);
+    let app = env.start_role(&config, Role::All);
+    let addr = app.http_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (clients, accepted) = load(addr, 4, stop.clone());
+
+    for _ in 0..2 {
+        let before = accepted.lock().unwrap().len();
+        wait_until(Duration::from_secs(30), "load under way", || {
+            accepted.lock().unwrap().len() >= before + 100
+        });
+        proxy.down();
+        std::thread::sleep(Duration::from_millis(1500));
+        proxy.up();
+    }
+    wait_until(Duration::from_secs(30), "ingest resumed", || {
+        ingest_status(addr) == 202
+    });
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let ids = accepted.lock().unwrap().clone();
+    env.wait_processed(&ids, Duration::from_secs(60));
+    let twice = env
+        .count("SELECT count(*) FROM (SELECT event_id FROM runs GROUP BY 1 HAVING count(*) > 1) d");
+    assert_eq!(twice, 0);
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_with_the_broker_down_keeps_events_in_the_outbox() {
+    let env = TestEnv::new("downstop");
+    let proxy = Proxy::start(&amqp_host_port(), false);
+    let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr());
+    let config = env.config_with(&[
+        ("INGEST_AMQP_URL", &amqp),
+        ("INGEST_SHUTDOWN_TIMEOUT", "10s"),
+    ]);
+    let app = env.start_role(&config, Role::All);
+    let addr = app.http_addr().unwrap();
+    let ids: Vec<Uuid> = (0..10).map(|i| ingest(addr, &json!(i))).collect();
+    app.shutdown().expect("exits within the timeout");
+    assert_eq!(env.count("SELECT count(*) FROM outbox"), ids.len() as i64);
+    assert_eq!(
+        env.count("SELECT count(*) FROM events WHERE status = 'pending'"),
+        ids.len() as i64
+    );
+}
+
+fn ingest_status(addr: std::net::SocketAddr) -> u16 {
+    post_json(addr, "/v1/events", r#"{"payload":"probe"}"#).status
+}
+
+/// A proxy in front of PostgreSQL and the URL that goes through it.
+fn db_proxy() -> (Proxy, String) {
+    let pg: postgres::Config = db_url().parse().unwrap();
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let proxy = Proxy::start(&format!("127.0.0.1:{port}"), true);
+    let url = format!(
+        "postgres://{}@{}/{}",
+        pg.get_user().unwrap_or("postgres"),
+        proxy.addr(),
+        pg.get_dbname().unwrap_or("test")
+    );
+    (proxy, url)
 }

@@ -4,5 +4,6 @@
 mod api;
 mod faults;
 mod pipeline;
+mod retries;
 mod shutdown;
 mod util;

@@ -2,50 +2,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{TestEnv, amqp_url, db_url, request, wait_until};
+use crate::util::{TestEnv, amqp_url, db_url, load, wait_until};
 
-/// Posts events from `clients` threads until `stop`, collecting the ids
-/// that were answered 202. Refusals and connection errors are expected
-/// while the server stops; they are simply not counted as accepted.
-fn load(
-    addr: std::net::SocketAddr,
-    clients: usize,
-    stop: Arc<AtomicBool>,
-) -> (Vec<thread::JoinHandle<()>>, Arc<Mutex<Vec<Uuid>>>) {
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let threads = (0..clients)
-        .map(|c| {
-            let (stop, accepted) = (stop.clone(), accepted.clone());
-            thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    n += 1;
-                    let body = json!({ "payload": { "client": c, "n": n } }).to_string();
-                    let headers = [("Content-Type", "application/json")];
-                    match request(addr, "POST", "/v1/events", &headers, body.as_bytes()) {
-                        Ok(r) if r.status == 202 => {
-                            let id = r.json()["id"].as_str().unwrap().parse().unwrap();
-                            accepted.lock().unwrap().push(id);
-                        }
-                        Ok(_) => {}
-                        Err(_) => thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-            })
-        })
-        .collect();
-    (threads, accepted)
-}
-
-fn assert_all_stored_then_processed(env: &TestEnv, accepted: &[Uuid]) {
+pub fn assert_all_stored_then_processed(env: &TestEnv, accepted: &[Uuid]) {
     assert!(!accepted.is_empty(), "the load produced accepted events");
     let ids = accepted.to_vec();
     let stored: i64 = env

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ingestd::broker::{self, AmqpUrl, Topology};
 use ingestd::{App, Config, Event, ProcessError, Processor, Role};
 use postgres::{Client, NoTls, Transaction};
-use serde_json::Value;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 /// PostgreSQL the tests use; override with `INGEST_TEST_DATABASE_URL`.
@@ -33,6 +33,8 @@ pub fn amqp_url() -> String {
 pub struct TestEnv {
     /// Schema name and AMQP prefix.
     pub name: String,
+    /// The processor every app of this environment runs.
+    pub processor: Arc<Scripted>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -51,7 +53,10 @@ impl TestEnv {
         if let Err(e) = broker::connect(&amqp, Duration::from_secs(5)) {
             panic!("cannot reach RabbitMQ at {}: {e}", amqp_url());
         }
-        let env = TestEnv { name };
+        let env = TestEnv {
+            name,
+            processor: Arc::new(Scripted::default()),
+        };
         // Tables exist before any app starts, so tests can add their own.
         ingestd::app::migrate(&env.config()).expect("migrate");
         env.sql()
@@ -78,6 +83,7 @@ impl TestEnv {
             ("INGEST_HTTP_THREADS", "4".into()),
             ("INGEST_RELAY_POLL", "200ms".into()),
             ("INGEST_SHUTDOWN_TIMEOUT", "20s".into()),
+            ("INGEST_RETRY_DELAYS", "300ms,600ms".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -88,14 +94,14 @@ impl TestEnv {
         Config::from_vars(vars).expect("test config")
     }
 
-    /// Starts every role with a [`Counting`] processor.
+    /// Starts every role with the [`Scripted`] processor.
     pub fn start(&self) -> App {
         self.start_role(&self.config(), Role::All)
     }
 
-    /// Starts `role` with `config` and a [`Counting`] processor.
+    /// Starts `role` with `config` and the [`Scripted`] processor.
     pub fn start_role(&self, config: &Config, role: Role) -> App {
-        ingestd::start(config, role, Arc::new(Counting)).expect("start ingestd")
+        ingestd::start(config, role, self.processor.clone()).expect("start ingestd")
     }
 
     /// A connection whose search_path is this environment's schema.
@@ -145,7 +151,7 @@ impl TestEnv {
 
     /// The topology names of this environment.
     pub fn topology(&self) -> Topology {
-        Topology::new(&self.name)
+        Topology::new(&self.name, &self.config().retry_delays)
     }
 
     /// Messages ready in a queue (not counting unacknowledged ones).
@@ -168,6 +174,7 @@ impl TestEnv {
             id: "raw".into(),
             body: body.to_vec(),
             timestamp: 0,
+            attempt: None,
         };
         publisher
             .publish_batch(&[message], Duration::from_secs(5))
@@ -185,8 +192,9 @@ impl Drop for TestEnv {
         if let Ok(mut conn) = broker::connect(&url, Duration::from_secs(5)) {
             let t = self.topology();
             if let Ok(ch) = conn.open_channel(None) {
-                let _ = ch.queue_delete(&*t.queue, Default::default());
-                let _ = ch.queue_delete(&*t.dead_queue, Default::default());
+                for q in t.queues() {
+                    let _ = ch.queue_delete(q, Default::default());
+                }
                 let _ = ch.exchange_delete(&*t.exchange, false);
                 let _ = ch.exchange_delete(&*t.dead_exchange, false);
             }
@@ -195,16 +203,94 @@ impl Drop for TestEnv {
     }
 }
 
-/// A processor that records each committed run in the `runs` table, inside
-/// the worker's transaction, so a second committed run is visible.
-pub struct Counting;
+/// The tests' processor. It records each committed run in the `runs` table,
+/// inside the worker's transaction, so a second committed run is visible,
+/// and it fails on request, as the payload says:
+/// `{"fail": "transient", "times": n}` fails the first n attempts;
+/// `{"fail": "permanent"}` fails every attempt until [`Scripted::heal`].
+#[derive(Default)]
+pub struct Scripted {
+    calls: Mutex<HashMap<Uuid, Vec<Instant>>>,
+    healed: AtomicBool,
+}
 
-impl Processor for Counting {
+impl Scripted {
+    /// When each attempt on `id` started.
+    pub fn calls(&self, id: Uuid) -> Vec<Instant> {
+        self.calls
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// From now on permanent failures stop failing.
+    pub fn heal(&self) {
+        self.healed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Processor for Scripted {
     fn process(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), ProcessError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .entry(event.id)
+            .or_default()
+            .push(Instant::now());
+        match event.payload.get("fail").and_then(Value::as_str) {
+            Some("transient") => {
+                let times = event.payload["times"].as_i64().unwrap_or(1);
+                if i64::from(event.attempt) <= times {
+                    return Err(ProcessError::Transient(format!(
+                        "attempt {}",
+                        event.attempt
+                    )));
+                }
+            }
+            Some("permanent") if !self.healed.load(Ordering::SeqCst) => {
+                return Err(ProcessError::Permanent("told to fail".into()));
+            }
+            _ => {}
+        }
         tx.execute("INSERT INTO runs (event_id) VALUES ($1)", &[&event.id])
             .map_err(|e| ProcessError::Transient(e.to_string()))?;
         Ok(())
     }
+}
+
+/// Posts events from `clients` threads until `stop`, collecting the ids
+/// that were answered 202. Refusals and connection errors are expected
+/// while the server stops; they are simply not counted as accepted.
+pub fn load(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> (Vec<thread::JoinHandle<()>>, Arc<Mutex<Vec<Uuid>>>) {
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let threads = (0..clients)
+        .map(|c| {
+            let (stop, accepted) = (stop.clone(), accepted.clone());
+            thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let body = json!({ "payload": { "client": c, "n": n } }).to_string();
+                    let headers = [("Content-Type", "application/json")];
+                    match request(addr, "POST", "/v1/events", &headers, body.as_bytes()) {
+                        Ok(r) if r.status == 202 => {
+                            let id = r.json()["id"].as_str().unwrap().parse().unwrap();
+                            accepted.lock().unwrap().push(id);
+                        }
+                        Ok(_) => {}
+                        Err(_) => thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        })
+        .collect();
+    (threads, accepted)
 }
 
 /// Polls `f` until it is true; fails the test naming `what` at the deadline.

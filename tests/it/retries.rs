@@ -1,0 +1,150 @@
+//! Processing failures: retries through delay queues, dead letters, and
+//! sending failed events back.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::util::{TestEnv, amqp_url, db_url, get, ingest, request, wait_until};
+
+fn wait_status(env: &TestEnv, id: Uuid, status: &str) {
+    wait_until(Duration::from_secs(20), &format!("event {status}"), || {
+        env.status(id).as_deref() == Some(status)
+    });
+}
+
+#[test]
+fn a_transient_failure_is_retried_after_the_scheduled_delays() {
+    let env = TestEnv::new("transient");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    let id = ingest(addr, &json!({ "fail": "transient", "times": 2 }));
+    env.wait_processed(&[id], Duration::from_secs(20));
+
+    let event = get(addr, &format!("/v1/events/{id}")).json();
+    assert_eq!(event["attempts"], 3);
+    assert!(event["last_error"].is_null());
+    assert_eq!(env.runs(id), 1);
+    // The schedule is 300ms then 600ms; each retry waits at least its delay
+    // and not absurdly longer.
+    let calls = env.processor.calls(id);
+    assert_eq!(calls.len(), 3);
+    for (gap, delay) in calls.windows(2).zip([300u64, 600]) {
+        let waited = gap[1] - gap[0];
+        assert!(
+            waited >= Duration::from_millis(delay),
+            "waited {waited:?} < {delay}ms"
+        );
+        assert!(
+            waited < Duration::from_millis(delay + 3000),
+            "waited {waited:?} for {delay}ms"
+        );
+    }
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn retries_do_not_block_other_events() {
+    let env = TestEnv::new("noblock");
+    let app = env.start_role(
+        &env.config_with(&[
+            ("INGEST_WORKERS", "1"),
+            ("INGEST_RETRY_DELAYS", "300ms,600ms"),
+        ]),
+        ingestd::Role::All,
+    );
+    let addr = app.http_addr().unwrap();
+    let slow = ingest(addr, &json!({ "fail": "transient", "times": 2 }));
+    let fine: Vec<Uuid> = (0..20).map(|i| ingest(addr, &json!(i))).collect();
+    // The healthy events finish while the failing one waits in delay queues.
+    env.wait_processed(&fine, Duration::from_secs(10));
+    assert_eq!(env.status(slow).as_deref(), Some("pending"));
+    env.wait_processed(&[slow], Duration::from_secs(20));
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn exhausted_retries_fail_the_event_and_dead_letter_it() {
+    let env = TestEnv::new("exhaust");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    let id = ingest(addr, &json!({ "fail": "transient", "times": 99 }));
+    wait_status(&env, id, "failed");
+    let event = get(addr, &format!("/v1/events/{id}")).json();
+    assert_eq!(event["attempts"], 3, "first attempt and two retries");
+    assert_eq!(event["last_error"], "transient: attempt 3");
+    wait_until(Duration::from_secs(10), "dead letter", || {
+        env.queue_depth(&env.topology().dead_queue) == 1
+    });
+    assert_eq!(env.runs(id), 0);
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn a_permanent_failure_fails_at_once_and_dead_letters() {
+    let env = TestEnv::new("permanent");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    let id = ingest(addr, &json!({ "fail": "permanent" }));
+    wait_status(&env, id, "failed");
+    let event = get(addr, &format!("/v1/events/{id}")).json();
+    assert_eq!(event["attempts"], 1);
+    assert_eq!(event["last_error"], "permanent: told to fail");
+    wait_until(Duration::from_secs(10), "dead letter", || {
+        env.queue_depth(&env.topology().dead_queue) == 1
+    });
+    assert_eq!(env.processor.calls(id).len(), 1, "never retried");
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn failed_events_can_be_retried_by_api_and_replayed_by_cli() {
+    let env = TestEnv::new("retryapi");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    let by_api = ingest(addr, &json!({ "fail": "permanent" }));
+    let by_cli = ingest(addr, &json!({ "fail": "permanent" }));
+    wait_status(&env, by_api, "failed");
+    wait_status(&env, by_cli, "failed");
+    env.processor.heal();
+
+    let retry =
+        |id: Uuid| request(addr, "POST", &format!("/v1/events/{id}/retry"), &[], b"").unwrap();
+    let resp = retry(by_api);
+    assert_eq!(resp.status, 202);
+    assert_eq!(resp.json()["status"], "pending");
+    env.wait_processed(&[by_api], Duration::from_secs(10));
+    assert_eq!(env.runs(by_api), 1);
+
+    let again = retry(by_api);
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["error"], "conflict");
+    assert_eq!(retry(Uuid::new_v4()).status, 404);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_ingestd"))
+        .args(["replay", "--failed", "--since", "1h"])
+        .env_clear()
+        .env("INGEST_DATABASE_URL", db_url())
+        .env("INGEST_AMQP_URL", amqp_url())
+        .env("INGEST_DB_SCHEMA", &env.name)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "requeued 1 failed events"
+    );
+    env.wait_processed(&[by_cli], Duration::from_secs(10));
+    assert_eq!(env.runs(by_cli), 1);
+    app.shutdown().unwrap();
+}
