@@ -18,6 +18,7 @@ use crossbeam_channel::{Sender, bounded};
 use log::{info, warn};
 
 use crate::broker::{AmqpUrl, Topology};
+use crate::commit::{self, Committer};
 use crate::config::Config;
 use crate::consumer::Consumer;
 use crate::health::Health;
@@ -92,6 +93,7 @@ pub struct App {
     server: Option<Arc<tiny_http::Server>>,
     stopping: Arc<AtomicBool>,
     http_threads: Vec<JoinHandle<()>>,
+    committers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     stop: Option<Sender<()>>,
     shutdown_timeout: Duration,
@@ -162,6 +164,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             topology: topology.clone(),
             prefetch: config.prefetch,
             workers: config.workers,
+            batch: config.worker_batch,
             connect_timeout: Duration::from_secs(5),
             worker: Worker {
                 store: store.clone(),
@@ -182,6 +185,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         server: None,
         stopping: stopping.clone(),
         http_threads: Vec::new(),
+        committers: Vec::new(),
         background,
         stop: Some(stop_tx),
         shutdown_timeout: config.shutdown_timeout,
@@ -196,8 +200,19 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             }
         };
         let addr = server.server_addr().to_ip();
+        let settings = commit::Settings {
+            threads: config.committers,
+            max_batch: config.commit_batch,
+            queue: config.commit_queue,
+            wait: config.db_timeout * 2 + Duration::from_secs(5),
+            notify: !role.relay(),
+        };
+        let wake = role.relay().then(|| wake_tx.clone());
+        let (committer, committers) = Committer::start(store.clone(), settings, wake);
+        app.committers = committers;
         let api = Arc::new(Api {
             store,
+            committer,
             max_body_bytes: config.max_body_bytes,
             wake: role.relay().then_some(wake_tx),
             notify: !role.relay(),
@@ -243,6 +258,9 @@ impl App {
             }
         }
         let mut late = join_until(std::mem::take(&mut self.http_threads), deadline);
+        // The HTTP threads held the last handles on the committers, which
+        // now finish what they were given and stop.
+        late.extend(join_until(std::mem::take(&mut self.committers), deadline));
         // Disconnecting the stop channel tells every background thread at once.
         drop(self.stop.take());
         late.extend(join_until(std::mem::take(&mut self.background), deadline));

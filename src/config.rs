@@ -29,13 +29,28 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "INGEST_HTTP_THREADS",
-        default: "4",
-        help: "HTTP handler threads",
+        default: "64",
+        help: "HTTP handler threads; each waits for its request's commit, so this bounds requests in flight",
     },
     Var {
         name: "INGEST_MAX_BODY_BYTES",
         default: "1048576",
         help: "largest accepted request body; larger bodies get 413",
+    },
+    Var {
+        name: "INGEST_COMMITTERS",
+        default: "2",
+        help: "threads writing accepted events, each one transaction per batch",
+    },
+    Var {
+        name: "INGEST_COMMIT_BATCH",
+        default: "512",
+        help: "most events in one ingest transaction (group commit)",
+    },
+    Var {
+        name: "INGEST_COMMIT_QUEUE",
+        default: "1024",
+        help: "events waiting for a committer; beyond it the API answers 503 at once",
     },
     Var {
         name: "INGEST_DATABASE_URL",
@@ -74,8 +89,13 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "INGEST_PREFETCH",
-        default: "64",
+        default: "256",
         help: "unacknowledged deliveries the consumer may hold (AMQP qos)",
+    },
+    Var {
+        name: "INGEST_WORKER_BATCH",
+        default: "64",
+        help: "most deliveries a worker handles in one transaction",
     },
     Var {
         name: "INGEST_RELAY_BATCH",
@@ -123,6 +143,12 @@ pub struct Config {
     pub http_threads: usize,
     /// `INGEST_MAX_BODY_BYTES`: bodies over this size are refused with 413.
     pub max_body_bytes: usize,
+    /// `INGEST_COMMITTERS`: group-commit threads.
+    pub committers: usize,
+    /// `INGEST_COMMIT_BATCH`: most events per ingest transaction.
+    pub commit_batch: usize,
+    /// `INGEST_COMMIT_QUEUE`: capacity of the hand-off to committers.
+    pub commit_queue: usize,
     /// `INGEST_DATABASE_URL`: PostgreSQL URL or key=value string.
     pub database_url: String,
     /// `INGEST_DB_SCHEMA`: schema of the tables; a plain lowercase identifier.
@@ -139,6 +165,8 @@ pub struct Config {
     pub workers: usize,
     /// `INGEST_PREFETCH`: AMQP `basic.qos` prefetch count.
     pub prefetch: u16,
+    /// `INGEST_WORKER_BATCH`: deliveries per worker transaction.
+    pub worker_batch: usize,
     /// `INGEST_RELAY_BATCH`: outbox rows per relay transaction.
     pub relay_batch: usize,
     /// `INGEST_RELAY_POLL`: fallback poll interval of the relay.
@@ -205,6 +233,9 @@ impl Config {
             })?,
             http_threads: positive(get("INGEST_HTTP_THREADS"))?,
             max_body_bytes: positive(get("INGEST_MAX_BODY_BYTES"))?,
+            committers: positive(get("INGEST_COMMITTERS"))?,
+            commit_batch: positive(get("INGEST_COMMIT_BATCH"))?,
+            commit_queue: positive(get("INGEST_COMMIT_QUEUE"))?,
             database_url: non_empty(get("INGEST_DATABASE_URL"))?,
             db_schema: parse_with(get("INGEST_DB_SCHEMA"), identifier)?,
             db_pool_size: positive(get("INGEST_DB_POOL_SIZE"))?,
@@ -215,6 +246,7 @@ impl Config {
             amqp_prefix: parse_with(get("INGEST_AMQP_PREFIX"), amqp_name)?,
             workers: positive(get("INGEST_WORKERS"))?,
             prefetch: positive(get("INGEST_PREFETCH"))?,
+            worker_batch: positive(get("INGEST_WORKER_BATCH"))?,
             relay_batch: positive(get("INGEST_RELAY_BATCH"))?,
             relay_poll: nonzero_duration(get("INGEST_RELAY_POLL"))?,
             confirm_timeout: nonzero_duration(get("INGEST_CONFIRM_TIMEOUT"))?,

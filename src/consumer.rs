@@ -29,6 +29,8 @@ pub struct Consumer {
     pub prefetch: u16,
     /// Worker threads to start.
     pub workers: usize,
+    /// Most deliveries handed to a worker at once.
+    pub batch: usize,
     /// TCP and handshake timeout.
     pub connect_timeout: Duration,
     /// What each worker thread runs with.
@@ -134,10 +136,29 @@ impl Consumer {
             select! {
                 recv(deliveries) -> msg => match msg {
                     Ok(ConsumerMessage::Delivery(delivery)) => {
-                        in_flight += 1;
+                        // Take what else is already here, up to one batch:
+                        // an idle pipeline dispatches at once, a busy one
+                        // in batches.
+                        let mut batch = vec![delivery];
+                        let mut ended = None;
+                        while batch.len() < self.batch {
+                            match consumer.receiver().try_recv() {
+                                Ok(ConsumerMessage::Delivery(d)) => batch.push(d),
+                                Ok(other) => {
+                                    ended = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        in_flight += batch.len();
                         // Blocks while every worker is busy; prefetch bounds
                         // what waits behind it in the broker's buffer.
-                        if jobs.send(Job { generation, delivery }).is_err() {
+                        if jobs.send(Job { generation, deliveries: batch }).is_err() {
+                            return Err(broker::Error::Closed);
+                        }
+                        if let Some(other) = ended {
+                            warn!("consumer: consumption ended: {other:?}");
                             return Err(broker::Error::Closed);
                         }
                     }
@@ -149,27 +170,14 @@ impl Consumer {
                 },
                 recv(done) -> msg => {
                     let Ok(d) = msg else { return Err(broker::Error::Closed) };
-                    // A result from an earlier connection: its tag is void
-                    // here, and the broker has redelivered that message.
+                    // Results from an earlier connection: their tags are
+                    // void here, and the broker has redelivered them.
                     if d.generation != generation {
                         continue;
                     }
-                    in_flight -= 1;
-                    match d.outcome {
-                        Outcome::Ack => consumer.ack(d.delivery)?,
-                        Outcome::Reject => consumer.reject(d.delivery, false)?,
-                        Outcome::Requeue => consumer.nack(d.delivery, true)?,
-                        Outcome::Retry { step, attempt } => {
-                            let copy = Message {
-                                id: d.delivery.properties.message_id().clone().unwrap_or_default(),
-                                body: d.delivery.body.clone(),
-                                timestamp: d.delivery.properties.timestamp().unwrap_or(0),
-                                attempt: Some(attempt),
-                            };
-                            let queue = self.topology.delay_queue(step);
-                            retries.publish_confirmed("", &queue, &[copy], self.confirm_timeout)?;
-                            consumer.ack(d.delivery)?;
-                        }
+                    for (delivery, outcome) in d.results {
+                        in_flight -= 1;
+                        self.settle(&consumer, &mut retries, delivery, outcome)?;
                     }
                 },
                 recv(stop_rx) -> _ => {
@@ -185,5 +193,32 @@ impl Consumer {
         let _ = channel.close();
         let _ = connection.close();
         Ok(SessionEnd::Stopped)
+    }
+
+    /// Tells the broker what became of one delivery.
+    fn settle(
+        &self,
+        consumer: &amiquip::Consumer<'_>,
+        retries: &mut ConfirmChannel,
+        delivery: amiquip::Delivery,
+        outcome: Outcome,
+    ) -> Result<(), broker::Error> {
+        match outcome {
+            Outcome::Ack => consumer.ack(delivery)?,
+            Outcome::Reject => consumer.reject(delivery, false)?,
+            Outcome::Requeue => consumer.nack(delivery, true)?,
+            Outcome::Retry { step, attempt } => {
+                let copy = Message {
+                    id: delivery.properties.message_id().clone().unwrap_or_default(),
+                    body: delivery.body.clone(),
+                    timestamp: delivery.properties.timestamp().unwrap_or(0),
+                    attempt: Some(attempt),
+                };
+                let queue = self.topology.delay_queue(step);
+                retries.publish_confirmed("", &queue, &[copy], self.confirm_timeout)?;
+                consumer.ack(delivery)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -17,16 +17,19 @@ use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response, Server};
 use uuid::Uuid;
 
+use crate::commit::{CommitError, Committer};
 use crate::health::Health;
-use crate::store::{self, RetryResult, Store};
+use crate::store::{self, NewEvent, RetryResult, Store};
 
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// Everything a handler needs.
 pub struct Api {
-    /// Where events are written.
+    /// Where events are read, and retried events written.
     pub store: Store,
+    /// Where accepted events are written (group commit).
+    pub committer: Committer,
     /// Largest accepted body.
     pub max_body_bytes: usize,
     /// Wakes the relay in this process after a commit.
@@ -63,6 +66,8 @@ pub enum ApiError {
     UnsupportedMediaType(Option<String>),
     /// The database is unreachable or overloaded.
     Unavailable,
+    /// Too many events are waiting to be written.
+    Busy,
     /// A bug: logged in full, answered without detail.
     Internal,
 }
@@ -111,12 +116,17 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
             "unavailable",
             "the database is unavailable; retry later".to_string(),
         ),
+        ApiError::Busy => (
+            503,
+            "busy",
+            "too many events are waiting to be written; retry later".to_string(),
+        ),
         ApiError::Internal => (500, "internal", "internal error".to_string()),
     };
     let mut response = json_response(status, &json!({ "error": code, "detail": detail }));
     match err {
         ApiError::MethodNotAllowed(allow) => response.add_header(header("Allow", allow)),
-        ApiError::Unavailable => {
+        ApiError::Unavailable | ApiError::Busy => {
             response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string()))
         }
         _ => {}
@@ -225,7 +235,21 @@ pub fn parse_ingest(body: &[u8]) -> Result<Value, ApiError> {
         Some(Value::Null) => Err(ApiError::InvalidBody(
             "the \"payload\" field is null".into(),
         )),
+        // PostgreSQL's jsonb cannot store U+0000; refusing it here keeps one
+        // request from failing the batch it would be committed with.
+        Some(payload) if has_nul(&payload) => Err(ApiError::InvalidBody(
+            "the payload contains U+0000, which cannot be stored".into(),
+        )),
         Some(payload) => Ok(payload),
+    }
+}
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
@@ -275,9 +299,17 @@ impl Api {
         }
         let body = self.read_body(request)?;
         let payload = parse_ingest(&body)?;
-        let id = self.store.insert_event(&payload, self.notify)?;
-        self.wake_relay();
-        Ok(accepted(id))
+        let event = NewEvent {
+            id: Uuid::new_v4(),
+            payload,
+        };
+        let id = event.id;
+        match self.committer.submit(event) {
+            Ok(()) => Ok(accepted(id)),
+            Err(CommitError::Busy) => Err(ApiError::Busy),
+            Err(CommitError::Unavailable) => Err(ApiError::Unavailable),
+            Err(CommitError::Failed) => Err(ApiError::Internal),
+        }
     }
 
     fn wake_relay(&self) {
@@ -431,6 +463,14 @@ mod tests {
         assert!(matches!(parse_ingest(b"{}"), Err(ApiError::InvalidBody(_))));
         assert!(matches!(
             parse_ingest(br#"{"payload":null}"#),
+            Err(ApiError::InvalidBody(_))
+        ));
+        assert!(matches!(
+            parse_ingest(br#"{"payload":{"a":["x\u0000y"]}}"#),
+            Err(ApiError::InvalidBody(_))
+        ));
+        assert!(matches!(
+            parse_ingest(br#"{"payload":{"\u0000":1}}"#),
             Err(ApiError::InvalidBody(_))
         ));
     }

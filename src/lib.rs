@@ -8,6 +8,7 @@
 pub mod app;
 pub mod backoff;
 pub mod broker;
+pub mod commit;
 pub mod config;
 pub mod consumer;
 pub mod health;

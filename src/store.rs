@@ -4,6 +4,7 @@
 //! store knows the tables and their transactions; it does not know HTTP, AMQP
 //! or what processing an event means.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -82,6 +83,15 @@ impl From<r2d2::Error> for Error {
     fn from(e: r2d2::Error) -> Error {
         Error::Pool(e)
     }
+}
+
+/// An event validated by the API, waiting to be written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// Its id, chosen before the write so the answer can carry it.
+    pub id: Uuid,
+    /// The client's payload.
+    pub payload: Value,
 }
 
 /// An event as the API shows it.
@@ -254,22 +264,37 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a new event and its outbox row in one transaction. With
-    /// `notify`, the commit also wakes relays listening in other processes.
+    /// Writes one new event and its outbox row; returns its id.
     pub fn insert_event(&self, payload: &Value, notify: bool) -> Result<Uuid, Error> {
-        let id = Uuid::new_v4();
+        let event = NewEvent {
+            id: Uuid::new_v4(),
+            payload: payload.clone(),
+        };
+        self.insert_events(&[&event], notify)?;
+        Ok(event.id)
+    }
+
+    /// Writes events and their outbox rows in one transaction, two
+    /// statements whatever the batch size. With `notify`, the commit also
+    /// wakes relays listening in other processes.
+    pub fn insert_events(&self, events: &[&NewEvent], notify: bool) -> Result<(), Error> {
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let payloads: Vec<&Value> = events.iter().map(|e| &e.payload).collect();
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         tx.execute(
-            "INSERT INTO events (id, payload) VALUES ($1, $2)",
-            &[&id, payload],
+            "INSERT INTO events (id, payload) SELECT * FROM unnest($1::uuid[], $2::jsonb[])",
+            &[&ids, &payloads],
         )?;
-        tx.execute("INSERT INTO outbox (event_id) VALUES ($1)", &[&id])?;
+        tx.execute(
+            "INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])",
+            &[&ids],
+        )?;
         if notify {
             tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel()])?;
         }
         tx.commit()?;
-        Ok(id)
+        Ok(())
     }
 
     /// Sends a failed event back through the outbox: it becomes `pending`
@@ -386,6 +411,46 @@ pub fn lock_event(tx: &mut Transaction<'_>, id: Uuid) -> Result<Option<LockedEve
         attempts: r.get(1),
         payload: r.get(2),
     }))
+}
+
+/// Locks the rows of several events, in id order so that concurrent
+/// workers cannot deadlock; missing ids are absent from the map.
+pub fn lock_events(
+    tx: &mut Transaction<'_>,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, LockedEvent>, Error> {
+    let rows = tx.query(
+        "SELECT id, status, attempts, payload FROM events WHERE id = ANY($1) \
+         ORDER BY id FOR UPDATE",
+        &[&ids],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let id: Uuid = r.get(0);
+            let event = LockedEvent {
+                id,
+                status: r.get(1),
+                attempts: r.get(2),
+                payload: r.get(3),
+            };
+            (id, event)
+        })
+        .collect())
+}
+
+/// Marks locked events processed and counts the attempt.
+pub fn mark_processed_many(tx: &mut Transaction<'_>, ids: &[Uuid]) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "UPDATE events SET status = 'processed', processed_at = now(), \
+         attempts = attempts + 1, processed_count = processed_count + 1, last_error = NULL \
+         WHERE id = ANY($1)",
+        &[&ids],
+    )?;
+    Ok(())
 }
 
 /// Marks a locked event processed and counts the attempt.

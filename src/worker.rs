@@ -6,6 +6,7 @@
 //! back to the consumer thread, which alone talks to the broker; a worker never
 //! acks, publishes or sleeps to retry.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +54,10 @@ impl std::error::Error for ProcessError {}
 /// The business logic run once per event.
 ///
 /// It receives the worker's open transaction, so whatever it writes commits
-/// atomically with the event's status change, or not at all.
+/// atomically with the event's status change, or not at all. Several events
+/// may share one transaction; when any of them fails, the transaction rolls
+/// back and each event is run again on its own, so `process` can be called
+/// more than once for an event, but only one call's effects ever commit.
 pub trait Processor: Send + Sync {
     /// Handles one event; an error rolls back everything it wrote.
     fn process(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), ProcessError>;
@@ -96,25 +100,24 @@ pub enum Outcome {
     },
 }
 
-/// A delivery on its way to a worker. `generation` names the broker
-/// connection it came from: delivery tags mean nothing on another connection.
+/// Deliveries on their way to a worker, handled in one transaction.
+/// `generation` names the broker connection they came from: delivery tags
+/// mean nothing on another connection.
 #[derive(Debug)]
 pub struct Job {
     /// The consumer connection's generation.
     pub generation: u64,
-    /// The delivery itself.
-    pub delivery: Delivery,
+    /// The deliveries, in the order the broker sent them.
+    pub deliveries: Vec<Delivery>,
 }
 
-/// A handled delivery on its way back to the consumer.
+/// Handled deliveries on their way back to the consumer.
 #[derive(Debug)]
 pub struct Done {
     /// Copied from the [`Job`].
     pub generation: u64,
-    /// Copied from the [`Job`].
-    pub delivery: Delivery,
-    /// What to tell the broker.
-    pub outcome: Outcome,
+    /// Each delivery with what to tell the broker about it.
+    pub results: Vec<(Delivery, Outcome)>,
 }
 
 /// What a worker thread works with.
@@ -133,11 +136,11 @@ pub struct Worker {
 /// Runs jobs until the sending side disconnects.
 pub fn run(worker: Worker, jobs: Receiver<Job>, done: Sender<Done>) {
     for job in jobs {
-        let outcome = worker.handle(&job.delivery.body);
+        let bodies: Vec<&[u8]> = job.deliveries.iter().map(|d| &d.body[..]).collect();
+        let outcomes = worker.handle_batch(&bodies);
         let reply = Done {
             generation: job.generation,
-            delivery: job.delivery,
-            outcome,
+            results: job.deliveries.into_iter().zip(outcomes).collect(),
         };
         if done.send(reply).is_err() {
             break;
@@ -156,28 +159,136 @@ pub fn parse_message(body: &[u8]) -> Result<Uuid, String> {
     Uuid::parse_str(id).map_err(|e| format!("id {id:?} is not a UUID: {e}"))
 }
 
+/// Why a batch could not be handled in one transaction.
+enum BatchError {
+    /// The database failed: requeue everything.
+    Store(store::Error),
+    /// The processor failed on one event: handle the batch one by one.
+    Processor,
+}
+
+impl From<store::Error> for BatchError {
+    fn from(e: store::Error) -> BatchError {
+        BatchError::Store(e)
+    }
+}
+
+impl From<postgres::Error> for BatchError {
+    fn from(e: postgres::Error) -> BatchError {
+        BatchError::Store(e.into())
+    }
+}
+
 impl Worker {
-    /// Handles one message body and says what to do with the delivery.
-    pub fn handle(&self, body: &[u8]) -> Outcome {
-        let id = match parse_message(body) {
-            Ok(id) => id,
-            Err(e) => {
-                error!("poison message dead-lettered: {e}");
-                return Outcome::Reject;
+    /// Handles message bodies, in one transaction when every event succeeds,
+    /// and says what to do with each delivery.
+    pub fn handle_batch(&self, bodies: &[&[u8]]) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Reject; bodies.len()];
+        let mut ids = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.iter().enumerate() {
+            match parse_message(body) {
+                Ok(id) => ids.push((i, id)),
+                Err(e) => error!("poison message dead-lettered: {e}"),
             }
-        };
+        }
+        if ids.len() == 1 {
+            outcomes[ids[0].0] = self.handle(ids[0].1);
+            return outcomes;
+        }
+        match self.process_batch(&ids, &mut outcomes) {
+            Ok(()) => self.database_up(),
+            Err(BatchError::Store(e)) => {
+                self.database_down(&e);
+                for (i, _) in &ids {
+                    outcomes[*i] = Outcome::Requeue;
+                }
+            }
+            Err(BatchError::Processor) => {
+                // The whole batch rolled back; redo it one event at a time so
+                // that only the failing event takes the failure path.
+                for (i, id) in &ids {
+                    outcomes[*i] = self.handle(*id);
+                }
+            }
+        }
+        outcomes
+    }
+
+    fn process_batch(
+        &self,
+        ids: &[(usize, Uuid)],
+        outcomes: &mut [Outcome],
+    ) -> Result<(), BatchError> {
+        let mut conn = self.store.conn()?;
+        let mut tx = conn.transaction()?;
+        let unique: Vec<Uuid> = ids
+            .iter()
+            .map(|(_, id)| *id)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut events = store::lock_events(&mut tx, &unique)?;
+        let mut processed = Vec::with_capacity(ids.len());
+        let mut seen = HashSet::with_capacity(ids.len());
+        for &(i, id) in ids {
+            let first_sight = seen.insert(id);
+            outcomes[i] = match events.remove(&id) {
+                // Removed on first sight, so a second copy of the same
+                // message in this batch lands here.
+                None if !first_sight => Outcome::Ack,
+                None => {
+                    error!("event {id}: no such event, message dead-lettered");
+                    Outcome::Reject
+                }
+                Some(event) if event.status != "pending" => {
+                    debug!(
+                        "event {id}: already {}, duplicate delivery skipped",
+                        event.status
+                    );
+                    Outcome::Ack
+                }
+                Some(event) => {
+                    let input = Event {
+                        id,
+                        payload: event.payload,
+                        attempt: event.attempts + 1,
+                    };
+                    if self.processor.process(&mut tx, &input).is_err() {
+                        return Err(BatchError::Processor);
+                    }
+                    processed.push(id);
+                    Outcome::Ack
+                }
+            };
+        }
+        store::mark_processed_many(&mut tx, &processed)?;
+        tx.commit()?;
+        debug!("processed {} events in one transaction", processed.len());
+        Ok(())
+    }
+
+    fn database_up(&self) {
+        if !self.health.set_database(true) {
+            info!("workers: database reachable again");
+        }
+    }
+
+    fn database_down(&self, e: &store::Error) {
+        // One line per outage, not one per requeued message.
+        if self.health.set_database(false) {
+            warn!("workers: database unavailable, requeueing deliveries: {e}");
+        }
+    }
+
+    /// Handles one event in its own transaction.
+    pub fn handle(&self, id: Uuid) -> Outcome {
         match self.process(id) {
             Ok(outcome) => {
-                if !self.health.set_database(true) {
-                    info!("workers: database reachable again");
-                }
+                self.database_up();
                 outcome
             }
             Err(e) => {
-                // One line per outage, not one per requeued message.
-                if self.health.set_database(false) {
-                    warn!("workers: database unavailable, requeueing deliveries: {e}");
-                }
+                self.database_down(&e);
                 debug!("event {id}: requeued: {e}");
                 Outcome::Requeue
             }

@@ -128,6 +128,15 @@ fn bad_input_is_refused_and_writes_nothing() {
             "invalid_body",
         ),
         (
+            "nul in payload",
+            "POST",
+            "/v1/events",
+            &json_ct,
+            b"{\"payload\":\"a\\u0000b\"}",
+            400,
+            "invalid_body",
+        ),
+        (
             "non-object body",
             "POST",
             "/Ingestion/ingest",

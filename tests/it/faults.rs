@@ -208,3 +208,33 @@ fn db_proxy() -> (Proxy, String) {
     );
     (proxy, url)
 }
+
+#[test]
+fn a_full_commit_queue_answers_503_at_once() {
+    let env = TestEnv::new("busy");
+    let (proxy, url) = db_proxy();
+    let config = env.config_with(&[
+        ("INGEST_DATABASE_URL", &url),
+        ("INGEST_DB_TIMEOUT", "3s"),
+        ("INGEST_COMMITTERS", "1"),
+        ("INGEST_COMMIT_QUEUE", "1"),
+        ("INGEST_HTTP_THREADS", "8"),
+    ]);
+    let app = env.start_role(&config, Role::Api);
+    let addr = app.http_addr().unwrap();
+    proxy.down();
+    // The committer hangs on the dead database with one event, one more
+    // waits in the queue; every other request is refused at once.
+    let slow: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || ingest_status(addr)))
+        .collect();
+    wait_until(Duration::from_secs(10), "a request refused as busy", || {
+        let resp = post_json(addr, "/v1/events", r#"{"payload":"extra"}"#);
+        resp.status == 503 && resp.json()["error"] == "busy" && resp.header("retry-after").is_some()
+    });
+    for s in slow {
+        assert_eq!(s.join().unwrap(), 503, "unavailable after the pool timeout");
+    }
+    proxy.up();
+    app.shutdown().unwrap();
+}

@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use ingestd::Role;
 use ingestd::broker::{AmqpUrl, Publisher};
+use ingestd::health::Health;
 use ingestd::relay;
 use ingestd::store::Store;
+use ingestd::worker::{Outcome, Worker};
 use serde_json::json;
+use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::util::{TestEnv, amqp_url, ingest, wait_until};
@@ -131,4 +134,90 @@ fn a_poison_message_is_dead_lettered_and_does_not_block() {
         env.queue_depth(&env.topology().dead_queue) == 2
     });
     app.shutdown().unwrap();
+}
+
+/// A worker over this environment's schema, to hand batches to directly.
+fn worker(env: &TestEnv) -> Worker {
+    let config = env.config();
+    Worker {
+        store: Store::open_sized(&config, 2).unwrap(),
+        processor: env.processor.clone(),
+        retries: config.retry_delays.len(),
+        health: Arc::new(Health::new(false, true)),
+    }
+}
+
+fn message(id: Uuid) -> Vec<u8> {
+    json!({ "id": id.to_string(), "payload": null })
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn copies_of_one_message_in_one_batch_are_processed_once() {
+    let env = TestEnv::new("batchdup");
+    let worker = worker(&env);
+    let id = worker.store.insert_event(&json!("copied"), false).unwrap();
+    let other = worker.store.insert_event(&json!("other"), false).unwrap();
+    let (a, b) = (message(id), message(other));
+
+    let outcomes = worker.handle_batch(&[&a, &b, &a, &a]);
+    assert_eq!(
+        outcomes,
+        [Outcome::Ack; 4],
+        "copies are acknowledged, not dead-lettered"
+    );
+    assert_eq!(env.runs(id), 1);
+    assert_eq!(env.runs(other), 1);
+    assert_eq!(env.status(id).as_deref(), Some("processed"));
+
+    // A later batch of the same messages changes nothing.
+    assert_eq!(worker.handle_batch(&[&b, &a]), [Outcome::Ack; 2]);
+    assert_eq!(env.count("SELECT sum(processed_count) FROM events"), 2);
+}
+
+#[test]
+fn one_failing_event_does_not_fail_its_batch() {
+    let env = TestEnv::new("batchfail");
+    let worker = worker(&env);
+    let store = &worker.store;
+    let good: Vec<Uuid> = (0..5)
+        .map(|i| store.insert_event(&json!(i), false).unwrap())
+        .collect();
+    let bad = store
+        .insert_event(&json!({ "fail": "permanent" }), false)
+        .unwrap();
+    let flaky = store
+        .insert_event(&json!({ "fail": "transient", "times": 1 }), false)
+        .unwrap();
+
+    let mut bodies: Vec<Vec<u8>> = good.iter().map(|id| message(*id)).collect();
+    bodies.insert(2, message(bad));
+    bodies.insert(4, message(flaky));
+    bodies.push(b"poison".to_vec());
+    bodies.push(message(Uuid::new_v4()));
+    let refs: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
+
+    let outcomes = worker.handle_batch(&refs);
+    let expected = [
+        Outcome::Ack,
+        Outcome::Ack,
+        Outcome::Reject, // permanent failure
+        Outcome::Ack,
+        Outcome::Retry {
+            step: 0,
+            attempt: 2,
+        }, // transient failure
+        Outcome::Ack,
+        Outcome::Ack,
+        Outcome::Reject, // poison
+        Outcome::Reject, // unknown event
+    ];
+    assert_eq!(outcomes, expected);
+    for id in &good {
+        assert_eq!(env.runs(*id), 1);
+    }
+    assert_eq!(env.status(bad).as_deref(), Some("failed"));
+    assert_eq!(env.status(flaky).as_deref(), Some("pending"));
+    assert_eq!(env.runs(bad) + env.runs(flaky), 0);
 }

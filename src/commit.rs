@@ -1,0 +1,151 @@
+//! Group commit: many requests' events in one PostgreSQL transaction.
+//!
+//! HTTP threads validate an event, hand it to a committer thread over a
+//! bounded channel and wait for the answer. A committer takes whatever is
+//! waiting (up to the batch limit, never waiting for more), writes every event
+//! and outbox row in one transaction, commits, and answers each request. A
+//! `202` still means committed; the fsync is shared instead of paid per
+//! request. This module owns batching and the hand-off, not the SQL
+//! (`store`) nor the HTTP answers (`http`).
+
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::store::{NewEvent, Store};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use log::{error, warn};
+
+/// Why an event was not committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitError {
+    /// The hand-off queue is full: the database is not keeping up.
+    Busy,
+    /// The database is unreachable or overloaded.
+    Unavailable,
+    /// The write failed for another reason (logged by the committer).
+    Failed,
+}
+
+struct Pending {
+    event: NewEvent,
+    reply: Sender<Result<(), CommitError>>,
+}
+
+/// How committers run.
+#[derive(Clone)]
+pub struct Settings {
+    /// Committer threads.
+    pub threads: usize,
+    /// Most events in one transaction.
+    pub max_batch: usize,
+    /// Capacity of the hand-off queue; beyond it requests get 503 at once.
+    pub queue: usize,
+    /// Longest a request waits for its commit before it is answered 503.
+    pub wait: Duration,
+    /// `NOTIFY` relays in other processes after each commit.
+    pub notify: bool,
+}
+
+/// The API's handle on the committers. Dropping every clone stops them
+/// once they have written what was already handed over.
+#[derive(Clone)]
+pub struct Committer {
+    queue: Sender<Pending>,
+    wait: Duration,
+}
+
+impl Committer {
+    /// Starts the committer threads; `wake` is signalled after each commit.
+    pub fn start(
+        store: Store,
+        settings: Settings,
+        wake: Option<Sender<()>>,
+    ) -> (Committer, Vec<JoinHandle<()>>) {
+        let (tx, rx) = bounded(settings.queue);
+        let threads = (0..settings.threads)
+            .map(|i| {
+                let (rx, store, wake) = (rx.clone(), store.clone(), wake.clone());
+                let (max_batch, notify) = (settings.max_batch, settings.notify);
+                thread::Builder::new()
+                    .name(format!("commit-{i}"))
+                    .spawn(move || run(rx, store, max_batch, notify, wake))
+                    .expect("spawn committer thread")
+            })
+            .collect();
+        let committer = Committer {
+            queue: tx,
+            wait: settings.wait,
+        };
+        (committer, threads)
+    }
+
+    /// Writes one event and returns once it is committed.
+    pub fn submit(&self, event: NewEvent) -> Result<(), CommitError> {
+        let (reply, answer) = bounded(1);
+        match self.queue.try_send(Pending { event, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(CommitError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(CommitError::Unavailable),
+        }
+        answer
+            .recv_timeout(self.wait)
+            .unwrap_or(Err(CommitError::Unavailable))
+    }
+}
+
+fn run(
+    queue: Receiver<Pending>,
+    store: Store,
+    max_batch: usize,
+    notify: bool,
+    wake: Option<Sender<()>>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        // Take what is already waiting, without waiting for more: light
+        // traffic gets batches of one and no added latency.
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        commit(&store, &batch, notify);
+        if let Some(wake) = &wake {
+            let _ = wake.try_send(());
+        }
+    }
+}
+
+fn commit(store: &Store, batch: &[Pending], notify: bool) {
+    let events: Vec<&NewEvent> = batch.iter().map(|p| &p.event).collect();
+    match store.insert_events(&events, notify) {
+        Ok(()) => answer(batch, Ok(())),
+        Err(e) if e.is_unavailable() => {
+            warn!("commit: database unavailable: {e}");
+            answer(batch, Err(CommitError::Unavailable));
+        }
+        Err(e) if batch.len() > 1 => {
+            // Something in the batch was refused. Validation should have
+            // caught it; write one by one so neighbours do not share its fate.
+            warn!(
+                "commit: batch of {} failed, retrying one by one: {e}",
+                batch.len()
+            );
+            for p in batch {
+                commit(store, std::slice::from_ref(p), notify);
+            }
+        }
+        Err(e) => {
+            error!("commit: event {} refused: {e}", batch[0].event.id);
+            answer(batch, Err(CommitError::Failed));
+        }
+    }
+}
+
+fn answer(batch: &[Pending], result: Result<(), CommitError>) {
+    for p in batch {
+        // The request may have given up waiting; nothing to do then.
+        let _ = p.reply.send(result);
+    }
+}

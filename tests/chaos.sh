@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# `make chaos`: the proof that an accepted event is processed, in effect
+# exactly once, whatever fails around it.
+#
+# Drives events at a steady rate through a release build of ingestd on
+# loopback while it SIGKILLs and restarts ingestd twice, restarts RabbitMQ
+# once (stop_app/start_app) and PostgreSQL once. Then it waits for the
+# backlog to drain and checks every event that got a 202, by id. It prints
+# one summary line and exits non-zero if anything was lost or processed
+# twice. Run it alone: it restarts the shared services (and always leaves
+# them running).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DB_URL=${INGEST_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+PORT=${CHAOS_PORT:-5091}
+RATE=${CHAOS_RATE:-1000}            # events per second offered
+DURATION=${CHAOS_DURATION:-30}      # seconds of load: RATE * DURATION events
+DRAIN_TIMEOUT=${CHAOS_DRAIN_TIMEOUT:-120}
+NAME=chaos_$(date +%s)_$$
+WORK=$(mktemp -d)
+PG_VERSION=$(ls /etc/postgresql 2>/dev/null | sort -n | tail -n1)
+
+export INGEST_DATABASE_URL=$DB_URL INGEST_DB_SCHEMA=$NAME INGEST_AMQP_PREFIX=$NAME
+export INGEST_HTTP_ADDR=127.0.0.1:$PORT INGEST_RETRY_DELAYS=1s,2s INGEST_LOG=info
+
+cargo build --release --locked --bin ingestd --bin loadgen >&2
+BIN=target/release
+PID=
+
+psql_q() { psql "$DB_URL" -v ON_ERROR_STOP=1 -Atq -c "$1"; }
+now() { date +%s.%N; }
+secs_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
+log() { echo "chaos: $*" >&2; }
+
+start_ingestd() {
+  "$BIN/ingestd" >>"$WORK/ingestd.log" 2>&1 &
+  PID=$!
+}
+
+# Waits until /readyz answers 200 and prints how long that took since $1.
+recovered() {
+  local since=$1 deadline=$((SECONDS + 90))
+  until curl -sf -o /dev/null "http://127.0.0.1:$PORT/readyz"; do
+    if ((SECONDS > deadline)); then echo "never"; return; fi
+    sleep 0.1
+  done
+  secs_since "$since"
+}
+
+services_up() {
+  rabbitmqctl -q start_app >/dev/null 2>&1 || true
+  if ! pg_isready -q -h 127.0.0.1; then
+    pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start || true
+  fi
+}
+
+cleanup() {
+  [ -n "${LOADER:-}" ] && kill "$LOADER" 2>/dev/null || true
+  [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
+  services_up
+  for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 && break; sleep 1; done
+  psql_q "DROP SCHEMA IF EXISTS $NAME CASCADE" || true
+  for q in events dead delay.1000ms delay.2000ms; do
+    rabbitmqctl -q delete_queue "$NAME.$q" >/dev/null 2>&1 || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+services_up
+start_ingestd
+recovered "$(now)" >/dev/null
+
+log "offering $RATE events/s for ${DURATION}s to schema $NAME"
+"$BIN/loadgen" --url "http://127.0.0.1:$PORT" --rate "$RATE" --duration "${DURATION}s" \
+  --concurrency 32 --ids-out "$WORK/ids" --json >"$WORK/load.json" 2>"$WORK/load.err" &
+LOADER=$!
+step() { sleep "$1"; }
+
+step 4
+log "SIGKILL ingestd"
+kill -9 "$PID"; wait "$PID" 2>/dev/null || true
+t=$(now); start_ingestd; R_KILL1=$(recovered "$t")
+
+step 3
+log "RabbitMQ stop_app"
+rabbitmqctl -q stop_app >/dev/null
+step 3
+t=$(now)
+log "RabbitMQ start_app"
+rabbitmqctl -q start_app >/dev/null
+R_RABBIT=$(recovered "$t")
+
+step 3
+log "SIGKILL ingestd again"
+kill -9 "$PID"; wait "$PID" 2>/dev/null || true
+t=$(now); start_ingestd; R_KILL2=$(recovered "$t")
+
+step 3
+log "PostgreSQL restart"
+t=$(now)
+pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main restart
+R_PG=$(recovered "$t")
+
+wait "$LOADER" || true
+LOADER=
+sort -u "$WORK/ids" >"$WORK/ids.sorted"
+ACCEPTED=$(wc -l <"$WORK/ids.sorted")
+SENT=$(sed -n 's/.*"sent":\([0-9]*\).*/\1/p' "$WORK/load.json")
+
+psql_q "CREATE TABLE $NAME.accepted (id uuid PRIMARY KEY)"
+psql "$DB_URL" -v ON_ERROR_STOP=1 -q -c "\\copy $NAME.accepted FROM '$WORK/ids.sorted'"
+
+t=$(now)
+deadline=$((SECONDS + DRAIN_TIMEOUT))
+pending() {
+  psql_q "SELECT count(*) FROM $NAME.accepted a LEFT JOIN $NAME.events e USING (id)
+          WHERE e.id IS NULL OR e.status = 'pending'"
+}
+while [ "$(pending)" != "0" ] && ((SECONDS < deadline)); do sleep 0.5; done
+R_DRAIN=$(secs_since "$t")
+
+read -r PROCESSED FAILED LOST TWICE < <(psql_q "
+  SELECT count(*) FILTER (WHERE e.status = 'processed'),
+         count(*) FILTER (WHERE e.status = 'failed'),
+         count(*) FILTER (WHERE e.id IS NULL OR e.status = 'pending'),
+         count(*) FILTER (WHERE e.processed_count > 1)
+  FROM $NAME.accepted a LEFT JOIN $NAME.events e USING (id)" | tr '|' ' ')
+
+kill -TERM "$PID"; wait "$PID" || true; PID=
+
+echo "chaos: sent=$SENT accepted=$ACCEPTED processed=$PROCESSED failed=$FAILED lost=$LOST processed_twice=$TWICE recovery: kill1=$R_KILL1 rabbitmq=$R_RABBIT kill2=$R_KILL2 postgres=$R_PG drain=$R_DRAIN"
+if [ "$LOST" != "0" ] || [ "$TWICE" != "0" ] || [ "$ACCEPTED" -lt 1 ]; then
+  tail -n 40 "$WORK/ingestd.log" >&2
+  exit 1
+fi
