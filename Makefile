@@ -1,26 +1,62 @@
-# ingestd: build, run and check. `make test` is the test command.
+# ingestd: build, run, check and operate. `make test` is the test command.
 
 CARGO ?= cargo
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 export INGEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+STATIC_TARGET ?= $(shell rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && echo x86_64-unknown-linux-musl || echo x86_64-unknown-linux-gnu)
 
-.PHONY: build run test lint migrate clean
+.PHONY: build run migrate test lint static up down logs bench bench-smoke stress chaos clean
 
 build:
 	$(CARGO) build --release --locked
 
 run:
-	$(CARGO) run --release --locked
+	$(CARGO) run --release --locked --bin ingestd
 
 migrate:
-	$(CARGO) run --release --locked -- migrate
+	$(CARGO) run --release --locked --bin ingestd -- migrate
+
+# Lint, docs and the whole test suite, against PostgreSQL on 127.0.0.1:5432
+# and RabbitMQ on 127.0.0.1:5672.
+test: lint
+	$(CARGO) test --locked
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
+	$(COMPOSE) -f docker-compose.yml config --quiet
 
-test: lint
-	$(CARGO) test --locked
+# A statically linked, stripped release binary: musl when its target is
+# installed, otherwise glibc linked with crt-static.
+static:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked --bin ingestd --target $(STATIC_TARGET)
+	@file target/$(STATIC_TARGET)/release/ingestd | tee /dev/stderr | grep -q 'static' || (echo "not statically linked" >&2; exit 1)
+	@ls -l target/$(STATIC_TARGET)/release/ingestd | awk '{ printf "size: %.2f MB\n", $$5 / 1048576 }'
+
+up:
+	$(COMPOSE) up -d --build
+	@echo "API on http://localhost:5001, RabbitMQ UI on http://localhost:15672 (ingest/ingest)"
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs -f
+
+bench:
+	tests/bench.sh
+
+bench-smoke:
+	BENCH_SMOKE=1 BENCH_OUT=target/bench-smoke.json tests/bench.sh
+
+stress:
+	$(CARGO) build --release --locked --bin loadgen
+	./stress_test.sh $(ARGS)
+
+# Restarts the shared PostgreSQL and RabbitMQ: run it alone.
+chaos:
+	tests/chaos.sh
 
 clean:
 	$(CARGO) clean

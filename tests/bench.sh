@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# `make bench`: every figure of BENCHMARKS.md, measured in one run on this
+# machine, printed as a table and written as JSON (target/bench.json).
+#
+#   1. pgbench: the two-row transaction (event + outbox) at the API's
+#      concurrency: the ceiling for one transaction per request.
+#   2. ingest: 202s per second at that concurrency, and the ratio to (1).
+#   3. end to end: the highest offered rate at which processing keeps up.
+#   4. latency ingest -> processed at fixed rates: p50, p99, p99.9.
+#   5. relay: rows published per second, against a raw publish loop.
+#   6. peak RSS of ingestd and the size of the stripped binary.
+#
+# BENCH_SMOKE=1 runs every step for a second or two, to keep the harness
+# working in CI; its figures mean nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DB_URL=${INGEST_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+AMQP_URL=${INGEST_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+PORT=${BENCH_PORT:-5093}
+CONC=${BENCH_CONCURRENCY:-64}
+NAME=bench_$(date +%s)_$$
+OUT=${BENCH_OUT:-target/bench.json}
+if [ "${BENCH_SMOKE:-0}" = 1 ]; then
+  T=2; E2E_T=3; RATES="300"; LAT_RATES="200"; LAT_T=2; RELAY_N=2000
+else
+  T=10; E2E_T=20; RATES="2000 5000 10000 15000 20000"; LAT_RATES="1000 5000"; LAT_T=15; RELAY_N=50000
+fi
+WORK=$(mktemp -d)
+PID=
+
+log() { echo "bench: $*" >&2; }
+sql() { psql "$DB_URL" -v ON_ERROR_STOP=1 -Atq -c "SET search_path TO $NAME; $1"; }
+json_get() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval("d"+sys.argv[2]))' "$@"; }
+
+cleanup() {
+  [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
+  psql "$DB_URL" -Atq -c "DROP SCHEMA IF EXISTS $NAME CASCADE" >/dev/null 2>&1 || true
+  for q in events dead; do rabbitmqctl -q delete_queue "$NAME.$q" >/dev/null 2>&1 || true; done
+  for q in events dead; do rabbitmqctl -q delete_queue "${NAME}_raw.$q" >/dev/null 2>&1 || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cargo build --release --locked --bin ingestd --bin loadgen --example raw_publish >&2
+BIN=target/release
+
+export INGEST_DATABASE_URL=$DB_URL INGEST_AMQP_URL=$AMQP_URL INGEST_DB_SCHEMA=$NAME
+export INGEST_AMQP_PREFIX=$NAME INGEST_HTTP_ADDR=127.0.0.1:$PORT INGEST_RETRY_DELAYS=1s
+export INGEST_LOG=warn
+
+start() { # role
+  "$BIN/ingestd" "$@" >>"$WORK/ingestd.log" 2>&1 &
+  PID=$!
+  for _ in $(seq 1 100); do
+    if [ "${1:-}" = relay ] || curl -sf -o /dev/null "http://127.0.0.1:$PORT/readyz"; then return; fi
+    sleep 0.1
+  done
+  log "ingestd did not become ready"; tail "$WORK/ingestd.log" >&2; exit 1
+}
+stop() { kill -TERM "$PID"; wait "$PID" || true; PID=; }
+peak_rss_mb() { awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$PID/status"; }
+pending() { sql "SELECT count(*) FROM events WHERE status = 'pending'"; }
+reset() { sql "TRUNCATE events, outbox"; }
+load() { # out, args...
+  local out=$1; shift
+  "$BIN/loadgen" --url "http://127.0.0.1:$PORT" --json "$@" >"$out"
+}
+
+"$BIN/ingestd" migrate
+
+# 1. pgbench, the same two rows per transaction.
+cat >"$WORK/tx.sql" <<'SQL'
+\set r random(1, 9223372036854775807)
+BEGIN;
+INSERT INTO events (id, payload) VALUES (md5(:r::text)::uuid, '{"n": 1, "pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}');
+INSERT INTO outbox (event_id) VALUES (md5(:r::text)::uuid);
+END;
+SQL
+log "pgbench: $CONC clients, ${T}s"
+PGOPTIONS="-c search_path=$NAME" pgbench -n -M prepared -c "$CONC" -j 2 -T "$T" \
+  -f "$WORK/tx.sql" "$DB_URL" >"$WORK/pgbench.txt" 2>&1
+PG_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/pgbench.txt" | head -n1)
+reset
+
+# 2. Ingest, closed loop, with relay and workers running in the same process.
+start
+log "ingest: closed loop, concurrency $CONC, ${T}s"
+load "$WORK/ingest.json" --concurrency "$CONC" --duration "${T}s" --payload-bytes 100
+INGEST=$(json_get "$WORK/ingest.json" '["throughput_per_s"]')
+
+# 3. End to end: offered rate against what gets processed.
+wait_drained() { # timeout seconds
+  local deadline=$((SECONDS + $1))
+  while [ "$(pending)" != 0 ] && ((SECONDS < deadline)); do sleep 0.5; done
+}
+wait_drained 120
+E2E_BEST=0
+E2E_ROWS=""
+for rate in $RATES; do
+  reset
+  log "end to end: offering $rate/s for ${E2E_T}s"
+  load "$WORK/e2e.json" --rate "$rate" --concurrency "$CONC" --duration "${E2E_T}s"
+  accepted=$(json_get "$WORK/e2e.json" '["accepted"]')
+  backlog=$(pending)
+  # Keeping up: nearly all offered events accepted, and what is left
+  # unprocessed when the load stops is under half a second of traffic.
+  ok=$(python3 -c "print(int($accepted >= 0.95 * $rate * $E2E_T and $backlog <= $rate / 2))")
+  E2E_ROWS="$E2E_ROWS $rate:$accepted:$backlog:$ok"
+  wait_drained 180
+  if [ "$ok" = 1 ]; then E2E_BEST=$rate; else break; fi
+done
+
+# 4. Latency from ingest to processed at fixed rates.
+LAT=""
+for rate in $LAT_RATES; do
+  reset
+  log "latency: $rate/s for ${LAT_T}s"
+  load "$WORK/lat.json" --rate "$rate" --concurrency "$CONC" --duration "${LAT_T}s"
+  wait_drained 120
+  LAT="$LAT $rate:$(sql "SELECT round((percentile_cont(0.5) WITHIN GROUP (ORDER BY ms))::numeric, 2) || ':' ||
+      round((percentile_cont(0.99) WITHIN GROUP (ORDER BY ms))::numeric, 2) || ':' ||
+      round((percentile_cont(0.999) WITHIN GROUP (ORDER BY ms))::numeric, 2)
+    FROM (SELECT extract(epoch FROM processed_at - created_at) * 1000 AS ms
+          FROM events WHERE status = 'processed') l")"
+done
+RSS=$(peak_rss_mb)
+stop
+
+# 5. Relay alone on a preloaded outbox, then a raw publish loop.
+reset
+sql "INSERT INTO events (id, payload) SELECT gen_random_uuid(), '{\"n\":1,\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}'
+     FROM generate_series(1, $RELAY_N); INSERT INTO outbox (event_id) SELECT id FROM events;"
+rabbitmqctl -q purge_queue "$NAME.events" >/dev/null
+log "relay: $RELAY_N rows"
+t0=$(date +%s.%N)
+start relay
+while [ "$(sql 'SELECT count(*) FROM outbox')" != 0 ]; do sleep 0.05; done
+t1=$(date +%s.%N)
+stop
+RELAY=$(python3 -c "print(round($RELAY_N / ($t1 - $t0)))")
+rabbitmqctl -q purge_queue "$NAME.events" >/dev/null
+"$BIN/examples/raw_publish" "$AMQP_URL" "${NAME}_raw" "$RELAY_N" 500 >"$WORK/raw.json"
+RAW=$(json_get "$WORK/raw.json" '["per_second"]')
+
+# 6. Binary size, stripped.
+cp "$BIN/ingestd" "$WORK/ingestd.stripped"
+strip "$WORK/ingestd.stripped"
+SIZE=$(python3 -c "import os; print(round(os.path.getsize('$WORK/ingestd.stripped') / 1048576, 2))")
+
+mkdir -p "$(dirname "$OUT")"
+python3 - "$OUT" "$WORK" <<PY
+import json, sys, platform, os
+out, work = sys.argv[1], sys.argv[2]
+ingest = json.load(open(f"{work}/ingest.json"))
+pg = float("$PG_TPS")
+e2e = [dict(zip(["rate", "accepted", "backlog", "kept_up"], map(int, r.split(":")))) for r in "$E2E_ROWS".split()]
+lat = [dict(zip(["rate", "p50_ms", "p99_ms", "p999_ms"], [int(x.split(":")[0])] + [float(v) for v in x.split(":")[1:]])) for x in "$LAT".split()]
+res = {
+    "smoke": "${BENCH_SMOKE:-0}" == "1",
+    "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+    "concurrency": $CONC,
+    "pgbench_tx_per_s": pg,
+    "ingest_per_s": ingest["throughput_per_s"],
+    "ingest_latency_ms": ingest["latency_ms"],
+    "ingest_ratio_to_pgbench": round(ingest["throughput_per_s"] / pg, 2) if pg else None,
+    "end_to_end": e2e,
+    "end_to_end_sustained_per_s": $E2E_BEST,
+    "ingest_to_processed": lat,
+    "relay_per_s": $RELAY,
+    "raw_publish_per_s": $RAW,
+    "relay_ratio_to_raw": round($RELAY / $RAW, 2),
+    "peak_rss_mb": $RSS,
+    "stripped_binary_mb": $SIZE,
+}
+json.dump(res, open(out, "w"), indent=2)
+rows = [
+    ("pgbench, event+outbox per tx, %d clients" % res["concurrency"], "%.0f tx/s" % pg),
+    ("ingest 202s, concurrency %d" % res["concurrency"], "%.0f/s (%.2fx pgbench)" % (res["ingest_per_s"], res["ingest_ratio_to_pgbench"] or 0)),
+    ("ingest latency p50 / p99 / p99.9", "%.2f / %.2f / %.2f ms" % (ingest["latency_ms"]["p50"], ingest["latency_ms"]["p99"], ingest["latency_ms"]["p99_9"])),
+    ("end to end sustained", "%d events/s" % res["end_to_end_sustained_per_s"]),
+]
+for e in e2e:
+    rows.append(("  offered %d/s" % e["rate"], "accepted %d, backlog %d, %s" % (e["accepted"], e["backlog"], "kept up" if e["kept_up"] else "fell behind")))
+for l in lat:
+    rows.append(("ingest->processed at %d/s p50/p99/p99.9" % l["rate"], "%.2f / %.2f / %.2f ms" % (l["p50_ms"], l["p99_ms"], l["p999_ms"])))
+rows += [
+    ("relay", "%d/s" % res["relay_per_s"]),
+    ("raw publish loop (confirm per 500)", "%.0f/s (relay %.2fx)" % (res["raw_publish_per_s"], res["relay_ratio_to_raw"])),
+    ("peak RSS of ingestd", "%.1f MB" % res["peak_rss_mb"]),
+    ("stripped binary", "%.2f MB" % res["stripped_binary_mb"]),
+]
+w = max(len(r[0]) for r in rows)
+print("| %s | %s |" % ("measure".ljust(w), "result"))
+print("|%s|%s|" % ("-" * (w + 2), "-" * 8))
+for k, v in rows:
+    print("| %s | %s |" % (k.ljust(w), v))
+PY
+log "written $OUT"
