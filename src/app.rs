@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::consumer::Consumer;
 use crate::health::Health;
 use crate::http::{self, Api};
+use crate::metrics::Metrics;
 use crate::relay::{self, Relay};
 use crate::store::{self, Store};
 use crate::worker::{Processor, Worker};
@@ -132,6 +133,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
     let url = AmqpUrl::parse(&config.amqp_url).expect("Config validated the AMQP URL");
     let topology = Topology::new(&config.amqp_prefix, &config.retry_delays);
     let health = Arc::new(Health::new(role.relay(), role.worker()));
+    let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (wake_tx, wake_rx) = bounded::<()>(1);
     let mut background = Vec::new();
@@ -154,6 +156,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             confirm_timeout: config.confirm_timeout,
             connect_timeout: config.db_timeout.max(Duration::from_secs(5)),
             health: health.clone(),
+            metrics: metrics.clone(),
         };
         let (wake, stop) = (wake_rx.clone(), stop_rx.clone());
         background.push(spawn("relay", move || relay.run(wake, stop)));
@@ -171,6 +174,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
                 processor,
                 retries: config.retry_delays.len(),
                 health: health.clone(),
+                metrics: metrics.clone(),
             },
             confirm_timeout: config.confirm_timeout,
             health: health.clone(),
@@ -206,6 +210,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             queue: config.commit_queue,
             wait: config.db_timeout * 2 + Duration::from_secs(5),
             notify: !role.relay(),
+            metrics: metrics.clone(),
         };
         let wake = role.relay().then(|| wake_tx.clone());
         let (committer, committers) = Committer::start(store.clone(), settings, wake);
@@ -217,6 +222,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             wake: role.relay().then_some(wake_tx),
             notify: !role.relay(),
             health,
+            metrics,
         });
         for i in 0..config.http_threads {
             let (server, api, stopping) = (server.clone(), api.clone(), stopping.clone());

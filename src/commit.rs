@@ -8,9 +8,11 @@
 //! request. This module owns batching and the hand-off, not the SQL
 //! (`store`) nor the HTTP answers (`http`).
 
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crate::metrics::Metrics;
 use crate::store::{NewEvent, Store};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use log::{error, warn};
@@ -44,6 +46,8 @@ pub struct Settings {
     pub wait: Duration,
     /// `NOTIFY` relays in other processes after each commit.
     pub notify: bool,
+    /// Where batch sizes are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The API's handle on the committers. Dropping every clone stops them
@@ -65,10 +69,10 @@ impl Committer {
         let threads = (0..settings.threads)
             .map(|i| {
                 let (rx, store, wake) = (rx.clone(), store.clone(), wake.clone());
-                let (max_batch, notify) = (settings.max_batch, settings.notify);
+                let settings = settings.clone();
                 thread::Builder::new()
                     .name(format!("commit-{i}"))
-                    .spawn(move || run(rx, store, max_batch, notify, wake))
+                    .spawn(move || run(rx, store, &settings, wake))
                     .expect("spawn committer thread")
             })
             .collect();
@@ -93,34 +97,35 @@ impl Committer {
     }
 }
 
-fn run(
-    queue: Receiver<Pending>,
-    store: Store,
-    max_batch: usize,
-    notify: bool,
-    wake: Option<Sender<()>>,
-) {
+fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, wake: Option<Sender<()>>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         // Take what is already waiting, without waiting for more: light
         // traffic gets batches of one and no added latency.
-        while batch.len() < max_batch {
+        while batch.len() < settings.max_batch {
             match queue.try_recv() {
                 Ok(p) => batch.push(p),
                 Err(_) => break,
             }
         }
-        commit(&store, &batch, notify);
+        settings
+            .metrics
+            .commit_batch_size
+            .observe(batch.len() as f64);
+        commit(&store, &batch, settings);
         if let Some(wake) = &wake {
             let _ = wake.try_send(());
         }
     }
 }
 
-fn commit(store: &Store, batch: &[Pending], notify: bool) {
+fn commit(store: &Store, batch: &[Pending], settings: &Settings) {
     let events: Vec<&NewEvent> = batch.iter().map(|p| &p.event).collect();
-    match store.insert_events(&events, notify) {
-        Ok(()) => answer(batch, Ok(())),
+    match store.insert_events(&events, settings.notify) {
+        Ok(()) => {
+            settings.metrics.events_committed.add(batch.len() as u64);
+            answer(batch, Ok(()));
+        }
         Err(e) if e.is_unavailable() => {
             warn!("commit: database unavailable: {e}");
             answer(batch, Err(CommitError::Unavailable));
@@ -133,7 +138,7 @@ fn commit(store: &Store, batch: &[Pending], notify: bool) {
                 batch.len()
             );
             for p in batch {
-                commit(store, std::slice::from_ref(p), notify);
+                commit(store, std::slice::from_ref(p), settings);
             }
         }
         Err(e) => {

@@ -118,6 +118,7 @@ impl Consumer {
         let queue = channel.queue_declare_passive(&*self.topology.queue)?;
         let consumer = queue.consume(ConsumerOptions::default())?;
         self.health.set_consumer(true);
+        self.worker.metrics.broker_connects.inc();
         info!(
             "consumer: connected to {} queue {}",
             self.url.redacted(),
@@ -152,6 +153,7 @@ impl Consumer {
                             }
                         }
                         in_flight += batch.len();
+                        self.worker.metrics.deliveries.add(batch.len() as u64);
                         // Blocks while every worker is busy; prefetch bounds
                         // what waits behind it in the broker's buffer.
                         if jobs.send(Job { generation, deliveries: batch }).is_err() {
@@ -205,7 +207,10 @@ impl Consumer {
     ) -> Result<(), broker::Error> {
         match outcome {
             Outcome::Ack => consumer.ack(delivery)?,
-            Outcome::Reject => consumer.reject(delivery, false)?,
+            Outcome::Reject => {
+                consumer.reject(delivery, false)?;
+                self.worker.metrics.dead_lettered.inc();
+            }
             Outcome::Requeue => consumer.nack(delivery, true)?,
             Outcome::Retry { step, attempt } => {
                 let copy = Message {
@@ -217,6 +222,7 @@ impl Consumer {
                 let queue = self.topology.delay_queue(step);
                 retries.publish_confirmed("", &queue, &[copy], self.confirm_timeout)?;
                 consumer.ack(delivery)?;
+                self.worker.metrics.retries.inc();
             }
         }
         Ok(())

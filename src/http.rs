@@ -10,6 +10,7 @@ use std::io::{Cursor, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use log::{error, warn};
@@ -19,6 +20,7 @@ use uuid::Uuid;
 
 use crate::commit::{CommitError, Committer};
 use crate::health::Health;
+use crate::metrics::{Gauges, Metrics};
 use crate::store::{self, NewEvent, RetryResult, Store};
 
 /// Seconds a client should wait before retrying a 503.
@@ -38,6 +40,8 @@ pub struct Api {
     pub notify: bool,
     /// Broker connection state for `/readyz`.
     pub health: Arc<Health>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A response body: status, JSON and extra headers.
@@ -165,6 +169,22 @@ pub enum Route {
     Healthz,
     /// `GET /readyz`.
     Readyz,
+    /// `GET /metrics`.
+    Metrics,
+}
+
+impl Route {
+    /// The route's name in metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Ingest => "ingest",
+            Route::GetEvent(_) => "get_event",
+            Route::RetryEvent(_) => "retry_event",
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+        }
+    }
 }
 
 /// Maps a method and a URL to a route. The legacy path matches without
@@ -190,6 +210,8 @@ pub fn route(method: &Method, url: &str) -> Result<Route, ApiError> {
         ("GET", Ok(Route::Healthz))
     } else if path == "/readyz" {
         ("GET", Ok(Route::Readyz))
+    } else if path == "/metrics" {
+        ("GET", Ok(Route::Metrics))
     } else {
         return Err(ApiError::NotFound);
     };
@@ -284,6 +306,7 @@ impl Api {
             },
             Route::Healthz => Ok(json_response(200, &json!({ "status": "ok" }))),
             Route::Readyz => Ok(self.readyz()),
+            Route::Metrics => Ok(self.metrics()),
         }
     }
 
@@ -336,6 +359,27 @@ impl Api {
         Ok(body)
     }
 
+    fn metrics(&self) -> HttpResponse {
+        let (outbox_rows, outbox_oldest_seconds) = match self.store.outbox_backlog() {
+            Ok((rows, age)) => (Some(rows), Some(age.unwrap_or(0.0))),
+            Err(e) => {
+                warn!("metrics: outbox backlog unavailable: {e}");
+                (None, None)
+            }
+        };
+        let (pool_in_use, pool_idle) = self.store.pool_state();
+        let text = self.metrics.render(&Gauges {
+            outbox_rows,
+            outbox_oldest_seconds,
+            pool_in_use,
+            pool_idle,
+        });
+        Response::from_data(text.into_bytes()).with_header(header(
+            "Content-Type",
+            "text/plain; version=0.0.4; charset=utf-8",
+        ))
+    }
+
     fn readyz(&self) -> HttpResponse {
         let mut checks = serde_json::Map::new();
         let mut ready = true;
@@ -383,7 +427,18 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
                 continue;
             }
         };
+        let started = Instant::now();
+        let name = route(request.method(), request.url())
+            .map(|r| r.name())
+            .unwrap_or("unmatched");
         let response = guarded(|| api.handle(&mut request));
+        let status = response.status_code().0;
+        api.metrics.request(name, status);
+        if name == "ingest" && status == 202 {
+            api.metrics
+                .ingest_seconds
+                .observe_duration(started.elapsed());
+        }
         if let Err(e) = request.respond(response) {
             // The client went away; nothing to do.
             log::debug!("http: response not delivered: {e}");

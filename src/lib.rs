@@ -14,6 +14,7 @@ pub mod consumer;
 pub mod health;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod relay;
 pub mod signals;
 pub mod store;

@@ -8,7 +8,7 @@
 //! Only the relay publishes to the broker.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, never, select};
 use log::{debug, info, warn};
@@ -17,6 +17,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::store::{self, Store};
 
 /// What the relay needs to run.
@@ -37,6 +38,8 @@ pub struct Relay {
     pub connect_timeout: Duration,
     /// Where the connection state is published.
     pub health: Arc<Health>,
+    /// Where publishes are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why one relay pass failed.
@@ -97,6 +100,7 @@ impl Relay {
                 None => match Publisher::open(&self.url, &self.topology, self.connect_timeout) {
                     Ok(p) => {
                         info!("relay: connected to {}", self.url.redacted());
+                        self.metrics.broker_connects.inc();
                         self.health.set_relay(true);
                         publisher = Some(p);
                         continue;
@@ -157,12 +161,17 @@ impl Relay {
     pub fn relay_once(&self, publisher: &mut Publisher) -> Result<usize, Error> {
         let mut conn = self.store.conn()?;
         let mut tx = conn.transaction()?;
+        let started = Instant::now();
         let ids = publish_claimed(&mut tx, publisher, self.batch, self.confirm_timeout)?;
         if ids.is_empty() {
             return Ok(0);
         }
+        self.metrics
+            .confirm_seconds
+            .observe_duration(started.elapsed());
         store::delete_outbox(&mut tx, &ids)?;
         tx.commit()?;
+        self.metrics.published.add(ids.len() as u64);
         Ok(ids.len())
     }
 }

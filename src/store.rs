@@ -258,6 +258,24 @@ impl Store {
         Ok(())
     }
 
+    /// Outbox rows waiting and the age of the oldest in seconds.
+    pub fn outbox_backlog(&self) -> Result<(i64, Option<f64>), Error> {
+        let row = self.conn()?.query_one(
+            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
+            &[],
+        )?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Pooled connections: (in use, idle).
+    pub fn pool_state(&self) -> (u32, u32) {
+        let state = self.pool.state();
+        (
+            state.connections - state.idle_connections,
+            state.idle_connections,
+        )
+    }
+
     /// Answers whether PostgreSQL responds.
     pub fn ping(&self) -> Result<(), Error> {
         self.conn()?.simple_query("SELECT 1")?;

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amiquip::Delivery;
 use crossbeam_channel::{Receiver, Sender};
@@ -18,6 +18,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::store::{self, Store};
 
 /// An event handed to a [`Processor`].
@@ -131,6 +132,8 @@ pub struct Worker {
     pub retries: usize,
     /// Shared by the workers so that a database outage is logged once.
     pub health: Arc<Health>,
+    /// Where processing is counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs jobs until the sending side disconnects.
@@ -219,6 +222,7 @@ impl Worker {
         ids: &[(usize, Uuid)],
         outcomes: &mut [Outcome],
     ) -> Result<(), BatchError> {
+        let started = Instant::now();
         let mut conn = self.store.conn()?;
         let mut tx = conn.transaction()?;
         let unique: Vec<Uuid> = ids
@@ -235,7 +239,10 @@ impl Worker {
             outcomes[i] = match events.remove(&id) {
                 // Removed on first sight, so a second copy of the same
                 // message in this batch lands here.
-                None if !first_sight => Outcome::Ack,
+                None if !first_sight => {
+                    self.metrics.duplicates.inc();
+                    Outcome::Ack
+                }
                 None => {
                     error!("event {id}: no such event, message dead-lettered");
                     Outcome::Reject
@@ -245,6 +252,7 @@ impl Worker {
                         "event {id}: already {}, duplicate delivery skipped",
                         event.status
                     );
+                    self.metrics.duplicates.inc();
                     Outcome::Ack
                 }
                 Some(event) => {
@@ -263,6 +271,10 @@ impl Worker {
         }
         store::mark_processed_many(&mut tx, &processed)?;
         tx.commit()?;
+        self.metrics.processed.add(processed.len() as u64);
+        self.metrics
+            .processing_seconds
+            .observe_duration(started.elapsed());
         debug!("processed {} events in one transaction", processed.len());
         Ok(())
     }
@@ -310,8 +322,10 @@ impl Worker {
                 "event {id}: already {}, duplicate delivery skipped",
                 event.status
             );
+            self.metrics.duplicates.inc();
             return Ok(Outcome::Ack);
         }
+        let started = Instant::now();
         let attempt = event.attempts + 1;
         let input = Event {
             id,
@@ -322,6 +336,10 @@ impl Worker {
             Ok(()) => {
                 store::mark_processed(&mut tx, id)?;
                 tx.commit()?;
+                self.metrics.processed.inc();
+                self.metrics
+                    .processing_seconds
+                    .observe_duration(started.elapsed());
                 debug!("event {id}: processed (attempt {attempt})");
                 return Ok(Outcome::Ack);
             }

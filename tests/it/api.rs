@@ -253,3 +253,48 @@ fn bad_input_is_refused_and_writes_nothing() {
     );
     app.shutdown().unwrap();
 }
+
+#[test]
+fn metrics_follow_the_pipeline() {
+    let env = TestEnv::new("metrics");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    let ids: Vec<Uuid> = (0..5)
+        .map(|i| crate::util::ingest(addr, &json!(i)))
+        .collect();
+    assert_eq!(post_json(addr, "/v1/events", "{").status, 400);
+    env.wait_processed(&ids, Duration::from_secs(10));
+
+    let resp = get(addr, "/metrics");
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.header("content-type")
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = String::from_utf8(resp.body).unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        value("ingestd_http_requests_total{route=\"ingest\",status=\"202\"}"),
+        5.0
+    );
+    assert_eq!(
+        value("ingestd_http_requests_total{route=\"ingest\",status=\"400\"}"),
+        1.0
+    );
+    assert_eq!(value("ingestd_events_committed_total"), 5.0);
+    assert_eq!(value("ingestd_ingest_duration_seconds_count"), 5.0);
+    assert_eq!(value("ingestd_relay_published_total"), 5.0);
+    assert_eq!(value("ingestd_events_processed_total"), 5.0);
+    assert_eq!(value("ingestd_deliveries_total"), 5.0);
+    assert_eq!(value("ingestd_outbox_rows"), 0.0);
+    assert!(value("ingestd_broker_connects_total") >= 2.0);
+    assert!(value("ingestd_commit_batch_events_count") >= 1.0);
+    app.shutdown().unwrap();
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use ingestd::Role;
 use ingestd::broker::{AmqpUrl, Publisher};
 use ingestd::health::Health;
+use ingestd::metrics::Metrics;
 use ingestd::relay;
 use ingestd::store::Store;
 use ingestd::worker::{Outcome, Worker};
@@ -144,6 +145,7 @@ fn worker(env: &TestEnv) -> Worker {
         processor: env.processor.clone(),
         retries: config.retry_delays.len(),
         health: Arc::new(Health::new(false, true)),
+        metrics: Arc::new(Metrics::default()),
     }
 }
 
