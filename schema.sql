@@ -25,3 +25,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 
 CREATE INDEX IF NOT EXISTS outbox_event_id_idx ON outbox (event_id);
+
+-- Retention deletes processed events by age.
+CREATE INDEX IF NOT EXISTS events_processed_at_idx ON events (processed_at)
+    WHERE status = 'processed';

@@ -131,7 +131,8 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
     info!("database ready: {db_name} schema {}", config.db_schema);
 
     let url = AmqpUrl::parse(&config.amqp_url).expect("Config validated the AMQP URL");
-    let topology = Topology::new(&config.amqp_prefix, &config.retry_delays);
+    let topology =
+        Topology::new(&config.amqp_prefix, &config.retry_delays).with_quorum(config.quorum_queues);
     let health = Arc::new(Health::new(role.relay(), role.worker()));
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop_rx) = bounded::<()>(0);
@@ -160,6 +161,12 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         };
         let (wake, stop) = (wake_rx.clone(), stop_rx.clone());
         background.push(spawn("relay", move || relay.run(wake, stop)));
+        if let Some(retention) = config.retention {
+            let (store, stop) = (store.clone(), stop_rx.clone());
+            background.push(spawn("retention", move || {
+                crate::retention::run(store, retention, stop)
+            }));
+        }
     }
     if role.worker() {
         let consumer = Consumer {

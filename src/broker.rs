@@ -184,6 +184,8 @@ pub struct Topology {
     pub dead_queue: String,
     /// Retry delays, one delay queue each, in schedule order.
     pub delays: Vec<Duration>,
+    /// Declare quorum queues (replicated on a cluster) instead of classic.
+    pub quorum: bool,
 }
 
 impl Topology {
@@ -196,7 +198,14 @@ impl Topology {
             dead_exchange: format!("{prefix}.dlx"),
             dead_queue: format!("{prefix}.dead"),
             delays: delays.to_vec(),
+            quorum: false,
         }
+    }
+
+    /// The same names, declared as quorum queues when `quorum` is set.
+    pub fn with_quorum(mut self, quorum: bool) -> Topology {
+        self.quorum = quorum;
+        self
     }
 
     /// The delay queue of retry step `step` (0-based). The name carries the
@@ -214,7 +223,7 @@ impl Topology {
             ..ExchangeDeclareOptions::default()
         };
         channel.exchange_declare(ExchangeType::Fanout, &*self.dead_exchange, durable.clone())?;
-        declare_queue(channel, &self.dead_queue, FieldTable::new())?;
+        declare_queue(channel, &self.dead_queue, self.arguments())?;
         channel.queue_bind(
             &*self.dead_queue,
             &*self.dead_exchange,
@@ -223,7 +232,7 @@ impl Topology {
         )?;
 
         channel.exchange_declare(ExchangeType::Topic, &*self.exchange, durable)?;
-        let mut arguments = FieldTable::new();
+        let mut arguments = self.arguments();
         arguments.insert(
             "x-dead-letter-exchange".into(),
             AmqpValue::LongString(self.dead_exchange.clone()),
@@ -234,7 +243,7 @@ impl Topology {
         // A delay queue has no consumer: its messages expire after the delay
         // and are dead-lettered back to the events exchange.
         for (step, delay) in self.delays.iter().enumerate() {
-            let mut arguments = FieldTable::new();
+            let mut arguments = self.arguments();
             arguments.insert(
                 "x-message-ttl".into(),
                 AmqpValue::LongLongInt(delay.as_millis() as i64),
@@ -250,6 +259,17 @@ impl Topology {
             declare_queue(channel, &self.delay_queue(step), arguments)?;
         }
         Ok(())
+    }
+
+    fn arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::new();
+        if self.quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AmqpValue::LongString("quorum".into()),
+            );
+        }
+        arguments
     }
 
     /// Every queue name, for cleanup and inspection.

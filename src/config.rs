@@ -118,6 +118,16 @@ pub const VARS: &[Var] = &[
         help: "waits before each retry of a transiently failing event; one more failure dead-letters it",
     },
     Var {
+        name: "INGEST_QUEUE_TYPE",
+        default: "classic",
+        help: "classic, or quorum for replicated queues on a RabbitMQ cluster",
+    },
+    Var {
+        name: "INGEST_RETENTION",
+        default: "off",
+        help: "delete processed events older than this (for example 7d), in small batches",
+    },
+    Var {
         name: "INGEST_SIMULATED_WORK",
         default: "0ms",
         help: "time the default processor spends per event (for load tests)",
@@ -131,6 +141,11 @@ pub const VARS: &[Var] = &[
         name: "INGEST_LOG",
         default: "info",
         help: "log level: error, warn, info, debug or trace",
+    },
+    Var {
+        name: "INGEST_LOG_FORMAT",
+        default: "text",
+        help: "text, or json for one JSON object per line",
     },
 ];
 
@@ -176,12 +191,27 @@ pub struct Config {
     /// `INGEST_RETRY_DELAYS`: the retry schedule; its length is the number
     /// of retries after the first attempt.
     pub retry_delays: Vec<Duration>,
+    /// `INGEST_QUEUE_TYPE`: declare quorum queues instead of classic ones.
+    pub quorum_queues: bool,
+    /// `INGEST_RETENTION`: age after which processed events are deleted.
+    pub retention: Option<Duration>,
     /// `INGEST_SIMULATED_WORK`: sleep per event in the default processor.
     pub simulated_work: Duration,
     /// `INGEST_SHUTDOWN_TIMEOUT`: bound on a graceful shutdown.
     pub shutdown_timeout: Duration,
     /// `INGEST_LOG`: log level.
     pub log_level: log::LevelFilter,
+    /// `INGEST_LOG_FORMAT`: text or JSON lines.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A configuration variable that could not be used.
@@ -258,11 +288,28 @@ impl Config {
                     })
                     .collect()
             })?,
+            quorum_queues: parse_with(get("INGEST_QUEUE_TYPE"), |s| match s {
+                "classic" => Ok(false),
+                "quorum" => Ok(true),
+                _ => Err(format!("{s:?} is neither classic nor quorum")),
+            })?,
+            retention: parse_with(get("INGEST_RETENTION"), |s| match s {
+                "off" | "" => Ok(None),
+                _ => match parse_duration(s)? {
+                    d if d.is_zero() => Err("must be greater than zero, or off".into()),
+                    d => Ok(Some(d)),
+                },
+            })?,
             simulated_work: parse_with(get("INGEST_SIMULATED_WORK"), parse_duration)?,
             shutdown_timeout: nonzero_duration(get("INGEST_SHUTDOWN_TIMEOUT"))?,
             log_level: parse_with(get("INGEST_LOG"), |s| {
                 s.parse::<log::LevelFilter>()
                     .map_err(|_| "expected error, warn, info, debug or trace".into())
+            })?,
+            log_format: parse_with(get("INGEST_LOG_FORMAT"), |s| match s {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err(format!("{s:?} is neither text nor json")),
             })?,
         };
         Ok(config)
@@ -426,6 +473,18 @@ mod tests {
         );
         assert!(with(&[("INGEST_RETRY_DELAYS", "1s,0s")]).is_err());
         assert!(with(&[("INGEST_RETRY_DELAYS", "")]).is_err());
+        assert_eq!(c.retention, None);
+        let c = with(&[("INGEST_RETENTION", "7d"), ("INGEST_QUEUE_TYPE", "quorum")]).unwrap();
+        assert_eq!(c.retention, Some(Duration::from_secs(7 * 86_400)));
+        assert!(c.quorum_queues);
+        assert_eq!(
+            with(&[("INGEST_QUEUE_TYPE", "stream")]).unwrap_err().var,
+            "INGEST_QUEUE_TYPE"
+        );
+        assert_eq!(
+            with(&[("INGEST_LOG_FORMAT", "xml")]).unwrap_err().var,
+            "INGEST_LOG_FORMAT"
+        );
     }
 
     #[test]

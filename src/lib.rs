@@ -16,6 +16,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod relay;
+pub mod retention;
 pub mod signals;
 pub mod store;
 pub mod worker;

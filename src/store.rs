@@ -19,6 +19,14 @@ use crate::config::Config;
 /// The schema, embedded so the binary can create its tables anywhere.
 pub const SCHEMA_SQL: &str = include_str!("../schema.sql");
 
+/// A fingerprint of [`SCHEMA_SQL`] (64-bit FNV-1a, hex).
+pub fn schema_fingerprint() -> String {
+    let hash = SCHEMA_SQL.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
 /// A pooled connection.
 pub type Conn = PooledConnection<PostgresConnectionManager<NoTls>>;
 
@@ -59,7 +67,11 @@ impl fmt::Display for Error {
         match self {
             Error::Url(e) => write!(f, "bad database URL: {e}"),
             Error::Pool(e) => write!(f, "no database connection available: {e}"),
-            Error::Db(e) => write!(f, "database error: {e}"),
+            Error::Db(e) => match e.as_db_error() {
+                // postgres::Error's own text is just "db error".
+                Some(db) => write!(f, "database error {}: {}", db.code().code(), db.message()),
+                None => write!(f, "database error: {e}"),
+            },
         }
     }
 }
@@ -241,8 +253,34 @@ impl Store {
 
     /// Creates the schema and tables if missing. Concurrent callers serialise
     /// on an advisory lock, so several processes may start at once.
+    ///
+    /// The schema's fingerprint is recorded once applied, so processes
+    /// starting beside running ones take no table lock: re-running the DDL
+    /// would (`CREATE INDEX IF NOT EXISTS` locks its table) and could
+    /// deadlock with live transactions. A deadlock while applying a new
+    /// schema is retried.
     pub fn migrate(&self) -> Result<(), Error> {
         let mut client = self.dedicated()?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.migrate_once(&mut client) {
+                Err(Error::Db(e))
+                    if attempt < 5
+                        && e.code().is_some_and(|c| {
+                            *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                                || *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+                        }) =>
+                {
+                    std::thread::sleep(Duration::from_millis(100 * attempt));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn migrate_once(&self, client: &mut Client) -> Result<(), Error> {
+        let fingerprint = schema_fingerprint();
         let mut tx = client.transaction()?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('ingestd.migrate'))",
@@ -250,10 +288,25 @@ impl Store {
         )?;
         // The schema name is validated as a plain identifier by `Config`.
         tx.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{0}\"; SET LOCAL search_path TO \"{0}\";",
+            "CREATE SCHEMA IF NOT EXISTS \"{0}\"; SET LOCAL search_path TO \"{0}\";
+             CREATE TABLE IF NOT EXISTS ingestd_schema (
+                 fingerprint text PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now());",
             self.schema
         ))?;
-        tx.batch_execute(SCHEMA_SQL)?;
+        let applied = tx
+            .query_opt(
+                "SELECT 1 FROM ingestd_schema WHERE fingerprint = $1",
+                &[&fingerprint],
+            )?
+            .is_some();
+        if !applied {
+            tx.batch_execute(SCHEMA_SQL)?;
+            tx.execute(
+                "INSERT INTO ingestd_schema (fingerprint) VALUES ($1)",
+                &[&fingerprint],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -274,6 +327,17 @@ impl Store {
             state.connections - state.idle_connections,
             state.idle_connections,
         )
+    }
+
+    /// Deletes up to `limit` processed events older than `age`; returns how
+    /// many. Rows another transaction holds are skipped, not waited for.
+    pub fn delete_expired(&self, age: Duration, limit: i64) -> Result<u64, Error> {
+        Ok(self.conn()?.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events \
+             WHERE status = 'processed' AND processed_at < now() - make_interval(secs => $1) \
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&age.as_secs_f64(), &limit],
+        )?)
     }
 
     /// Answers whether PostgreSQL responds.

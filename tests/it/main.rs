@@ -3,6 +3,7 @@
 
 mod api;
 mod faults;
+mod ops;
 mod pipeline;
 mod retries;
 mod shutdown;

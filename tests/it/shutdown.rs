@@ -1,15 +1,13 @@
 //! Graceful shutdown: every request that got a 202 survives it.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::util::{TestEnv, amqp_url, db_url, load, wait_until};
+use crate::util::{TestEnv, load, wait_until};
 
 pub fn assert_all_stored_then_processed(env: &TestEnv, accepted: &[Uuid]) {
     assert!(!accepted.is_empty(), "the load produced accepted events");
@@ -54,31 +52,9 @@ fn graceful_shutdown_under_load_loses_nothing() {
 #[test]
 fn sigterm_stops_the_binary_cleanly_under_load() {
     let env = TestEnv::new("sigterm");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ingestd"))
-        .env_clear()
-        .env("INGEST_HTTP_ADDR", "127.0.0.1:0")
-        .env("INGEST_DATABASE_URL", db_url())
-        .env("INGEST_AMQP_URL", amqp_url())
-        .env("INGEST_DB_SCHEMA", &env.name)
-        .env("INGEST_AMQP_PREFIX", &env.name)
-        .env("INGEST_DB_POOL_SIZE", "6")
-        .env("INGEST_SHUTDOWN_TIMEOUT", "20s")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ingestd");
-
-    // The binary logs the port it bound; port 0 keeps tests apart.
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("ingestd exited before listening")
-            .unwrap();
-        if let Some(a) = line.split("http: listening on ").nth(1) {
-            break a.trim().parse().unwrap();
-        }
-    };
-    let log = thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let mut proc = env.spawn_binary(None);
+    let addr = proc.addr.unwrap();
+    let child = &mut proc.child;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (clients, accepted) = load(addr, 8, stop.clone());
@@ -95,7 +71,7 @@ fn sigterm_stops_the_binary_cleanly_under_load() {
     for c in clients {
         c.join().unwrap();
     }
-    let log = log.join().unwrap();
+    let log = proc.log.take().unwrap().join().unwrap();
     assert!(
         status.success(),
         "exit status {status:?}; log:\n{}",

@@ -3,8 +3,9 @@
 //! TCP proxy, and waiting for a condition with a deadline.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -104,6 +105,45 @@ impl TestEnv {
         ingestd::start(config, role, self.processor.clone()).expect("start ingestd")
     }
 
+    /// Runs the `ingestd` binary in this environment (`role` as its first
+    /// argument, none for all roles) and, when it serves HTTP, waits for
+    /// the port it bound, which it logs.
+    pub fn spawn_binary(&self, role: Option<&str>) -> Binary {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ingestd"));
+        command
+            .args(role)
+            .env_clear()
+            .env("INGEST_HTTP_ADDR", "127.0.0.1:0")
+            .env("INGEST_DATABASE_URL", db_url())
+            .env("INGEST_AMQP_URL", amqp_url())
+            .env("INGEST_DB_SCHEMA", &self.name)
+            .env("INGEST_AMQP_PREFIX", &self.name)
+            .env("INGEST_RETRY_DELAYS", "300ms,600ms")
+            .env("INGEST_DB_POOL_SIZE", "5")
+            .env("INGEST_HTTP_THREADS", "8")
+            .env("INGEST_SHUTDOWN_TIMEOUT", "20s")
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn ingestd");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let serves_http = matches!(role, None | Some("api"));
+        let mut addr = None;
+        while serves_http && addr.is_none() {
+            let line = lines
+                .next()
+                .expect("ingestd exited before listening")
+                .unwrap();
+            if let Some(a) = line.split("http: listening on ").nth(1) {
+                addr = Some(a.trim().parse().unwrap());
+            }
+        }
+        let log = thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+        Binary {
+            child,
+            addr,
+            log: Some(log),
+        }
+    }
+
     /// A connection whose search_path is this environment's schema.
     pub fn sql(&self) -> Client {
         let mut c = Client::connect(&db_url(), NoTls).expect("connect");
@@ -200,6 +240,42 @@ impl Drop for TestEnv {
             }
             let _ = conn.close();
         }
+    }
+}
+
+/// A running `ingestd` binary; killed when dropped.
+pub struct Binary {
+    /// The process.
+    pub child: Child,
+    /// Where it serves HTTP, for the roles that do.
+    pub addr: Option<SocketAddr>,
+    /// Its log lines, once it has exited.
+    pub log: Option<thread::JoinHandle<Vec<String>>>,
+}
+
+impl Binary {
+    /// Sends SIGTERM and waits for the exit; fails the test, with the
+    /// process's log, unless it exits with status 0.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().expect("wait for ingestd");
+        if !status.success() {
+            let log = self
+                .log
+                .take()
+                .map(|l| l.join().unwrap())
+                .unwrap_or_default();
+            panic!("ingestd exited with {status}:\n{}", log.join("\n"));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
