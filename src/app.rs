@@ -215,7 +215,6 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             threads: config.committers,
             max_batch: config.commit_batch,
             queue: config.commit_queue,
-            wait: config.db_timeout * 2 + Duration::from_secs(5),
             notify: !role.relay(),
             metrics: metrics.clone(),
         };

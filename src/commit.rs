@@ -1,16 +1,15 @@
 //! Group commit: many requests' events in one PostgreSQL transaction.
 //!
-//! HTTP threads validate an event, hand it to a committer thread over a
-//! bounded channel and wait for the answer. A committer takes whatever is
-//! waiting (up to the batch limit, never waiting for more), writes every event
-//! and outbox row in one transaction, commits, and answers each request. A
-//! `202` still means committed; the fsync is shared instead of paid per
-//! request. This module owns batching and the hand-off, not the SQL
+//! HTTP threads validate an event and hand it, with a reply callback, to a
+//! committer thread over a bounded channel; they do not wait. A committer
+//! takes whatever is waiting (up to the batch limit, never waiting for more),
+//! writes every event and outbox row in one transaction, commits, and then
+//! runs each callback, which answers the request. A `202` still means
+//! committed; the fsync is shared instead of paid per request. This module owns batching and the hand-off, not the SQL
 //! (`store`) nor the HTTP answers (`http`).
 
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::store::{NewEvent, Store};
@@ -28,9 +27,13 @@ pub enum CommitError {
     Failed,
 }
 
+/// Called exactly once with the fate of a submitted event, on a committer
+/// thread, or at once on the caller's thread when the queue is full.
+pub type Reply = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
+
 struct Pending {
     event: NewEvent,
-    reply: Sender<Result<(), CommitError>>,
+    reply: Reply,
 }
 
 /// How committers run.
@@ -42,8 +45,6 @@ pub struct Settings {
     pub max_batch: usize,
     /// Capacity of the hand-off queue; beyond it requests get 503 at once.
     pub queue: usize,
-    /// Longest a request waits for its commit before it is answered 503.
-    pub wait: Duration,
     /// `NOTIFY` relays in other processes after each commit.
     pub notify: bool,
     /// Where batch sizes are counted.
@@ -55,7 +56,6 @@ pub struct Settings {
 #[derive(Clone)]
 pub struct Committer {
     queue: Sender<Pending>,
-    wait: Duration,
 }
 
 impl Committer {
@@ -76,24 +76,17 @@ impl Committer {
                     .expect("spawn committer thread")
             })
             .collect();
-        let committer = Committer {
-            queue: tx,
-            wait: settings.wait,
-        };
-        (committer, threads)
+        (Committer { queue: tx }, threads)
     }
 
-    /// Writes one event and returns once it is committed.
-    pub fn submit(&self, event: NewEvent) -> Result<(), CommitError> {
-        let (reply, answer) = bounded(1);
+    /// Hands one event to the committers without waiting; `reply` learns
+    /// its fate once it is committed (or could not be).
+    pub fn submit(&self, event: NewEvent, reply: Reply) {
         match self.queue.try_send(Pending { event, reply }) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(CommitError::Busy),
-            Err(TrySendError::Disconnected(_)) => return Err(CommitError::Unavailable),
+            Err(TrySendError::Full(p)) => (p.reply)(Err(CommitError::Busy)),
+            Err(TrySendError::Disconnected(p)) => (p.reply)(Err(CommitError::Unavailable)),
         }
-        answer
-            .recv_timeout(self.wait)
-            .unwrap_or(Err(CommitError::Unavailable))
     }
 }
 
@@ -112,14 +105,14 @@ fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, wake: Option
             .metrics
             .commit_batch_size
             .observe(batch.len() as f64);
-        commit(&store, &batch, settings);
+        commit(&store, batch, settings);
         if let Some(wake) = &wake {
             let _ = wake.try_send(());
         }
     }
 }
 
-fn commit(store: &Store, batch: &[Pending], settings: &Settings) {
+fn commit(store: &Store, batch: Vec<Pending>, settings: &Settings) {
     let events: Vec<&NewEvent> = batch.iter().map(|p| &p.event).collect();
     match store.insert_events(&events, settings.notify) {
         Ok(()) => {
@@ -138,7 +131,7 @@ fn commit(store: &Store, batch: &[Pending], settings: &Settings) {
                 batch.len()
             );
             for p in batch {
-                commit(store, std::slice::from_ref(p), settings);
+                commit(store, vec![p], settings);
             }
         }
         Err(e) => {
@@ -148,9 +141,8 @@ fn commit(store: &Store, batch: &[Pending], settings: &Settings) {
     }
 }
 
-fn answer(batch: &[Pending], result: Result<(), CommitError>) {
+fn answer(batch: Vec<Pending>, result: Result<(), CommitError>) {
     for p in batch {
-        // The request may have given up waiting; nothing to do then.
-        let _ = p.reply.send(result);
+        (p.reply)(result);
     }
 }

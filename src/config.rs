@@ -29,8 +29,8 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "INGEST_HTTP_THREADS",
-        default: "64",
-        help: "HTTP handler threads; each waits for its request's commit, so this bounds requests in flight",
+        default: "8",
+        help: "HTTP handler threads (they parse and validate; committers answer ingests)",
     },
     Var {
         name: "INGEST_MAX_BODY_BYTES",
@@ -44,13 +44,13 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "INGEST_COMMIT_BATCH",
-        default: "512",
+        default: "256",
         help: "most events in one ingest transaction (group commit)",
     },
     Var {
         name: "INGEST_COMMIT_QUEUE",
-        default: "1024",
-        help: "events waiting for a committer; beyond it the API answers 503 at once",
+        default: "512",
+        help: "events waiting for a committer; beyond it the API answers 503 at once (bounds memory: this times the body limit)",
     },
     Var {
         name: "INGEST_DATABASE_URL",

@@ -276,41 +276,44 @@ fn has_nul(value: &Value) -> bool {
 }
 
 impl Api {
-    /// Answers one request; errors become responses here.
-    pub fn handle(&self, request: &mut Request) -> HttpResponse {
+    /// Handles one request; errors become responses here.
+    pub fn handle(&self, request: &mut Request) -> Handled {
         match self.dispatch(request) {
-            Ok(response) => response,
-            Err(err) => error_response(&err),
+            Ok(handled) => handled,
+            Err(err) => Handled::Respond(error_response(&err)),
         }
     }
 
-    fn dispatch(&self, request: &mut Request) -> Result<HttpResponse, ApiError> {
-        match route(request.method(), request.url())? {
-            Route::Ingest => self.ingest(request),
+    fn dispatch(&self, request: &mut Request) -> Result<Handled, ApiError> {
+        let response = match route(request.method(), request.url())? {
+            Route::Ingest => return self.ingest(request).map(Handled::Commit),
             Route::GetEvent(id) => {
                 let event = self
                     .store
                     .get_event(id)?
                     .ok_or(ApiError::EventNotFound(id))?;
-                Ok(json_response(200, &event.to_json()))
+                json_response(200, &event.to_json())
             }
             Route::RetryEvent(id) => match self.store.retry_event(id, self.notify)? {
                 RetryResult::Requeued => {
                     self.wake_relay();
-                    Ok(accepted(id))
+                    accepted(id)
                 }
-                RetryResult::NotFound => Err(ApiError::EventNotFound(id)),
-                RetryResult::NotFailed(status) => Err(ApiError::Conflict(format!(
-                    "the event is {status}; only failed events can be retried"
-                ))),
+                RetryResult::NotFound => return Err(ApiError::EventNotFound(id)),
+                RetryResult::NotFailed(status) => {
+                    return Err(ApiError::Conflict(format!(
+                        "the event is {status}; only failed events can be retried"
+                    )));
+                }
             },
-            Route::Healthz => Ok(json_response(200, &json!({ "status": "ok" }))),
-            Route::Readyz => Ok(self.readyz()),
-            Route::Metrics => Ok(self.metrics()),
-        }
+            Route::Healthz => json_response(200, &json!({ "status": "ok" })),
+            Route::Readyz => self.readyz(),
+            Route::Metrics => self.metrics(),
+        };
+        Ok(Handled::Respond(response))
     }
 
-    fn ingest(&self, request: &mut Request) -> Result<HttpResponse, ApiError> {
+    fn ingest(&self, request: &mut Request) -> Result<NewEvent, ApiError> {
         let content_type = request
             .headers()
             .iter()
@@ -322,17 +325,10 @@ impl Api {
         }
         let body = self.read_body(request)?;
         let payload = parse_ingest(&body)?;
-        let event = NewEvent {
+        Ok(NewEvent {
             id: Uuid::new_v4(),
             payload,
-        };
-        let id = event.id;
-        match self.committer.submit(event) {
-            Ok(()) => Ok(accepted(id)),
-            Err(CommitError::Busy) => Err(ApiError::Busy),
-            Err(CommitError::Unavailable) => Err(ApiError::Unavailable),
-            Err(CommitError::Failed) => Err(ApiError::Internal),
-        }
+        })
     }
 
     fn wake_relay(&self) {
@@ -404,13 +400,37 @@ impl Api {
     }
 }
 
+/// What became of a request.
+pub enum Handled {
+    /// Answer now with this response.
+    Respond(HttpResponse),
+    /// A valid event to commit; the answer comes after the commit.
+    Commit(NewEvent),
+}
+
+impl From<HttpResponse> for Handled {
+    fn from(response: HttpResponse) -> Handled {
+        Handled::Respond(response)
+    }
+}
+
+/// The answer to an ingest request once its commit is settled.
+pub fn commit_response(id: Uuid, result: Result<(), CommitError>) -> HttpResponse {
+    match result {
+        Ok(()) => accepted(id),
+        Err(CommitError::Busy) => error_response(&ApiError::Busy),
+        Err(CommitError::Unavailable) => error_response(&ApiError::Unavailable),
+        Err(CommitError::Failed) => error_response(&ApiError::Internal),
+    }
+}
+
 /// Runs `f`, turning a panic into a 500 response so the thread survives.
-pub fn guarded(f: impl FnOnce() -> HttpResponse) -> HttpResponse {
+pub fn guarded<T: From<HttpResponse>>(f: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(response) => response,
         Err(_) => {
             error!("a request handler panicked; answered 500");
-            error_response(&ApiError::Internal)
+            error_response(&ApiError::Internal).into()
         }
     }
 }
@@ -431,18 +451,40 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
         let name = route(request.method(), request.url())
             .map(|r| r.name())
             .unwrap_or("unmatched");
-        let response = guarded(|| api.handle(&mut request));
-        let status = response.status_code().0;
-        api.metrics.request(name, status);
-        if name == "ingest" && status == 202 {
-            api.metrics
-                .ingest_seconds
-                .observe_duration(started.elapsed());
+        match guarded(|| api.handle(&mut request)) {
+            Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
+            Handled::Commit(event) => {
+                // The committer answers after the commit; this thread
+                // goes back to serving.
+                let id = event.id;
+                let metrics = api.metrics.clone();
+                api.committer.submit(
+                    event,
+                    Box::new(move |result| {
+                        let response = commit_response(id, result);
+                        respond(&metrics, request, response, name, started);
+                    }),
+                );
+            }
         }
-        if let Err(e) = request.respond(response) {
-            // The client went away; nothing to do.
-            log::debug!("http: response not delivered: {e}");
-        }
+    }
+}
+
+fn respond(
+    metrics: &Metrics,
+    request: Request,
+    response: HttpResponse,
+    route: &'static str,
+    started: Instant,
+) {
+    let status = response.status_code().0;
+    metrics.request(route, status);
+    if route == "ingest" && status == 202 {
+        metrics.ingest_seconds.observe_duration(started.elapsed());
+    }
+    if let Err(e) = request.respond(response) {
+        // The client went away; nothing to do.
+        log::debug!("http: response not delivered: {e}");
     }
 }
 
@@ -532,7 +574,7 @@ mod tests {
 
     #[test]
     fn a_panic_becomes_a_500() {
-        let response = guarded(|| panic!("boom"));
+        let response: HttpResponse = guarded(|| panic!("boom"));
         assert_eq!(response.status_code().0, 500);
         // The thread that caught it keeps working.
         assert_eq!(

@@ -214,10 +214,15 @@ impl Store {
     /// Like [`Store::open`] with an explicit pool size.
     pub fn open_sized(config: &Config, size: u32) -> Result<Store, Error> {
         let mut pg: postgres::Config = config.database_url.parse().map_err(Error::Url)?;
-        pg.options(&format!("-c search_path={}", config.db_schema))
-            .connect_timeout(config.db_timeout)
-            .keepalives_idle(Duration::from_secs(30))
-            .application_name("ingestd");
+        // A statement that runs this long is stuck (a lost network, a
+        // lock held by a forgotten session); failing it frees the thread.
+        pg.options(&format!(
+            "-c search_path={} -c statement_timeout=30s",
+            config.db_schema
+        ))
+        .connect_timeout(config.db_timeout)
+        .keepalives_idle(Duration::from_secs(30))
+        .application_name("ingestd");
         let manager = PostgresConnectionManager::new(pg.clone(), NoTls);
         let pool = r2d2::Pool::builder()
             .max_size(size)

@@ -135,7 +135,9 @@ mod tests {
         let mut values: Vec<u64> = (0..5000).collect();
         let mut x = 12345u64;
         for _ in 0..20_000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             values.push((x >> 20) % MAX_NANOS);
         }
         values.extend([255, 256, 257, 511, 512, 1023, 1024, MAX_NANOS]);
@@ -185,7 +187,11 @@ mod tests {
     fn rare_slow_requests_show_only_in_the_tail() {
         let mut h = Histogram::new();
         for n in 0..1000 {
-            h.record(if n % 100 == 0 { micros(100_000) } else { micros(1000) });
+            h.record(if n % 100 == 0 {
+                micros(100_000)
+            } else {
+                micros(1000)
+            });
         }
         assert_near(h.percentile(50.0), micros(1000));
         assert_near(h.percentile(99.0), micros(1000));
@@ -198,7 +204,11 @@ mod tests {
         let (mut odd, mut even, mut all) = (Histogram::new(), Histogram::new(), Histogram::new());
         for n in 1..=10_000 {
             let d = micros(n * 7);
-            if n % 2 == 1 { odd.record(d) } else { even.record(d) }
+            if n % 2 == 1 {
+                odd.record(d)
+            } else {
+                even.record(d)
+            }
             all.record(d);
         }
         odd.merge(&even);
