@@ -22,7 +22,7 @@ test: lint
 	$(CARGO) test --locked
 
 lint:
-	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
 	$(COMPOSE) -f docker-compose.yml config --quiet
