@@ -11,6 +11,7 @@ ARG INGESTD_GIT_REVISION=""
 ENV INGESTD_GIT_REVISION=${INGESTD_GIT_REVISION}
 COPY Cargo.toml Cargo.lock build.rs schema.sql ./
 COPY src ./src
+COPY vendor ./vendor
 COPY examples ./examples
 RUN cargo build --release --locked --bin ingestd \
  && cp target/release/ingestd /ingestd

@@ -298,3 +298,47 @@ fn metrics_follow_the_pipeline() {
     assert!(value("ingestd_commit_batch_events_count") >= 1.0);
     app.shutdown().unwrap();
 }
+
+#[test]
+fn a_burst_of_keep_alive_connections_is_served() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::{Arc, Barrier};
+
+    let env = TestEnv::new("burst");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    let n = 32;
+    let (opened, answered) = (Arc::new(Barrier::new(n)), Arc::new(Barrier::new(n)));
+    // Every client opens its connection at the same moment and keeps it
+    // open until all have been answered, as a connection pool does: a
+    // connection left without a server thread would wait for ever.
+    let clients: Vec<_> = (0..n)
+        .map(|_| {
+            let (opened, answered) = (opened.clone(), answered.clone());
+            std::thread::spawn(move || {
+                opened.wait();
+                let result = (|| -> std::io::Result<(String, std::net::TcpStream)> {
+                    let mut stream = std::net::TcpStream::connect(addr)?;
+                    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")?;
+                    let mut status = String::new();
+                    BufReader::new(stream.try_clone()?).read_line(&mut status)?;
+                    Ok((status, stream))
+                })();
+                answered.wait();
+                result.map(|(status, _stream)| status)
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| !r.as_ref().is_ok_and(|s| s.contains(" 200 ")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {n} connections were not served: {failed:?}",
+        failed.len()
+    );
+    app.shutdown().unwrap();
+}

@@ -1,3 +1,5 @@
+// ingestd: upstream code as published; its warnings are not ours to fix here.
+#![allow(warnings)]
 //! # Simple usage
 //!
 //! ## Creating the server
