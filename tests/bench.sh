@@ -24,13 +24,13 @@ OUT=${BENCH_OUT:-target/bench.json}
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   T=2; E2E_T=3; RATES="300"; LAT_RATES="200"; LAT_T=2; RELAY_N=2000
 else
-  T=10; E2E_T=20; RATES="2000 5000 10000 15000 20000"; LAT_RATES="1000 5000"; LAT_T=15; RELAY_N=50000
+  T=10; E2E_T=20; RATES="1000 2000 3000 4000 5000 6000 8000 10000"; LAT_RATES="1000 5000"; LAT_T=15; RELAY_N=50000
 fi
 WORK=$(mktemp -d)
 PID=
 
 log() { echo "bench: $*" >&2; }
-sql() { psql "$DB_URL" -v ON_ERROR_STOP=1 -Atq -c "SET search_path TO $NAME; $1"; }
+sql() { PGOPTIONS="-c client_min_messages=warning" psql "$DB_URL" -v ON_ERROR_STOP=1 -Atq -c "SET search_path TO $NAME; $1"; }
 json_get() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval("d"+sys.argv[2]))' "$@"; }
 
 cleanup() {

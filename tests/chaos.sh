@@ -28,7 +28,7 @@ cargo build --release --locked --bin ingestd --bin loadgen >&2
 BIN=target/release
 PID=
 
-psql_q() { psql "$DB_URL" -v ON_ERROR_STOP=1 -Atq -c "$1"; }
+psql_q() { PGOPTIONS="-c client_min_messages=warning" psql "$DB_URL" -v ON_ERROR_STOP=1 -Atq -c "$1"; }
 now() { date +%s.%N; }
 secs_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
 log() { echo "chaos: $*" >&2; }
