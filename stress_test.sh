@@ -16,6 +16,7 @@ EVENTS=${1:-10000}
 CONC=${2:-32}
 BASE=${3:-http://localhost:5001}
 BASE=${BASE%/}
+export BASE
 TIMEOUT=${STRESS_TIMEOUT:-120}
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOADGEN=${LOADGEN:-$HERE/target/release/loadgen}
@@ -70,25 +71,31 @@ else
 fi
 sent_done=$(date +%s.%N)
 
-# Poll every accepted id until it leaves 'pending'.
-cp "$WORK/ids" "$WORK/todo"
+# Poll every accepted id until it leaves 'pending'. One curl fetches many
+# ids over one keep-alive connection; the event's "status" is the last key
+# of its JSON, just before the URL that -w appends.
+sort -u "$WORK/ids" >"$WORK/todo"
 : >"$WORK/processed"; : >"$WORK/failed"
 deadline=$((SECONDS + TIMEOUT))
-check() {
-  status=$(curl -s "$BASE/v1/events/$1" | sed -n 's/.*"status":"\([a-z]*\)".*/\1/p')
-  echo "$1 ${status:-missing}"
+check_batch() {
+  local urls=() id
+  for id in "$@"; do urls+=("$BASE/v1/events/$id"); done
+  curl -s -w '%{url_effective}\n' "${urls[@]}" |
+    sed -u -n 's|.*"status":"\([a-z]*\)"}.*/v1/events/\([0-9a-f-]*\)$|\2 \1|p'
 }
-export -f check
+export -f check_batch
 while [ -s "$WORK/todo" ] && ((SECONDS < deadline)); do
-  xargs -P "$CONC" -I{} bash -c 'check {}' <"$WORK/todo" >"$WORK/round"
+  xargs -P "$CONC" -n 200 bash -c 'check_batch "$@"' _ <"$WORK/todo" >"$WORK/round" || true
   awk '$2 == "processed" { print $1 }' "$WORK/round" >>"$WORK/processed"
   awk '$2 == "failed" { print $1 }' "$WORK/round" >>"$WORK/failed"
-  awk '$2 != "processed" && $2 != "failed" { print $1 }' "$WORK/round" >"$WORK/todo"
-  [ -s "$WORK/todo" ] && sleep 1
+  awk '$2 == "processed" || $2 == "failed" { print $1 }' "$WORK/round" | sort -u >"$WORK/settled"
+  comm -23 "$WORK/todo" "$WORK/settled" >"$WORK/todo.next"
+  mv "$WORK/todo.next" "$WORK/todo"
+  [ -s "$WORK/todo" ] && sleep 0.5
 done
 all_done=$(awk -v a="$sent_done" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
-PROCESSED=$(sort -u "$WORK/processed" | wc -l)
-FAILED=$(sort -u "$WORK/failed" | wc -l)
+PROCESSED=$({ grep -E "^[0-9a-f-]{36}$" "$WORK/processed" || true; } | sort -u | wc -l)
+FAILED=$({ grep -E "^[0-9a-f-]{36}$" "$WORK/failed" || true; } | sort -u | wc -l)
 LOST=$(wc -l <"$WORK/todo")
 
 echo "sent: $SENT  accepted: $ACCEPTED  rejected: $STATUSES  throughput: ${THROUGHPUT}/s"
