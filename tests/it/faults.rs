@@ -1,15 +1,13 @@
 //! Outages of one instance's dependencies, made with a TCP proxy so that
 //! tests running in parallel keep their services.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{Proxy, TestEnv, db_url, get, ingest, load, post_json, wait_until};
+use crate::util::{Load, Proxy, TestEnv, db_url, get, ingest, post_json, wait_until};
 
 fn amqp_host_port() -> String {
     let url = ingestd::broker::AmqpUrl::parse(&crate::util::amqp_url()).unwrap();
@@ -106,32 +104,17 @@ fn broker_restarts_mid_stream_lose_nothing() {
     let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr());
     let app = env.start_role(&env.config_with(&[("INGEST_AMQP_URL", &amqp)]), Role::All);
     let addr = app.http_addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (clients, accepted) = load(addr, 4, stop.clone());
-
+    let load = Load::start(addr, 4);
     for round in 1..=2 {
-        let before = accepted.lock().unwrap().len();
-        wait_until(Duration::from_secs(20), "load under way", || {
-            accepted.lock().unwrap().len() >= before + 100
-        });
+        load.wait_for(100, "load under way");
         proxy.down();
         // Ingest goes on while the broker is away.
-        let during = accepted.lock().unwrap().len();
-        wait_until(
-            Duration::from_secs(20),
-            &format!("202s during outage {round}"),
-            || accepted.lock().unwrap().len() >= during + 50,
-        );
+        load.wait_for(50, &format!("202s during outage {round}"));
         proxy.up();
     }
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let ids = accepted.lock().unwrap().clone();
+    let ids = load.stop();
     env.wait_processed(&ids, Duration::from_secs(60));
-    let twice = env
-        .count("SELECT count(*) FROM (SELECT event_id FROM runs GROUP BY 1 HAVING count(*) > 1) d");
+    let twice = env.processed_twice();
     assert_eq!(twice, 0);
     assert_eq!(env.count("SELECT count(*) FROM runs"), ids.len() as i64);
     app.shutdown().unwrap();
@@ -144,14 +127,9 @@ fn database_restarts_mid_stream_lose_nothing() {
     let config = env.config_with(&[("INGEST_DATABASE_URL", &url), ("INGEST_DB_TIMEOUT", "1s")]);
     let app = env.start_role(&config, Role::All);
     let addr = app.http_addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (clients, accepted) = load(addr, 4, stop.clone());
-
+    let load = Load::start(addr, 4);
     for _ in 0..2 {
-        let before = accepted.lock().unwrap().len();
-        wait_until(Duration::from_secs(30), "load under way", || {
-            accepted.lock().unwrap().len() >= before + 100
-        });
+        load.wait_for(100, "load under way");
         proxy.down();
         std::thread::sleep(Duration::from_millis(1500));
         proxy.up();
@@ -159,14 +137,9 @@ fn database_restarts_mid_stream_lose_nothing() {
     wait_until(Duration::from_secs(30), "ingest resumed", || {
         ingest_status(addr) == 202
     });
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let ids = accepted.lock().unwrap().clone();
+    let ids = load.stop();
     env.wait_processed(&ids, Duration::from_secs(60));
-    let twice = env
-        .count("SELECT count(*) FROM (SELECT event_id FROM runs GROUP BY 1 HAVING count(*) > 1) d");
+    let twice = env.processed_twice();
     assert_eq!(twice, 0);
     app.shutdown().unwrap();
 }

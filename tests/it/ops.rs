@@ -1,14 +1,12 @@
 //! Operating it: several processes per role, quorum queues, retention.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{TestEnv, ingest, load, wait_until};
+use crate::util::{Load, TestEnv, ingest, wait_until};
 
 #[test]
 fn two_apis_two_relays_three_workers_lose_nothing_and_process_once() {
@@ -19,24 +17,14 @@ fn two_apis_two_relays_three_workers_lose_nothing_and_process_once() {
         .chain((0..3).map(|_| env.spawn_binary(Some("worker"))))
         .collect();
 
-    let stop = Arc::new(AtomicBool::new(false));
     let loads: Vec<_> = apis
         .iter()
-        .map(|a| load(a.addr.unwrap(), 4, stop.clone()))
+        .map(|a| Load::start(a.addr.unwrap(), 4))
         .collect();
-    wait_until(Duration::from_secs(30), "load through both APIs", || {
-        loads
-            .iter()
-            .all(|(_, accepted)| accepted.lock().unwrap().len() >= 300)
-    });
-    stop.store(true, Ordering::SeqCst);
-    let mut ids: Vec<Uuid> = Vec::new();
-    for (clients, accepted) in loads {
-        for c in clients {
-            c.join().unwrap();
-        }
-        ids.extend(accepted.lock().unwrap().iter());
+    for load in &loads {
+        load.wait_for(300, "load through both APIs");
     }
+    let ids: Vec<Uuid> = loads.into_iter().flat_map(Load::stop).collect();
 
     env.wait_processed(&ids, Duration::from_secs(60));
     assert_eq!(

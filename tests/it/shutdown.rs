@@ -1,13 +1,11 @@
 //! Graceful shutdown: every request that got a 202 survives it.
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::util::{TestEnv, load, wait_until};
+use crate::util::{Load, TestEnv};
 
 pub fn assert_all_stored_then_processed(env: &TestEnv, accepted: &[Uuid]) {
     assert!(!accepted.is_empty(), "the load produced accepted events");
@@ -23,8 +21,7 @@ pub fn assert_all_stored_then_processed(env: &TestEnv, accepted: &[Uuid]) {
     // instance, exactly once.
     let app = env.start();
     env.wait_processed(&ids, Duration::from_secs(60));
-    let twice = env
-        .count("SELECT count(*) FROM (SELECT event_id FROM runs GROUP BY 1 HAVING count(*) > 1) d");
+    let twice = env.processed_twice();
     assert_eq!(twice, 0, "no event processed twice");
     app.shutdown().unwrap();
 }
@@ -34,18 +31,10 @@ fn graceful_shutdown_under_load_loses_nothing() {
     let env = TestEnv::new("shutdown");
     let app = env.start();
     let addr = app.http_addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (clients, accepted) = load(addr, 8, stop.clone());
-
-    wait_until(Duration::from_secs(20), "load under way", || {
-        accepted.lock().unwrap().len() >= 300
-    });
+    let load = Load::start(addr, 8);
+    load.wait_for(300, "load under way");
     app.shutdown().expect("shutdown within the timeout");
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let accepted = accepted.lock().unwrap().clone();
+    let accepted = load.stop();
     assert_all_stored_then_processed(&env, &accepted);
 }
 
@@ -56,21 +45,15 @@ fn sigterm_stops_the_binary_cleanly_under_load() {
     let addr = proc.addr.unwrap();
     let child = &mut proc.child;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (clients, accepted) = load(addr, 8, stop.clone());
-    wait_until(Duration::from_secs(20), "load under way", || {
-        accepted.lock().unwrap().len() >= 200
-    });
+    let load = Load::start(addr, 8);
+    load.wait_for(200, "load under way");
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
     let status = child.wait().unwrap();
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.join().unwrap();
-    }
+    let accepted = load.stop();
     let log = proc.log.take().unwrap().join().unwrap();
     assert!(
         status.success(),
@@ -83,6 +66,5 @@ fn sigterm_stops_the_binary_cleanly_under_load() {
         log.join("\n")
     );
 
-    let accepted = accepted.lock().unwrap().clone();
     assert_all_stored_then_processed(&env, &accepted);
 }

@@ -165,6 +165,13 @@ impl TestEnv {
             .get(0)
     }
 
+    /// Events whose processor run committed more than once.
+    pub fn processed_twice(&self) -> i64 {
+        self.count(
+            "SELECT count(*) FROM (SELECT event_id FROM runs GROUP BY 1 HAVING count(*) > 1) d",
+        )
+    }
+
     /// The status of one event.
     pub fn status(&self, id: Uuid) -> Option<String> {
         self.sql()
@@ -336,37 +343,67 @@ impl Processor for Scripted {
     }
 }
 
-/// Posts events from `clients` threads until `stop`, collecting the ids
-/// that were answered 202. Refusals and connection errors are expected
-/// while the server stops; they are simply not counted as accepted.
-pub fn load(
-    addr: std::net::SocketAddr,
-    clients: usize,
+/// Client threads posting events until stopped, collecting the ids that
+/// were answered 202. Refusals and connection errors are expected while a
+/// server stops or a dependency is away; they are not counted as accepted.
+pub struct Load {
     stop: Arc<AtomicBool>,
-) -> (Vec<thread::JoinHandle<()>>, Arc<Mutex<Vec<Uuid>>>) {
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let threads = (0..clients)
-        .map(|c| {
-            let (stop, accepted) = (stop.clone(), accepted.clone());
-            thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    n += 1;
-                    let body = json!({ "payload": { "client": c, "n": n } }).to_string();
-                    let headers = [("Content-Type", "application/json")];
-                    match request(addr, "POST", "/v1/events", &headers, body.as_bytes()) {
-                        Ok(r) if r.status == 202 => {
-                            let id = r.json()["id"].as_str().unwrap().parse().unwrap();
-                            accepted.lock().unwrap().push(id);
+    clients: Vec<thread::JoinHandle<()>>,
+    accepted: Arc<Mutex<Vec<Uuid>>>,
+}
+
+impl Load {
+    /// Starts `clients` threads posting to `addr`.
+    pub fn start(addr: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let clients = (0..clients)
+            .map(|c| {
+                let (stop, accepted) = (stop.clone(), accepted.clone());
+                thread::spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        n += 1;
+                        let body = json!({ "payload": { "client": c, "n": n } }).to_string();
+                        let headers = [("Content-Type", "application/json")];
+                        match request(addr, "POST", "/v1/events", &headers, body.as_bytes()) {
+                            Ok(r) if r.status == 202 => {
+                                let id = r.json()["id"].as_str().unwrap().parse().unwrap();
+                                accepted.lock().unwrap().push(id);
+                            }
+                            Ok(_) => {}
+                            Err(_) => thread::sleep(Duration::from_millis(5)),
                         }
-                        Ok(_) => {}
-                        Err(_) => thread::sleep(Duration::from_millis(5)),
                     }
-                }
+                })
             })
-        })
-        .collect();
-    (threads, accepted)
+            .collect();
+        Load {
+            stop,
+            clients,
+            accepted,
+        }
+    }
+
+    /// Events accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+
+    /// Waits until `more` events beyond those accepted now are accepted.
+    pub fn wait_for(&self, more: usize, what: &str) {
+        let target = self.accepted() + more;
+        wait_until(Duration::from_secs(30), what, || self.accepted() >= target);
+    }
+
+    /// Stops the clients and returns every accepted id.
+    pub fn stop(self) -> Vec<Uuid> {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.clients {
+            c.join().unwrap();
+        }
+        self.accepted.lock().unwrap().clone()
+    }
 }
 
 /// Polls `f` until it is true; fails the test naming `what` at the deadline.
