@@ -25,6 +25,7 @@ use crate::health::Health;
 use crate::http::{self, Api};
 use crate::metrics::Metrics;
 use crate::relay::{self, Relay};
+use crate::stats::Stats;
 use crate::store::{self, Store};
 use crate::worker::{Processor, Worker};
 
@@ -221,6 +222,18 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         let wake = role.relay().then(|| wake_tx.clone());
         let (committer, committers) = Committer::start(store.clone(), settings, wake);
         app.committers = committers;
+        let stats = Arc::new(Stats::new(metrics.clone(), health.clone(), store.clone()));
+        {
+            let (stats, url, topology, stop) = (
+                stats.clone(),
+                url.clone(),
+                topology.clone(),
+                stop_rx.clone(),
+            );
+            app.background.push(spawn("stats", move || {
+                stats.run_sampler(url, topology, stop)
+            }));
+        }
         let api = Arc::new(Api {
             store,
             committer,
@@ -229,6 +242,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             notify: !role.relay(),
             health,
             metrics,
+            stats,
         });
         for i in 0..config.http_threads {
             let (server, api, stopping) = (server.clone(), api.clone(), stopping.clone());

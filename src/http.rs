@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::commit::{CommitError, Committer};
 use crate::health::Health;
 use crate::metrics::{Gauges, Metrics};
+use crate::stats::Stats;
 use crate::store::{self, NewEvent, RetryResult, Store};
 
 /// Seconds a client should wait before retrying a 503.
@@ -42,6 +43,8 @@ pub struct Api {
     pub health: Arc<Health>,
     /// What `/metrics` shows.
     pub metrics: Arc<Metrics>,
+    /// What the status page and `/v1/stats` show.
+    pub stats: Arc<Stats>,
 }
 
 /// A response body: status, JSON and extra headers.
@@ -171,6 +174,10 @@ pub enum Route {
     Readyz,
     /// `GET /metrics`.
     Metrics,
+    /// `GET /` and `GET /status`: the status page.
+    StatusPage,
+    /// `GET /v1/stats`: the status page's figures.
+    Stats,
 }
 
 impl Route {
@@ -183,6 +190,8 @@ impl Route {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
+            Route::StatusPage => "status_page",
+            Route::Stats => "stats",
         }
     }
 }
@@ -212,6 +221,10 @@ pub fn route(method: &Method, url: &str) -> Result<Route, ApiError> {
         ("GET", Ok(Route::Readyz))
     } else if path == "/metrics" {
         ("GET", Ok(Route::Metrics))
+    } else if path == "/" || path == "/status" {
+        ("GET", Ok(Route::StatusPage))
+    } else if path == "/v1/stats" {
+        ("GET", Ok(Route::Stats))
     } else {
         return Err(ApiError::NotFound);
     };
@@ -309,6 +322,10 @@ impl Api {
             Route::Healthz => json_response(200, &json!({ "status": "ok" })),
             Route::Readyz => self.readyz(),
             Route::Metrics => self.metrics(),
+            Route::Stats => json_response(200, &self.stats.snapshot()),
+            Route::StatusPage => Response::from_data(self.stats.page().into_bytes())
+                .with_header(header("Content-Type", "text/html; charset=utf-8"))
+                .with_header(header("Cache-Control", "no-store")),
         };
         Ok(Handled::Respond(response))
     }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod relay;
 pub mod retention;
 pub mod signals;
+pub mod stats;
 pub mod store;
 pub mod worker;
 

@@ -70,6 +70,19 @@ impl Histogram {
             .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
     }
 
+    /// Observations per bucket, in bound order, then those above the last
+    /// bound: not cumulative, so two snapshots can be subtracted.
+    pub fn bucket_counts(&self) -> Vec<u64> {
+        let mut counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total = self.count.load(Ordering::Relaxed);
+        counts.push(total.saturating_sub(counts.iter().sum()));
+        counts
+    }
+
     /// Records a duration in seconds.
     pub fn observe_duration(&self, d: Duration) {
         self.observe(d.as_secs_f64());
@@ -109,6 +122,8 @@ pub struct Metrics {
     pub processed: Counter,
     /// Time a worker spent on one batch, from lock to commit.
     pub processing_seconds: Histogram,
+    /// Time from an event's commit by the API to its processing commit.
+    pub ingest_to_processed_seconds: Histogram,
     /// Retries scheduled through delay queues.
     pub retries: Counter,
     /// Messages rejected into the dead-letter queue.
@@ -131,6 +146,7 @@ impl Default for Metrics {
             deliveries: Counter::default(),
             processed: Counter::default(),
             processing_seconds: Histogram::new(SECONDS),
+            ingest_to_processed_seconds: Histogram::new(SECONDS),
             retries: Counter::default(),
             dead_lettered: Counter::default(),
             duplicates: Counter::default(),
@@ -245,6 +261,11 @@ impl Metrics {
             &mut out,
             "ingestd_processing_duration_seconds",
             "Time a worker spends on one batch, lock to commit.",
+        );
+        self.ingest_to_processed_seconds.render(
+            &mut out,
+            "ingestd_ingest_to_processed_seconds",
+            "Time from an event's acceptance to its processing.",
         );
         let gauge = |out: &mut String, name: &str, help: &str, value: String| {
             let _ = writeln!(

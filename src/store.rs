@@ -151,6 +151,8 @@ pub struct LockedEvent {
     pub attempts: i32,
     /// The client's payload.
     pub payload: Value,
+    /// Seconds since the event was accepted, when it was locked.
+    pub age_seconds: f64,
 }
 
 /// A lower bound on `created_at` for replays.
@@ -171,6 +173,28 @@ pub enum RetryResult {
     NotFound,
     /// Only failed events can be retried; the value is the current status.
     NotFailed(String),
+}
+
+/// Events by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusCounts {
+    /// Waiting to be processed.
+    pub pending: i64,
+    /// Done.
+    pub processed: i64,
+    /// Given up on.
+    pub failed: i64,
+}
+
+/// A failed event as the status page lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedEvent {
+    /// The event's id.
+    pub id: Uuid,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// Why it failed.
+    pub last_error: Option<String>,
 }
 
 /// One claimed outbox row, ready to publish.
@@ -345,6 +369,46 @@ impl Store {
         )?)
     }
 
+    /// Events by status (a full count: the status page asks at most once a
+    /// second, and only while someone is looking).
+    pub fn count_by_status(&self) -> Result<StatusCounts, Error> {
+        let mut counts = StatusCounts::default();
+        for row in self
+            .conn()?
+            .query("SELECT status, count(*) FROM events GROUP BY status", &[])?
+        {
+            let n: i64 = row.get(1);
+            match row.get::<_, &str>(0) {
+                "pending" => counts.pending = n,
+                "processed" => counts.processed = n,
+                "failed" => counts.failed = n,
+                _ => {}
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The most recently created failed events.
+    pub fn recent_failed(&self, limit: i64) -> Result<Vec<FailedEvent>, Error> {
+        let rows = self.conn()?.query(
+            concat!(
+                "SELECT id, ",
+                rfc3339!("created_at"),
+                ", last_error FROM events WHERE status = 'failed' ",
+                "ORDER BY created_at DESC LIMIT $1"
+            ),
+            &[&limit],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| FailedEvent {
+                id: r.get(0),
+                created_at: r.get(1),
+                last_error: r.get(2),
+            })
+            .collect())
+    }
+
     /// Answers whether PostgreSQL responds.
     pub fn ping(&self) -> Result<(), Error> {
         self.conn()?.simple_query("SELECT 1")?;
@@ -489,7 +553,9 @@ pub fn delete_outbox(tx: &mut Transaction<'_>, ids: &[i64]) -> Result<u64, Error
 /// Locks an event row for processing; `None` if no such event exists.
 pub fn lock_event(tx: &mut Transaction<'_>, id: Uuid) -> Result<Option<LockedEvent>, Error> {
     let row = tx.query_opt(
-        "SELECT status, attempts, payload FROM events WHERE id = $1 FOR UPDATE",
+        "SELECT status, attempts, payload, \
+         extract(epoch FROM clock_timestamp() - created_at)::float8 \
+         FROM events WHERE id = $1 FOR UPDATE",
         &[&id],
     )?;
     Ok(row.map(|r| LockedEvent {
@@ -497,6 +563,7 @@ pub fn lock_event(tx: &mut Transaction<'_>, id: Uuid) -> Result<Option<LockedEve
         status: r.get(0),
         attempts: r.get(1),
         payload: r.get(2),
+        age_seconds: r.get(3),
     }))
 }
 
@@ -507,8 +574,9 @@ pub fn lock_events(
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, LockedEvent>, Error> {
     let rows = tx.query(
-        "SELECT id, status, attempts, payload FROM events WHERE id = ANY($1) \
-         ORDER BY id FOR UPDATE",
+        "SELECT id, status, attempts, payload, \
+         extract(epoch FROM clock_timestamp() - created_at)::float8 \
+         FROM events WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         &[&ids],
     )?;
     Ok(rows
@@ -520,6 +588,7 @@ pub fn lock_events(
                 status: r.get(1),
                 attempts: r.get(2),
                 payload: r.get(3),
+                age_seconds: r.get(4),
             };
             (id, event)
         })

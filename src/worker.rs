@@ -264,14 +264,19 @@ impl Worker {
                     if self.processor.process(&mut tx, &input).is_err() {
                         return Err(BatchError::Processor);
                     }
-                    processed.push(id);
+                    processed.push((id, event.age_seconds));
                     Outcome::Ack
                 }
             };
         }
-        store::mark_processed_many(&mut tx, &processed)?;
+        let ids: Vec<Uuid> = processed.iter().map(|(id, _)| *id).collect();
+        store::mark_processed_many(&mut tx, &ids)?;
         tx.commit()?;
         self.metrics.processed.add(processed.len() as u64);
+        let took = started.elapsed().as_secs_f64();
+        for (_, age) in &processed {
+            self.metrics.ingest_to_processed_seconds.observe(age + took);
+        }
         self.metrics
             .processing_seconds
             .observe_duration(started.elapsed());
@@ -327,6 +332,7 @@ impl Worker {
         }
         let started = Instant::now();
         let attempt = event.attempts + 1;
+        let event_age = event.age_seconds;
         let input = Event {
             id,
             payload: event.payload,
@@ -337,6 +343,9 @@ impl Worker {
                 store::mark_processed(&mut tx, id)?;
                 tx.commit()?;
                 self.metrics.processed.inc();
+                self.metrics
+                    .ingest_to_processed_seconds
+                    .observe(event_age + started.elapsed().as_secs_f64());
                 self.metrics
                     .processing_seconds
                     .observe_duration(started.elapsed());

@@ -7,4 +7,5 @@ mod ops;
 mod pipeline;
 mod retries;
 mod shutdown;
+mod status;
 mod util;
