@@ -385,8 +385,9 @@ fn nonzero_duration(input: (&'static str, &str)) -> Result<Duration, Error> {
 
 /// A PostgreSQL schema name we can embed without quoting surprises.
 fn identifier(s: &str) -> Result<String, String> {
+    // 48, not PostgreSQL's 63: the NOTIFY channel name adds 15 bytes.
     let ok = !s.is_empty()
-        && s.len() <= 63
+        && s.len() <= 48
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
@@ -394,7 +395,8 @@ fn identifier(s: &str) -> Result<String, String> {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "{s:?} must be a lowercase identifier: a-z, 0-9 and _, not starting with a digit"
+            "{s:?} must be a lowercase identifier of at most 48 characters: a-z, 0-9 and _, \
+             not starting with a digit"
         ))
     }
 }

@@ -129,7 +129,7 @@ pub struct Stats {
     retry_enabled: bool,
     samples: Mutex<VecDeque<Sample>>,
     queues: Mutex<(Option<u32>, Option<u32>)>,
-    db: Mutex<Option<(Instant, DbFigures)>>,
+    db: Mutex<Option<(Instant, Option<DbFigures>)>>,
 }
 
 impl Stats {
@@ -197,11 +197,13 @@ impl Stats {
     }
 
     fn db_figures(&self) -> Option<DbFigures> {
-        let mut cached = self.db.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, figures)) = cached.as_ref()
+        // The lock is not held during the queries, so a slow database
+        // cannot queue every page view behind one; a failure is cached as
+        // well, so that viewers do not retry it many times a second.
+        if let Some((at, figures)) = self.db.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
             && at.elapsed() < Duration::from_secs(1)
         {
-            return Some(figures.clone());
+            return figures.clone();
         }
         let read = || -> Result<DbFigures, store::Error> {
             let counts = self.store.count_by_status()?;
@@ -215,16 +217,12 @@ impl Stats {
                 recent_failed: self.store.recent_failed(10)?,
             })
         };
-        match read() {
-            Ok(figures) => {
-                *cached = Some((Instant::now(), figures.clone()));
-                Some(figures)
-            }
-            Err(e) => {
-                debug!("stats: database figures unavailable: {e}");
-                None
-            }
-        }
+        let figures = read()
+            .map_err(|e| debug!("stats: database figures unavailable: {e}"))
+            .ok();
+        *self.db.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), figures.clone()));
+        figures
     }
 
     /// The `GET /v1/stats` document.

@@ -7,6 +7,7 @@
 //! acks, publishes or sleeps to retry.
 
 use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -200,13 +201,13 @@ impl Worker {
         }
         match self.process_batch(&ids, &mut outcomes) {
             Ok(()) => self.database_up(),
-            Err(BatchError::Store(e)) => {
+            Err(BatchError::Store(e)) if e.is_unavailable() => {
                 self.database_down(&e);
                 for (i, _) in &ids {
                     outcomes[*i] = Outcome::Requeue;
                 }
             }
-            Err(BatchError::Processor) => {
+            Err(BatchError::Store(_)) | Err(BatchError::Processor) => {
                 // The whole batch rolled back; redo it one event at a time so
                 // that only the failing event takes the failure path.
                 for (i, id) in &ids {
@@ -261,7 +262,7 @@ impl Worker {
                         payload: event.payload,
                         attempt: event.attempts + 1,
                     };
-                    if self.processor.process(&mut tx, &input).is_err() {
+                    if self.run_processor(&mut tx, &input).is_err() {
                         return Err(BatchError::Processor);
                     }
                     processed.push((id, event.age_seconds));
@@ -304,10 +305,16 @@ impl Worker {
                 self.database_up();
                 outcome
             }
-            Err(e) => {
+            Err(e) if e.is_unavailable() => {
                 self.database_down(&e);
                 debug!("event {id}: requeued: {e}");
                 Outcome::Requeue
+            }
+            // Not an outage (a statement timeout, a constraint, a
+            // transaction the processor left aborted): requeueing would
+            // loop, so it counts as a failed attempt.
+            Err(e) => {
+                self.fail_attempt(id, &ProcessError::Transient(format!("database error: {e}")))
             }
         }
     }
@@ -338,7 +345,7 @@ impl Worker {
             payload: event.payload,
             attempt,
         };
-        let err = match self.processor.process(&mut tx, &input) {
+        let err = match self.run_processor(&mut tx, &input) {
             Ok(()) => {
                 store::mark_processed(&mut tx, id)?;
                 tx.commit()?;
@@ -356,29 +363,65 @@ impl Worker {
         };
         // Undo whatever the processor wrote, then record the attempt.
         tx.rollback()?;
-        let retry = match &err {
-            ProcessError::Permanent(_) => None,
-            ProcessError::Transient(_) => {
-                let step = (attempt - 1) as usize;
-                (step < self.retries).then_some(Outcome::Retry {
+        drop(conn);
+        Ok(self.fail_attempt(id, &err))
+    }
+
+    /// Records a failed attempt in its own transaction and decides between
+    /// a retry and the dead-letter queue.
+    fn fail_attempt(&self, id: Uuid, err: &ProcessError) -> Outcome {
+        let result = (|| -> Result<Outcome, store::Error> {
+            let mut conn = self.store.conn()?;
+            let mut tx = conn.transaction()?;
+            let Some(event) = store::lock_event(&mut tx, id)? else {
+                return Ok(Outcome::Reject);
+            };
+            if event.status != "pending" {
+                return Ok(Outcome::Ack);
+            }
+            let attempt = event.attempts + 1;
+            let step = (attempt - 1) as usize;
+            let retry = match err {
+                ProcessError::Permanent(_) => None,
+                ProcessError::Transient(_) => (step < self.retries).then_some(Outcome::Retry {
                     step,
                     attempt: attempt + 1,
-                })
+                }),
+            };
+            store::record_failure(&mut tx, id, &err.to_string(), retry.is_none())?;
+            tx.commit()?;
+            Ok(match retry {
+                Some(outcome) => {
+                    warn!("event {id}: attempt {attempt} failed, will retry: {err}");
+                    outcome
+                }
+                None => {
+                    warn!("event {id}: failed after attempt {attempt}, dead-lettered: {err}");
+                    Outcome::Reject
+                }
+            })
+        })();
+        match result {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_unavailable() => {
+                self.database_down(&e);
+                Outcome::Requeue
             }
-        };
-        let mut tx = conn.transaction()?;
-        store::record_failure(&mut tx, id, &err.to_string(), retry.is_none())?;
-        tx.commit()?;
-        match retry {
-            Some(outcome) => {
-                warn!("event {id}: attempt {attempt} failed, will retry: {err}");
-                Ok(outcome)
-            }
-            None => {
-                warn!("event {id}: failed after attempt {attempt}, dead-lettered: {err}");
-                Ok(Outcome::Reject)
+            Err(e) => {
+                error!("event {id}: cannot record a failed attempt, dead-lettered: {e}");
+                Outcome::Reject
             }
         }
+    }
+
+    /// Runs the processor; a panic counts as a transient failure, so a
+    /// payload that crashes business logic takes the retry path and cannot
+    /// kill the worker thread.
+    fn run_processor(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), ProcessError> {
+        catch_unwind(AssertUnwindSafe(|| self.processor.process(tx, event))).unwrap_or_else(|_| {
+            error!("event {}: the processor panicked", event.id);
+            Err(ProcessError::Transient("the processor panicked".into()))
+        })
     }
 }
 

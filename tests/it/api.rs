@@ -342,3 +342,78 @@ fn a_burst_of_keep_alive_connections_is_served() {
     );
     app.shutdown().unwrap();
 }
+
+/// Sends raw bytes on a fresh connection and reads until `responses`
+/// complete JSON responses arrived, the server closes, or `wait` passes.
+fn raw_exchange(
+    addr: std::net::SocketAddr,
+    bytes: &[u8],
+    responses: usize,
+    wait: Duration,
+) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut out = String::new();
+    let mut buf = [0u8; 4096];
+    while !(out.matches("HTTP/1.1 ").count() >= responses && out.ends_with('}')) {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    out
+}
+
+#[test]
+fn hostile_requests_do_not_hurt_the_server() {
+    let env = TestEnv::new("hostile");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    // A Content-Length no body could have: refused, nothing allocated.
+    for _ in 0..10 {
+        let answer = raw_exchange(
+            addr,
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 18446744073709551615\r\n\r\n",
+            1,
+            Duration::from_secs(5),
+        );
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+
+    // Two ingests pipelined on one connection are both answered, in order,
+    // although group commit may commit them in either order.
+    let one = "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+               Content-Length: 13\r\n\r\n{\"payload\":1}";
+    let last = one.replace("Host: x\r\n", "Host: x\r\nConnection: close\r\n");
+    let answer = raw_exchange(
+        addr,
+        format!("{one}{one}{one}{last}").as_bytes(),
+        4,
+        Duration::from_secs(10),
+    );
+    assert_eq!(answer.matches("HTTP/1.1 202").count(), 4, "{answer}");
+
+    // Clients stalled half-way through their requests hold their own
+    // connections only; everyone else is served.
+    let stalled: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Le")
+                .unwrap();
+            s
+        })
+        .collect();
+    let ids: Vec<Uuid> = (0..20)
+        .map(|i| crate::util::ingest(addr, &json!(i)))
+        .collect();
+    env.wait_processed(&ids, Duration::from_secs(10));
+    drop(stalled);
+    assert_eq!(get(addr, "/healthz").status, 200);
+    app.shutdown()
+        .expect("stalled clients do not hold up shutdown");
+}

@@ -148,3 +148,37 @@ fn failed_events_can_be_retried_by_api_and_replayed_by_cli() {
     assert_eq!(env.runs(by_cli), 1);
     app.shutdown().unwrap();
 }
+
+#[test]
+fn a_panicking_processor_fails_its_event_and_spares_the_worker() {
+    let env = TestEnv::new("panic");
+    let app = env.start_role(
+        &env.config_with(&[("INGEST_WORKERS", "1")]),
+        ingestd::Role::All,
+    );
+    let addr = app.http_addr().unwrap();
+    let bad = ingest(addr, &json!({ "fail": "panic" }));
+    wait_status(&env, bad, "failed");
+    let event = get(addr, &format!("/v1/events/{bad}")).json();
+    assert_eq!(event["attempts"], 3);
+    assert_eq!(event["last_error"], "transient: the processor panicked");
+    // The one worker thread survived and still processes.
+    let ok: Vec<Uuid> = (0..5).map(|i| ingest(addr, &json!(i))).collect();
+    env.wait_processed(&ok, Duration::from_secs(10));
+    app.shutdown().expect("no worker is missing at shutdown");
+}
+
+#[test]
+fn a_database_error_after_processing_is_a_failed_attempt_not_a_loop() {
+    let env = TestEnv::new("aborted");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    let bad = ingest(addr, &json!({ "fail": "abort" }));
+    wait_status(&env, bad, "failed");
+    let event = get(addr, &format!("/v1/events/{bad}")).json();
+    assert_eq!(event["attempts"], 3, "{event}");
+    let error = event["last_error"].as_str().unwrap();
+    assert!(error.starts_with("transient: database error"), "{error}");
+    assert_eq!(env.runs(bad), 0);
+    app.shutdown().unwrap();
+}

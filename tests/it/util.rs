@@ -335,6 +335,12 @@ impl Processor for Scripted {
             Some("permanent") if !self.healed.load(Ordering::SeqCst) => {
                 return Err(ProcessError::Permanent("told to fail".into()));
             }
+            Some("panic") => panic!("told to panic"),
+            // Leaves the transaction aborted yet reports success.
+            Some("abort") => {
+                let _ = tx.batch_execute("SELECT 1/0");
+                return Ok(());
+            }
             _ => {}
         }
         tx.execute("INSERT INTO runs (event_id) VALUES ($1)", &[&event.id])

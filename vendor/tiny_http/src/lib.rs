@@ -296,6 +296,15 @@ impl Server {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        // ingestd patch: a client that stalls while
+                        // sending a request or reading a response gives up
+                        // its thread after this long instead of holding it
+                        // for ever; idle keep-alive connections close too.
+                        if let connection::Connection::Tcp(ref s) = sock {
+                            let timeout = Some(std::time::Duration::from_secs(30));
+                            let _ = s.set_read_timeout(timeout);
+                            let _ = s.set_write_timeout(timeout);
+                        }
                         let (read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -324,16 +333,19 @@ impl Server {
                         let mut client = Some(client);
                         tasks_pool.spawn(Box::new(move || {
                             if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
+                                // ingestd patch: one request at a time per
+                                // connection, for plain HTTP too (upstream
+                                // did this for HTTPS only). A pipelined
+                                // request used to be handed out before the
+                                // previous one was answered; its response
+                                // then waited for the earlier one, and a
+                                // server answering out of order (as group
+                                // commit does) could wait for ever.
+                                let (sender, receiver) = mpsc::channel();
+                                for rq in client {
+                                    messages.push(rq.with_notify_sender(sender.clone()).into());
+                                    if receiver.recv().is_err() {
+                                        break;
                                     }
                                 }
                             }
@@ -341,9 +353,13 @@ impl Server {
                     }
 
                     Err(e) => {
+                        // ingestd patch: keep accepting. Upstream ended
+                        // the accept thread on the first error, so running
+                        // out of file descriptors once stopped the server
+                        // for good.
                         log::error!("Error accepting new client: {}", e);
                         inside_messages.push(e.into());
-                        break;
+                        thread::sleep(std::time::Duration::from_millis(50));
                     }
                 }
             }

@@ -65,11 +65,24 @@ where
 {
     fn drop(&mut self) {
         let mut remaining_to_read = self.size;
+        // ingestd patch: a large unread body is not drained at all: the
+        // error makes the connection close instead of reading, say, a
+        // claimed 16 EiB from the client.
+        if remaining_to_read > 1 << 20 {
+            let err = std::io::Error::new(std::io::ErrorKind::Other, "unread body too large");
+            self.last_read_signal.send(Err(err)).ok();
+            return;
+        }
+        // ingestd patch: drain in fixed chunks. Allocating the whole unread
+        // Content-Length at once let one request with a huge length panic
+        // (capacity overflow) or abort the process (allocation failure).
+        let mut buf = vec![0; remaining_to_read.min(8192)];
 
         while remaining_to_read > 0 {
-            let mut buf = vec![0; remaining_to_read];
+            let want = remaining_to_read.min(buf.len());
+            let buf = &mut buf[..want];
 
-            match self.reader.read(&mut buf) {
+            match self.reader.read(buf) {
                 Err(e) => {
                     self.last_read_signal.send(Err(e)).ok();
                     break;
