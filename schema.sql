@@ -29,3 +29,12 @@ CREATE INDEX IF NOT EXISTS outbox_event_id_idx ON outbox (event_id);
 -- Retention deletes processed events by age.
 CREATE INDEX IF NOT EXISTS events_processed_at_idx ON events (processed_at)
     WHERE status = 'processed';
+
+-- When an attempt last failed (or the sweeper last re-sent the event); the
+-- sweeper re-sends pending events idle for longer than INGEST_REDELIVER_AFTER.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS attempted_at timestamptz;
+
+-- Pending events by age, for the sweeper; small, since events leave it once
+-- processed or failed.
+CREATE INDEX IF NOT EXISTS events_pending_idx ON events (created_at)
+    WHERE status = 'pending';

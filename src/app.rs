@@ -162,6 +162,12 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         };
         let (wake, stop) = (wake_rx.clone(), stop_rx.clone());
         background.push(spawn("relay", move || relay.run(wake, stop)));
+        {
+            let (store, stop, idle) = (store.clone(), stop_rx.clone(), config.redeliver_after);
+            background.push(spawn("resend", move || {
+                relay::resend_lost(store, idle, stop)
+            }));
+        }
         if let Some(retention) = config.retention {
             let (store, stop) = (store.clone(), stop_rx.clone());
             background.push(spawn("retention", move || {

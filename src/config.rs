@@ -118,6 +118,11 @@ pub const VARS: &[Var] = &[
         help: "waits before each retry of a transiently failing event; one more failure dead-letters it",
     },
     Var {
+        name: "INGEST_REDELIVER_AFTER",
+        default: "30m",
+        help: "re-send a pending event with no outbox row and no attempt for this long (its message was lost); longer than the longest retry delay",
+    },
+    Var {
         name: "INGEST_QUEUE_TYPE",
         default: "classic",
         help: "classic, or quorum for replicated queues on a RabbitMQ cluster",
@@ -191,6 +196,9 @@ pub struct Config {
     /// `INGEST_RETRY_DELAYS`: the retry schedule; its length is the number
     /// of retries after the first attempt.
     pub retry_delays: Vec<Duration>,
+    /// `INGEST_REDELIVER_AFTER`: idle time after which a pending event whose
+    /// message is gone is re-sent.
+    pub redeliver_after: Duration,
     /// `INGEST_QUEUE_TYPE`: declare quorum queues instead of classic ones.
     pub quorum_queues: bool,
     /// `INGEST_RETENTION`: age after which processed events are deleted.
@@ -288,6 +296,7 @@ impl Config {
                     })
                     .collect()
             })?,
+            redeliver_after: nonzero_duration(get("INGEST_REDELIVER_AFTER"))?,
             quorum_queues: parse_with(get("INGEST_QUEUE_TYPE"), |s| match s {
                 "classic" => Ok(false),
                 "quorum" => Ok(true),
@@ -312,7 +321,22 @@ impl Config {
                 _ => Err(format!("{s:?} is neither text nor json")),
             })?,
         };
-        Ok(config)
+        config.validate()
+    }
+
+    /// Checks between variables, after each was parsed on its own.
+    fn validate(self) -> Result<Config, Error> {
+        let longest = self.retry_delays.iter().max().copied().unwrap_or_default();
+        if self.redeliver_after <= longest {
+            return Err(Error {
+                var: "INGEST_REDELIVER_AFTER",
+                reason: format!(
+                    "must be longer than the longest retry delay ({longest:?}), or events \
+                     waiting for a retry would be sent twice"
+                ),
+            });
+        }
+        Ok(self)
     }
 
     /// The `--help` text listing every variable and its default.
@@ -486,6 +510,11 @@ mod tests {
         assert_eq!(
             with(&[("INGEST_LOG_FORMAT", "xml")]).unwrap_err().var,
             "INGEST_LOG_FORMAT"
+        );
+        let e = with(&[("INGEST_REDELIVER_AFTER", "5m")]).unwrap_err();
+        assert_eq!(
+            e.var, "INGEST_REDELIVER_AFTER",
+            "shorter than the 10m delay"
         );
     }
 

@@ -248,3 +248,33 @@ pub fn listen(store: Store, wake: Sender<()>, stop: Receiver<()>) {
         }
     }
 }
+
+/// Re-sends pending events whose message the broker lost (no outbox row and
+/// no attempt for `idle`), by putting them back in the outbox, until `stop`
+/// disconnects. RabbitMQ moves a message from a delay queue back to the
+/// events exchange at most once, and a quorum queue may dead-letter a
+/// message requeued too often; the database, not the broker, decides that
+/// an event is done.
+pub fn resend_lost(store: Store, idle: Duration, stop: Receiver<()>) {
+    let every = (idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut failing = false;
+    loop {
+        match store.resend_lost(idle, 1000) {
+            Ok(0) => failing = false,
+            Ok(n) => {
+                failing = false;
+                warn!("relay: re-sent {n} pending events whose messages were lost");
+            }
+            Err(e) => {
+                if !failing {
+                    warn!("relay: cannot look for lost events: {e}");
+                    failing = true;
+                }
+            }
+        }
+        match stop.recv_timeout(every) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    }
+}

@@ -409,6 +409,33 @@ impl Store {
             .collect())
     }
 
+    /// Re-sends, through the outbox, up to `limit` pending events that have
+    /// no outbox row and saw no attempt for `idle`: their message was lost
+    /// by the broker. Marks them attempted, so each is re-sent at most once
+    /// per `idle`. Returns how many.
+    pub fn resend_lost(&self, idle: Duration, limit: i64) -> Result<u64, Error> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let n = tx.execute(
+            "WITH lost AS ( \
+               SELECT e.id FROM events e \
+               WHERE e.status = 'pending' \
+                 AND e.created_at < now() - make_interval(secs => $1) \
+                 AND coalesce(e.attempted_at, e.created_at) < now() - make_interval(secs => $1) \
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id) \
+               ORDER BY e.created_at LIMIT $2 FOR UPDATE OF e SKIP LOCKED), \
+             touched AS (UPDATE events SET attempted_at = now() \
+               WHERE id IN (SELECT id FROM lost) RETURNING id) \
+             INSERT INTO outbox (event_id) SELECT id FROM touched",
+            &[&idle.as_secs_f64(), &limit],
+        )?;
+        if n > 0 {
+            tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel()])?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
     /// Answers whether PostgreSQL responds.
     pub fn ping(&self) -> Result<(), Error> {
         self.conn()?.simple_query("SELECT 1")?;
@@ -628,7 +655,7 @@ pub fn record_failure(
     give_up: bool,
 ) -> Result<(), Error> {
     tx.execute(
-        "UPDATE events SET attempts = attempts + 1, last_error = $2, \
+        "UPDATE events SET attempts = attempts + 1, last_error = $2, attempted_at = now(), \
          status = CASE WHEN $3 THEN 'failed' ELSE status END \
          WHERE id = $1 AND status = 'pending'",
         &[&id, &error, &give_up],

@@ -223,3 +223,42 @@ fn one_failing_event_does_not_fail_its_batch() {
     assert_eq!(env.status(flaky).as_deref(), Some("pending"));
     assert_eq!(env.runs(bad) + env.runs(flaky), 0);
 }
+
+#[test]
+fn a_pending_event_whose_message_was_lost_is_sent_again() {
+    let env = TestEnv::new("lostmsg");
+    let sql = |q: &str| env.sql().batch_execute(q).unwrap();
+    let lost = Uuid::new_v4();
+    let waiting = Uuid::new_v4();
+    let retrying = Uuid::new_v4();
+    // An event accepted two hours ago whose message the broker lost: no
+    // outbox row, no attempt since.
+    sql(&format!(
+        "INSERT INTO events (id, payload, created_at) VALUES ('{lost}', '1', now() - interval '2 hours')"
+    ));
+    // An old event that had an attempt a moment ago: its retry copy is in a
+    // delay queue, so it must not be sent again.
+    sql(&format!(
+        "INSERT INTO events (id, payload, created_at, attempted_at, attempts) \
+         VALUES ('{retrying}', '2', now() - interval '2 hours', now(), 1)"
+    ));
+    // An old event still in the outbox: the relay will send it; once only.
+    sql(&format!(
+        "INSERT INTO events (id, payload, created_at) VALUES ('{waiting}', '3', now() - interval '2 hours');
+         INSERT INTO outbox (event_id) VALUES ('{waiting}')"
+    ));
+    let app = env.start_role(
+        &env.config_with(&[("INGEST_REDELIVER_AFTER", "1h")]),
+        Role::All,
+    );
+    env.wait_processed(&[lost, waiting], Duration::from_secs(20));
+    assert_eq!(env.runs(lost), 1);
+    assert_eq!(env.runs(waiting), 1);
+    assert_eq!(
+        env.status(retrying).as_deref(),
+        Some("pending"),
+        "not re-sent"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM outbox"), 0);
+    app.shutdown().unwrap();
+}
