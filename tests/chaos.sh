@@ -77,11 +77,18 @@ log "offering $RATE events/s for ${DURATION}s to schema $NAME"
   --concurrency 32 --ids-out "$WORK/ids" --json >"$WORK/load.json" 2>"$WORK/load.err" &
 LOADER=$!
 step() { sleep "$1"; }
+# SIGKILLs ingestd, starts it again (in this shell, so PID follows) and
+# stores in the variable named $1 how long it took to be ready.
+kill_and_restart() {
+  kill -9 "$PID"; wait "$PID" 2>/dev/null || true
+  local t; t=$(now)
+  start_ingestd
+  printf -v "$1" '%s' "$(recovered "$t")"
+}
 
 step 4
 log "SIGKILL ingestd"
-kill -9 "$PID"; wait "$PID" 2>/dev/null || true
-t=$(now); start_ingestd; R_KILL1=$(recovered "$t")
+kill_and_restart R_KILL1
 
 step 3
 log "RabbitMQ stop_app"
@@ -94,8 +101,7 @@ R_RABBIT=$(recovered "$t")
 
 step 3
 log "SIGKILL ingestd again"
-kill -9 "$PID"; wait "$PID" 2>/dev/null || true
-t=$(now); start_ingestd; R_KILL2=$(recovered "$t")
+kill_and_restart R_KILL2
 
 step 3
 log "PostgreSQL restart"
