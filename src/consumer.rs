@@ -6,6 +6,7 @@
 //! committed. It reconnects by itself with capped backoff. It does not touch
 //! the database; the workers do.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -177,10 +178,8 @@ impl Consumer {
                     if d.generation != generation {
                         continue;
                     }
-                    for (delivery, outcome) in d.results {
-                        in_flight -= 1;
-                        self.settle(&consumer, &mut retries, delivery, outcome)?;
-                    }
+                    in_flight -= d.results.len();
+                    self.settle(&consumer, &mut retries, d.results)?;
                 },
                 recv(stop_rx) -> _ => {
                     stopping = true;
@@ -197,30 +196,40 @@ impl Consumer {
         Ok(SessionEnd::Stopped)
     }
 
-    /// Tells the broker what became of one delivery.
+    /// Tells the broker what became of a worker's deliveries. Retry copies
+    /// are published per delay queue and confirmed together, and only then
+    /// are their originals acked.
     fn settle(
         &self,
         consumer: &amiquip::Consumer<'_>,
         retries: &mut ConfirmChannel,
-        delivery: amiquip::Delivery,
-        outcome: Outcome,
+        results: Vec<(amiquip::Delivery, Outcome)>,
     ) -> Result<(), broker::Error> {
-        match outcome {
-            Outcome::Ack => consumer.ack(delivery)?,
-            Outcome::Reject => {
-                consumer.reject(delivery, false)?;
-                self.worker.metrics.dead_lettered.inc();
+        let mut copies: BTreeMap<usize, Vec<(amiquip::Delivery, Message)>> = BTreeMap::new();
+        for (delivery, outcome) in results {
+            match outcome {
+                Outcome::Ack => consumer.ack(delivery)?,
+                Outcome::Reject => {
+                    consumer.reject(delivery, false)?;
+                    self.worker.metrics.dead_lettered.inc();
+                }
+                Outcome::Requeue => consumer.nack(delivery, true)?,
+                Outcome::Retry { step, attempt } => {
+                    let copy = Message {
+                        id: delivery.properties.message_id().clone().unwrap_or_default(),
+                        body: delivery.body.clone(),
+                        timestamp: delivery.properties.timestamp().unwrap_or(0),
+                        attempt: Some(attempt),
+                    };
+                    copies.entry(step).or_default().push((delivery, copy));
+                }
             }
-            Outcome::Requeue => consumer.nack(delivery, true)?,
-            Outcome::Retry { step, attempt } => {
-                let copy = Message {
-                    id: delivery.properties.message_id().clone().unwrap_or_default(),
-                    body: delivery.body.clone(),
-                    timestamp: delivery.properties.timestamp().unwrap_or(0),
-                    attempt: Some(attempt),
-                };
-                let queue = self.topology.delay_queue(step);
-                retries.publish_confirmed("", &queue, &[copy], self.confirm_timeout)?;
+        }
+        for (step, group) in copies {
+            let messages: Vec<Message> = group.iter().map(|(_, m)| m.clone()).collect();
+            let queue = self.topology.delay_queue(step);
+            retries.publish_confirmed("", &queue, &messages, self.confirm_timeout)?;
+            for (delivery, _) in group {
                 consumer.ack(delivery)?;
                 self.worker.metrics.retries.inc();
             }

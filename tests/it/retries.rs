@@ -182,3 +182,20 @@ fn a_database_error_after_processing_is_a_failed_attempt_not_a_loop() {
     assert_eq!(env.runs(bad), 0);
     app.shutdown().unwrap();
 }
+
+#[test]
+fn many_retries_at_once_are_all_scheduled_and_processed() {
+    let env = TestEnv::new("manyretries");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    let ids: Vec<Uuid> = (0..30)
+        .map(|_| ingest(addr, &json!({ "fail": "transient", "times": 1 })))
+        .collect();
+    env.wait_processed(&ids, Duration::from_secs(20));
+    assert_eq!(
+        env.count("SELECT count(*) FROM events WHERE attempts = 2 AND processed_count = 1"),
+        30
+    );
+    assert_eq!(env.processed_twice(), 0);
+    app.shutdown().unwrap();
+}
