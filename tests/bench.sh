@@ -36,7 +36,7 @@ json_get() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(
 cleanup() {
   [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
   psql "$DB_URL" -Atq -c "DROP SCHEMA IF EXISTS $NAME CASCADE" >/dev/null 2>&1 || true
-  for q in events dead; do rabbitmqctl -q delete_queue "$NAME.$q" >/dev/null 2>&1 || true; done
+  for q in events dead delay.1000ms; do rabbitmqctl -q delete_queue "$NAME.$q" >/dev/null 2>&1 || true; done
   for q in events dead; do rabbitmqctl -q delete_queue "${NAME}_raw.$q" >/dev/null 2>&1 || true; done
   rm -rf "$WORK"
 }
