@@ -289,16 +289,21 @@ fn has_nul(value: &Value) -> bool {
 }
 
 impl Api {
-    /// Handles one request; errors become responses here.
-    pub fn handle(&self, request: &mut Request) -> Handled {
-        match self.dispatch(request) {
+    /// Handles one request already matched to `route`; errors become
+    /// responses here.
+    pub fn handle(&self, request: &mut Request, route: Result<Route, ApiError>) -> Handled {
+        match self.dispatch(request, route) {
             Ok(handled) => handled,
             Err(err) => Handled::Respond(error_response(&err)),
         }
     }
 
-    fn dispatch(&self, request: &mut Request) -> Result<Handled, ApiError> {
-        let response = match route(request.method(), request.url())? {
+    fn dispatch(
+        &self,
+        request: &mut Request,
+        route: Result<Route, ApiError>,
+    ) -> Result<Handled, ApiError> {
+        let response = match route? {
             Route::Ingest => return self.ingest(request).map(Handled::Commit),
             Route::GetEvent(id) => {
                 let event = self
@@ -465,10 +470,11 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
             }
         };
         let started = Instant::now();
-        let name = route(request.method(), request.url())
-            .map(|r| r.name())
-            .unwrap_or("unmatched");
-        match guarded(|| api.handle(&mut request)) {
+        // Routed once: the name labels the metrics, the route drives the
+        // handler.
+        let matched = route(request.method(), request.url());
+        let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
+        match guarded(|| api.handle(&mut request, matched)) {
             Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
             Handled::Commit(event) => {
                 // The committer answers after the commit; this thread

@@ -194,20 +194,21 @@ pub fn publish_claimed(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let ids: Vec<i64> = rows.iter().map(|r| r.outbox_id).collect();
     let messages: Vec<Message> = rows
-        .iter()
+        .into_iter()
         .map(|r| Message {
             id: r.event_id.to_string(),
-            body: r.body.clone().into_bytes(),
+            body: r.body.into_bytes(),
             timestamp: u64::try_from(r.created_epoch).unwrap_or(now),
             attempt: None,
         })
         .collect();
     publisher.publish_batch(&messages, confirm_timeout)?;
-    for r in &rows {
-        debug!("event {}: published", r.event_id);
+    for m in &messages {
+        debug!("event {}: published", m.id);
     }
-    Ok(rows.iter().map(|r| r.outbox_id).collect())
+    Ok(ids)
 }
 
 /// Forwards PostgreSQL `NOTIFY`s on the store's channel to `wake`, so a relay

@@ -126,7 +126,6 @@ pub struct Stats {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     store: Store,
-    retry_enabled: bool,
     samples: Mutex<VecDeque<Sample>>,
     queues: Mutex<(Option<u32>, Option<u32>)>,
     db: Mutex<Option<(Instant, Option<DbFigures>)>>,
@@ -140,7 +139,6 @@ impl Stats {
             metrics,
             health,
             store,
-            retry_enabled: true,
             samples: Mutex::new(VecDeque::with_capacity(HISTORY + 1)),
             queues: Mutex::new((None, None)),
             db: Mutex::new(None),
@@ -311,7 +309,9 @@ impl Stats {
             "recent_failed": db.recent_failed.iter().map(|f| json!({
                 "id": f.id.to_string(), "created_at": f.created_at, "last_error": f.last_error,
             })).collect::<Vec<_>>(),
-            "retry_enabled": self.retry_enabled,
+            // The retry route is always served; the field lets the page
+            // hide its buttons for a server without it.
+            "retry_enabled": true,
         })
     }
 
