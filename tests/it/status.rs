@@ -86,6 +86,12 @@ fn the_status_page_follows_the_pipeline_in_a_browser() {
     wait_until(Duration::from_secs(10), "failed", || {
         env.status(bad).as_deref() == Some("failed")
     });
+    // The server caches its database figures for a second; wait until it
+    // reports the new counts, so the page is compared with what it knows.
+    wait_until(Duration::from_secs(10), "stats caught up", || {
+        let s = get(addr, "/v1/stats").json();
+        s["events"]["processed"] == 12 && s["events"]["failed"] == 1
+    });
 
     let after = chromium(&url, None);
     assert_eq!(text_of(&after, "count-processed"), "12");
