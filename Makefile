@@ -5,7 +5,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 export INGEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 STATIC_TARGET ?= $(shell rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && echo x86_64-unknown-linux-musl || echo x86_64-unknown-linux-gnu)
 
-.PHONY: build run migrate test lint static up down logs bench bench-smoke stress chaos clean
+.PHONY: build run migrate test lint static up down logs bench bench-smoke stress chaos fuzz clean
 
 build:
 	$(CARGO) build --release --locked
@@ -57,6 +57,11 @@ stress:
 # Restarts the shared PostgreSQL and RabbitMQ: run it alone.
 chaos:
 	tests/chaos.sh
+
+# Fuzzes request parsing and validation (nightly and cargo-fuzz required).
+FUZZ_SECONDS ?= 60
+fuzz:
+	cd fuzz && $(CARGO) +nightly fuzz run ingest_request -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536
 
 clean:
 	$(CARGO) clean

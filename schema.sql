@@ -38,3 +38,23 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS attempted_at timestamptz;
 -- processed or failed.
 CREATE INDEX IF NOT EXISTS events_pending_idx ON events (created_at)
     WHERE status = 'pending';
+
+-- What the client says the event is, and a key for the consumer's own use
+-- (ordering, partitioning); both optional and both travel in the message.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS type text;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS key text;
+
+-- Idempotency-Key headers seen within INGEST_IDEMPOTENCY_TTL. The primary
+-- key makes concurrent replays race-safe: one insert wins, the others wait
+-- for it and then find its row. The fingerprint (SHA-256 of the event's
+-- normalised content) tells a replay from a different request reusing the
+-- key. Expired rows are replaced on conflict and purged in the background.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key         text        PRIMARY KEY,
+    event_id    uuid        NOT NULL,
+    fingerprint bytea       NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at_idx
+    ON idempotency_keys (created_at);

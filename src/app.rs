@@ -168,10 +168,14 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
                 relay::resend_lost(store, idle, stop)
             }));
         }
-        if let Some(retention) = config.retention {
+        {
             let (store, stop) = (store.clone(), stop_rx.clone());
+            let ages = crate::retention::Ages {
+                events: config.retention,
+                idempotency_keys: config.idempotency_ttl,
+            };
             background.push(spawn("retention", move || {
-                crate::retention::run(store, retention, stop)
+                crate::retention::run(store, ages, stop)
             }));
         }
     }
@@ -209,7 +213,19 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         shutdown_timeout: config.shutdown_timeout,
     };
     if role.api() {
-        let server = match tiny_http::Server::http(config.http_addr) {
+        let limits = tiny_http::Limits {
+            max_connections: config.http_max_connections,
+            max_head_bytes: config.http_max_header_bytes,
+            max_headers: 100,
+            head_timeout: config.http_header_timeout,
+            body_timeout: config.http_body_timeout,
+            // Every body the API accepts is read by its connection's
+            // thread, so handler threads never wait on a client.
+            buffer_body_bytes: config.max_body_bytes,
+            buffer_budget: config.http_buffer_bytes,
+            write_timeout: config.http_body_timeout,
+        };
+        let server = match tiny_http::Server::http_with_limits(config.http_addr, limits) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 let err = Error::Bind(config.http_addr, e.to_string());
@@ -222,6 +238,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             threads: config.committers,
             max_batch: config.commit_batch,
             queue: config.commit_queue,
+            key_ttl: config.idempotency_ttl,
             notify: !role.relay(),
             metrics: metrics.clone(),
         };
@@ -244,6 +261,12 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             store,
             committer,
             max_body_bytes: config.max_body_bytes,
+            limits: crate::ingest::Limits {
+                max_batch: config.max_batch,
+                max_payload_bytes: config.max_payload_bytes,
+                max_depth: config.max_json_depth,
+            },
+            keys: config.api_keys.clone(),
             wake: role.relay().then_some(wake_tx),
             notify: !role.relay(),
             health,

@@ -1,18 +1,22 @@
 //! Group commit: many requests' events in one PostgreSQL transaction.
 //!
-//! HTTP threads validate an event and hand it, with a reply callback, to a
-//! committer thread over a bounded channel; they do not wait. A committer
-//! takes whatever is waiting (up to the batch limit, never waiting for more),
-//! writes every event and outbox row in one transaction, commits, and then
-//! runs each callback, which answers the request. A `202` still means
-//! committed; the fsync is shared instead of paid per request. This module owns batching and the hand-off, not the SQL
-//! (`store`) nor the HTTP answers (`http`).
+//! HTTP threads validate a request's events and hand them, with a reply
+//! callback, to a committer thread over a bounded channel; they do not wait.
+//! A committer takes whatever is waiting (up to the batch limit, never
+//! waiting for more), writes every event and outbox row in one transaction,
+//! commits, and then runs each callback, which answers the request. A `202`
+//! still means committed; the fsync is shared instead of paid per request.
+//! Requests with client ids or an idempotency key must be checked against
+//! earlier ones and may write nothing, so each gets a transaction of its own.
+//! This module owns batching and the hand-off, not the SQL (`store`) nor the
+//! HTTP answers (`http`).
 
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use crate::metrics::Metrics;
-use crate::store::{NewEvent, Store};
+use crate::store::{NewEvent, Store, Submission, Written};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use log::{error, warn};
 
@@ -27,12 +31,12 @@ pub enum CommitError {
     Failed,
 }
 
-/// Called exactly once with the fate of a submitted event, on a committer
+/// Called exactly once with the fate of a submission, on a committer
 /// thread, or at once on the caller's thread when the queue is full.
-pub type Reply = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
+pub type Reply = Box<dyn FnOnce(Result<Written, CommitError>) + Send>;
 
 struct Pending {
-    event: NewEvent,
+    submission: Submission,
     reply: Reply,
 }
 
@@ -41,8 +45,10 @@ struct Pending {
 pub struct Settings {
     /// Committer threads.
     pub threads: usize,
-    /// Most events in one transaction.
+    /// Most events in one transaction (a larger request still gets one).
     pub max_batch: usize,
+    /// How long an idempotency key is remembered.
+    pub key_ttl: Duration,
     /// Capacity of the hand-off queue; beyond it requests get 503 at once.
     pub queue: usize,
     /// `NOTIFY` relays in other processes after each commit.
@@ -79,10 +85,10 @@ impl Committer {
         (Committer { queue: tx }, threads)
     }
 
-    /// Hands one event to the committers without waiting; `reply` learns
-    /// its fate once it is committed (or could not be).
-    pub fn submit(&self, event: NewEvent, reply: Reply) {
-        match self.queue.try_send(Pending { event, reply }) {
+    /// Hands one request's events to the committers without waiting;
+    /// `reply` learns their fate once committed (or not).
+    pub fn submit(&self, submission: Submission, reply: Reply) {
+        match self.queue.try_send(Pending { submission, reply }) {
             Ok(()) => {}
             Err(TrySendError::Full(p)) => (p.reply)(Err(CommitError::Busy)),
             Err(TrySendError::Disconnected(p)) => (p.reply)(Err(CommitError::Unavailable)),
@@ -92,32 +98,71 @@ impl Committer {
 
 fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, wake: Option<Sender<()>>) {
     while let Ok(first) = queue.recv() {
+        let mut events = first.submission.events.len();
         let mut batch = vec![first];
         // Take what is already waiting, without waiting for more: light
         // traffic gets batches of one and no added latency.
-        while batch.len() < settings.max_batch {
+        while events < settings.max_batch {
             match queue.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    events += p.submission.events.len();
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
-        settings
-            .metrics
-            .commit_batch_size
-            .observe(batch.len() as f64);
-        commit(&store, batch, settings);
+        let (idempotent, plain): (Vec<Pending>, Vec<Pending>) = batch
+            .into_iter()
+            .partition(|p| p.submission.is_idempotent());
+        if !plain.is_empty() {
+            commit(&store, plain, settings);
+        }
+        for p in idempotent {
+            commit_idempotent(&store, p, settings);
+        }
         if let Some(wake) = &wake {
             let _ = wake.try_send(());
         }
     }
 }
 
+fn commit_idempotent(store: &Store, p: Pending, settings: &Settings) {
+    settings.metrics.commit_batch_size.observe(1.0);
+    let result = store.insert_idempotent(&p.submission, settings.key_ttl, settings.notify);
+    let result = match result {
+        Ok(written) => {
+            if let Written::Stored { created, .. } = &written {
+                let n = created.iter().filter(|c| **c).count();
+                settings.metrics.events_committed.add(n as u64);
+            }
+            Ok(written)
+        }
+        Err(e) if e.is_unavailable() => {
+            warn!("commit: database unavailable: {e}");
+            Err(CommitError::Unavailable)
+        }
+        Err(e) => {
+            error!("commit: idempotent request refused: {e}");
+            Err(CommitError::Failed)
+        }
+    };
+    (p.reply)(result);
+}
+
 fn commit(store: &Store, batch: Vec<Pending>, settings: &Settings) {
-    let events: Vec<&NewEvent> = batch.iter().map(|p| &p.event).collect();
+    settings
+        .metrics
+        .commit_batch_size
+        .observe(batch.len() as f64);
+    let events: Vec<&NewEvent> = batch.iter().flat_map(|p| &p.submission.events).collect();
     match store.insert_events(&events, settings.notify) {
         Ok(()) => {
-            settings.metrics.events_committed.add(batch.len() as u64);
-            answer(batch, Ok(()));
+            settings.metrics.events_committed.add(events.len() as u64);
+            for p in batch {
+                let ids = p.submission.events.iter().map(|e| e.id).collect();
+                let created = vec![true; p.submission.events.len()];
+                (p.reply)(Ok(Written::Stored { ids, created }));
+            }
         }
         Err(e) if e.is_unavailable() => {
             warn!("commit: database unavailable: {e}");
@@ -135,14 +180,17 @@ fn commit(store: &Store, batch: Vec<Pending>, settings: &Settings) {
             }
         }
         Err(e) => {
-            error!("commit: event {} refused: {e}", batch[0].event.id);
+            error!(
+                "commit: request with event {} refused: {e}",
+                batch[0].submission.events[0].id
+            );
             answer(batch, Err(CommitError::Failed));
         }
     }
 }
 
-fn answer(batch: Vec<Pending>, result: Result<(), CommitError>) {
+fn answer(batch: Vec<Pending>, result: Result<Written, CommitError>) {
     for p in batch {
-        (p.reply)(result);
+        (p.reply)(result.clone());
     }
 }

@@ -10,6 +10,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::auth::ApiKeys;
+
 /// One documented configuration variable.
 pub struct Var {
     /// The environment variable's name.
@@ -33,9 +35,59 @@ pub const VARS: &[Var] = &[
         help: "HTTP handler threads (they parse and validate; committers answer ingests)",
     },
     Var {
+        name: "INGEST_HTTP_MAX_CONNECTIONS",
+        default: "1024",
+        help: "open client connections at most; one more is answered 503 and closed",
+    },
+    Var {
+        name: "INGEST_HTTP_MAX_HEADER_BYTES",
+        default: "16384",
+        help: "largest request line plus headers; larger get 431",
+    },
+    Var {
+        name: "INGEST_HTTP_HEADER_TIMEOUT",
+        default: "30s",
+        help: "time a client has to send a request's headers (also the keep-alive idle limit); 408 after",
+    },
+    Var {
+        name: "INGEST_HTTP_BODY_TIMEOUT",
+        default: "30s",
+        help: "time a client has to send a request's body (408 after), and to take in a response",
+    },
+    Var {
+        name: "INGEST_HTTP_BUFFER_BYTES",
+        default: "268435456",
+        help: "request bodies held in memory at once, all connections together; beyond it 503",
+    },
+    Var {
         name: "INGEST_MAX_BODY_BYTES",
+        default: "5242880",
+        help: "largest request body (a batch); larger bodies get 413",
+    },
+    Var {
+        name: "INGEST_MAX_BATCH",
+        default: "1000",
+        help: "most events in one batch; more get 413",
+    },
+    Var {
+        name: "INGEST_MAX_PAYLOAD_BYTES",
         default: "1048576",
-        help: "largest accepted request body; larger bodies get 413",
+        help: "largest payload of one event, as compact JSON; larger get 413",
+    },
+    Var {
+        name: "INGEST_MAX_JSON_DEPTH",
+        default: "32",
+        help: "deepest nesting of arrays and objects in a body (at most 100); deeper get 400",
+    },
+    Var {
+        name: "INGEST_IDEMPOTENCY_TTL",
+        default: "24h",
+        help: "how long an Idempotency-Key is remembered",
+    },
+    Var {
+        name: "INGEST_API_KEYS",
+        default: "",
+        help: "comma-separated API keys (16+ characters each) required on ingest and query routes; empty: open",
     },
     Var {
         name: "INGEST_COMMITTERS",
@@ -50,7 +102,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "INGEST_COMMIT_QUEUE",
         default: "512",
-        help: "events waiting for a committer; beyond it the API answers 503 at once (bounds memory: this times the body limit)",
+        help: "requests waiting for a committer; beyond it the API answers 503 at once",
     },
     Var {
         name: "INGEST_DATABASE_URL",
@@ -167,6 +219,26 @@ pub struct Config {
     pub committers: usize,
     /// `INGEST_COMMIT_BATCH`: most events per ingest transaction.
     pub commit_batch: usize,
+    /// `INGEST_HTTP_MAX_CONNECTIONS`: cap on open client connections.
+    pub http_max_connections: usize,
+    /// `INGEST_HTTP_MAX_HEADER_BYTES`: cap on a request's line and headers.
+    pub http_max_header_bytes: usize,
+    /// `INGEST_HTTP_HEADER_TIMEOUT`: deadline for a request's headers.
+    pub http_header_timeout: Duration,
+    /// `INGEST_HTTP_BODY_TIMEOUT`: deadline for a request's body.
+    pub http_body_timeout: Duration,
+    /// `INGEST_HTTP_BUFFER_BYTES`: budget for bodies held in memory.
+    pub http_buffer_bytes: usize,
+    /// `INGEST_MAX_BATCH`: most events in one batch.
+    pub max_batch: usize,
+    /// `INGEST_MAX_PAYLOAD_BYTES`: largest payload of one event.
+    pub max_payload_bytes: usize,
+    /// `INGEST_MAX_JSON_DEPTH`: deepest nesting in a body.
+    pub max_json_depth: usize,
+    /// `INGEST_IDEMPOTENCY_TTL`: how long idempotency keys are remembered.
+    pub idempotency_ttl: Duration,
+    /// `INGEST_API_KEYS`: the keys clients must present; none: open.
+    pub api_keys: ApiKeys,
     /// `INGEST_COMMIT_QUEUE`: capacity of the hand-off to committers.
     pub commit_queue: usize,
     /// `INGEST_DATABASE_URL`: PostgreSQL URL or key=value string.
@@ -271,6 +343,22 @@ impl Config {
             })?,
             http_threads: positive(get("INGEST_HTTP_THREADS"))?,
             max_body_bytes: positive(get("INGEST_MAX_BODY_BYTES"))?,
+            http_max_connections: positive(get("INGEST_HTTP_MAX_CONNECTIONS"))?,
+            http_max_header_bytes: positive(get("INGEST_HTTP_MAX_HEADER_BYTES"))?,
+            http_header_timeout: nonzero_duration(get("INGEST_HTTP_HEADER_TIMEOUT"))?,
+            http_body_timeout: nonzero_duration(get("INGEST_HTTP_BODY_TIMEOUT"))?,
+            http_buffer_bytes: positive(get("INGEST_HTTP_BUFFER_BYTES"))?,
+            max_batch: positive(get("INGEST_MAX_BATCH"))?,
+            max_payload_bytes: positive(get("INGEST_MAX_PAYLOAD_BYTES"))?,
+            max_json_depth: parse_with(get("INGEST_MAX_JSON_DEPTH"), |s| {
+                match s.trim().parse::<usize>() {
+                    // serde_json stops at 128 levels with a less clear error.
+                    Ok(n) if (1..=100).contains(&n) => Ok(n),
+                    _ => Err(format!("{s:?} is not a whole number from 1 to 100")),
+                }
+            })?,
+            idempotency_ttl: nonzero_duration(get("INGEST_IDEMPOTENCY_TTL"))?,
+            api_keys: parse_with(get("INGEST_API_KEYS"), ApiKeys::parse)?,
             committers: positive(get("INGEST_COMMITTERS"))?,
             commit_batch: positive(get("INGEST_COMMIT_BATCH"))?,
             commit_queue: positive(get("INGEST_COMMIT_QUEUE"))?,
@@ -343,9 +431,14 @@ impl Config {
     pub fn help() -> String {
         let mut out = String::from("Configuration (environment variables):\n");
         for v in VARS {
+            let default = if v.default.is_empty() {
+                "none"
+            } else {
+                v.default
+            };
             out.push_str(&format!(
-                "  {:<24} {} [default: {}]\n",
-                v.name, v.help, v.default
+                "  {:<29} {} [default: {default}]\n",
+                v.name, v.help
             ));
         }
         out
@@ -455,7 +548,16 @@ mod tests {
         assert_eq!(c.db_schema, "public");
         assert_eq!(c.amqp_prefix, "ingest");
         assert_eq!(c.db_timeout, Duration::from_secs(2));
-        assert_eq!(c.max_body_bytes, 1 << 20);
+        assert_eq!(c.max_body_bytes, 5 << 20);
+        assert_eq!(c.max_batch, 1000);
+        assert_eq!(c.idempotency_ttl, Duration::from_secs(86_400));
+        assert!(c.api_keys.is_open());
+        let c = with(&[("INGEST_API_KEYS", "secret-key-0123456789")]).unwrap();
+        assert!(!format!("{c:?}").contains("secret-key"));
+        assert_eq!(
+            with(&[("INGEST_MAX_JSON_DEPTH", "101")]).unwrap_err().var,
+            "INGEST_MAX_JSON_DEPTH"
+        );
     }
 
     #[test]

@@ -18,11 +18,13 @@ use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response, Server};
 use uuid::Uuid;
 
+use crate::auth::{self, ApiKeys};
 use crate::commit::{CommitError, Committer};
 use crate::health::Health;
+use crate::ingest::{self, Limits};
 use crate::metrics::{Gauges, Metrics};
 use crate::stats::Stats;
-use crate::store::{self, NewEvent, RetryResult, Store};
+use crate::store::{self, RetryResult, Store, Submission, Written};
 
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
@@ -35,6 +37,10 @@ pub struct Api {
     pub committer: Committer,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// What one ingest body may hold.
+    pub limits: Limits,
+    /// Keys required on ingest and query routes; empty: open.
+    pub keys: ApiKeys,
     /// Wakes the relay in this process after a commit.
     pub wake: Option<Sender<()>>,
     /// Wake relays in other processes with `NOTIFY` (API-only role).
@@ -57,6 +63,14 @@ pub enum ApiError {
     InvalidJson(String),
     /// The JSON is valid but not the shape the route expects.
     InvalidBody(String),
+    /// Item `.0` of a batch is refused for the reason `.1`.
+    InvalidItem(usize, Box<ApiError>),
+    /// Arrays and objects nest deeper than the limit (the value).
+    TooDeep(usize),
+    /// The `Idempotency-Key` header is empty, too long or not visible ASCII.
+    InvalidIdempotencyKey,
+    /// No valid API key was presented.
+    Unauthorized,
     /// The path holds something that is not a UUID.
     InvalidId(String),
     /// No route has this path.
@@ -65,10 +79,19 @@ pub enum ApiError {
     EventNotFound(Uuid),
     /// The request conflicts with the event's state.
     Conflict(String),
+    /// The `Idempotency-Key` was used for a different event.
+    IdempotencyConflict,
+    /// A client id already used for different content; in a batch, the
+    /// item's index.
+    IdConflict(Option<usize>, Uuid),
     /// The path exists but not for this method; the value lists the allowed ones.
     MethodNotAllowed(&'static str),
     /// The body is larger than the limit (the value).
+    BodyTooLarge(usize),
+    /// An event's payload is larger than the limit (the value).
     PayloadTooLarge(usize),
+    /// A batch holds more events than the limit (the value).
+    BatchTooLarge(usize),
     /// The request's Content-Type is not JSON.
     UnsupportedMediaType(Option<String>),
     /// The database is unreachable or overloaded.
@@ -93,9 +116,69 @@ impl From<store::Error> for ApiError {
 
 /// The one place an error becomes a status code and a JSON body.
 pub fn error_response(err: &ApiError) -> HttpResponse {
-    let (status, code, detail) = match err {
+    let (status, code, detail) = describe(err);
+    let mut body = json!({ "error": code, "detail": detail });
+    let index = match err {
+        ApiError::InvalidItem(index, _) | ApiError::IdConflict(Some(index), _) => Some(*index),
+        _ => None,
+    };
+    if let Some(index) = index {
+        body["index"] = index.into();
+    }
+    let mut response = json_response(status, &body);
+    match err {
+        ApiError::MethodNotAllowed(allow) => response.add_header(header("Allow", allow)),
+        ApiError::Unavailable | ApiError::Busy => {
+            response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string()))
+        }
+        ApiError::Unauthorized => {
+            response.add_header(header("WWW-Authenticate", "Bearer realm=\"ingestd\""))
+        }
+        _ => {}
+    }
+    response
+}
+
+/// An error's status, code and detail sentence.
+fn describe(err: &ApiError) -> (u16, &'static str, String) {
+    match err {
         ApiError::InvalidJson(d) => (400, "invalid_json", d.clone()),
         ApiError::InvalidBody(d) => (400, "invalid_body", d.clone()),
+        ApiError::InvalidItem(index, inner) => {
+            let (status, code, detail) = describe(inner);
+            (status, code, format!("item {index}: {detail}"))
+        }
+        ApiError::TooDeep(max) => (
+            400,
+            "too_deep",
+            format!("arrays and objects nest deeper than {max} levels"),
+        ),
+        ApiError::InvalidIdempotencyKey => (
+            400,
+            "invalid_idempotency_key",
+            format!(
+                "the Idempotency-Key header must be 1 to {} visible ASCII characters",
+                ingest::MAX_NAME_BYTES
+            ),
+        ),
+        ApiError::Unauthorized => (
+            401,
+            "unauthorized",
+            "a valid API key is required (Authorization: Bearer <key>, or X-Api-Key)".to_string(),
+        ),
+        ApiError::IdempotencyConflict => (
+            409,
+            "idempotency_conflict",
+            "this Idempotency-Key was already used for a different event".to_string(),
+        ),
+        ApiError::IdConflict(index, id) => (
+            409,
+            "id_conflict",
+            match index {
+                Some(i) => format!("item {i}: the id {id} was already used for a different event"),
+                None => format!("the id {id} was already used for a different event"),
+            },
+        ),
         ApiError::InvalidId(id) => (400, "invalid_id", format!("{id:?} is not a UUID")),
         ApiError::NotFound => (404, "not_found", "no such route".to_string()),
         ApiError::EventNotFound(id) => (404, "event_not_found", format!("no event with id {id}")),
@@ -105,10 +188,20 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
             "method_not_allowed",
             format!("this route accepts {allow}"),
         ),
+        ApiError::BodyTooLarge(max) => (
+            413,
+            "body_too_large",
+            format!("the body exceeds the limit of {max} bytes"),
+        ),
         ApiError::PayloadTooLarge(max) => (
             413,
             "payload_too_large",
-            format!("the body exceeds the limit of {max} bytes"),
+            format!("the payload exceeds the limit of {max} bytes"),
+        ),
+        ApiError::BatchTooLarge(max) => (
+            413,
+            "batch_too_large",
+            format!("the batch holds more than {max} events"),
         ),
         ApiError::UnsupportedMediaType(got) => (
             415,
@@ -129,16 +222,7 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
             "too many events are waiting to be written; retry later".to_string(),
         ),
         ApiError::Internal => (500, "internal", "internal error".to_string()),
-    };
-    let mut response = json_response(status, &json!({ "error": code, "detail": detail }));
-    match err {
-        ApiError::MethodNotAllowed(allow) => response.add_header(header("Allow", allow)),
-        ApiError::Unavailable | ApiError::Busy => {
-            response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string()))
-        }
-        _ => {}
     }
-    response
 }
 
 /// A JSON response with the given status.
@@ -153,6 +237,33 @@ fn accepted(id: Uuid) -> HttpResponse {
     let mut response = json_response(202, &json!({ "id": id.to_string(), "status": "pending" }));
     response.add_header(header("Location", &format!("/v1/events/{id}")));
     response
+}
+
+/// The answer to a stored submission: `202` when it created anything,
+/// `200` when every event was already stored by an earlier request.
+fn stored(batch: bool, ids: &[Uuid], created: &[bool]) -> HttpResponse {
+    let any_created = created.iter().any(|c| *c);
+    match (batch, ids) {
+        (false, [id]) if any_created => accepted(*id),
+        (false, [id]) => {
+            let mut response =
+                json_response(200, &json!({ "id": id.to_string(), "duplicate": true }));
+            response.add_header(header("Location", &format!("/v1/events/{id}")));
+            response
+        }
+        _ => {
+            let duplicates: Vec<usize> = created
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| (!c).then_some(i))
+                .collect();
+            let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+            json_response(
+                if any_created { 202 } else { 200 },
+                &json!({ "ids": ids, "duplicates": duplicates }),
+            )
+        }
+    }
 }
 
 fn header(name: &str, value: &str) -> Header {
@@ -181,6 +292,16 @@ pub enum Route {
 }
 
 impl Route {
+    /// True for routes that need an API key when keys are configured:
+    /// everything but the probes, the metrics and the status page's shell
+    /// (whose figures come from the protected `/v1/stats`).
+    pub fn is_protected(&self) -> bool {
+        !matches!(
+            self,
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::StatusPage
+        )
+    }
+
     /// The route's name in metrics.
     pub fn name(&self) -> &'static str {
         match self {
@@ -251,43 +372,6 @@ pub fn is_json_media_type(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Validates an ingest body and returns its payload.
-pub fn parse_ingest(body: &[u8]) -> Result<Value, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::InvalidJson("the body is empty".into()));
-    }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let Value::Object(mut object) = value else {
-        return Err(ApiError::InvalidBody(
-            "the body must be a JSON object with a \"payload\" field".into(),
-        ));
-    };
-    match object.remove("payload") {
-        None => Err(ApiError::InvalidBody(
-            "the \"payload\" field is missing".into(),
-        )),
-        Some(Value::Null) => Err(ApiError::InvalidBody(
-            "the \"payload\" field is null".into(),
-        )),
-        // PostgreSQL's jsonb cannot store U+0000; refusing it here keeps one
-        // request from failing the batch it would be committed with.
-        Some(payload) if has_nul(&payload) => Err(ApiError::InvalidBody(
-            "the payload contains U+0000, which cannot be stored".into(),
-        )),
-        Some(payload) => Ok(payload),
-    }
-}
-
-fn has_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(has_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
-    }
-}
-
 impl Api {
     /// Handles one request already matched to `route`; errors become
     /// responses here.
@@ -303,7 +387,21 @@ impl Api {
         request: &mut Request,
         route: Result<Route, ApiError>,
     ) -> Result<Handled, ApiError> {
-        let response = match route? {
+        let route = route?;
+        if route.is_protected() && !self.keys.is_open() {
+            let value = |name| {
+                request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv(name))
+                    .map(|h| h.value.as_str())
+            };
+            let presented = auth::presented_key(value("Authorization"), value("X-Api-Key"));
+            if !self.keys.allows(presented) {
+                return Err(ApiError::Unauthorized);
+            }
+        }
+        let response = match route {
             Route::Ingest => return self.ingest(request).map(Handled::Commit),
             Route::GetEvent(id) => {
                 let event = self
@@ -328,29 +426,44 @@ impl Api {
             Route::Readyz => self.readyz(),
             Route::Metrics => self.metrics(),
             Route::Stats => json_response(200, &self.stats.snapshot()),
-            Route::StatusPage => Response::from_data(self.stats.page().into_bytes())
-                .with_header(header("Content-Type", "text/html; charset=utf-8"))
-                .with_header(header("Cache-Control", "no-store")),
+            Route::StatusPage => {
+                Response::from_data(self.stats.page(!self.keys.is_open()).into_bytes())
+                    .with_header(header("Content-Type", "text/html; charset=utf-8"))
+                    .with_header(header("Cache-Control", "no-store"))
+            }
         };
         Ok(Handled::Respond(response))
     }
 
-    fn ingest(&self, request: &mut Request) -> Result<NewEvent, ApiError> {
-        let content_type = request
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("Content-Type"))
-            .map(|h| h.value.as_str().to_string());
+    fn ingest(&self, request: &mut Request) -> Result<(Submission, bool), ApiError> {
+        let value = |name| {
+            request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv(name))
+                .map(|h| h.value.as_str().to_string())
+        };
+        let content_type = value("Content-Type");
         match &content_type {
             Some(ct) if is_json_media_type(ct) => {}
             _ => return Err(ApiError::UnsupportedMediaType(content_type)),
         }
+        let idempotency_key = value("Idempotency-Key")
+            .map(|k| ingest::idempotency_key(&k))
+            .transpose()?;
         let body = self.read_body(request)?;
-        let payload = parse_ingest(&body)?;
-        Ok(NewEvent {
-            id: Uuid::new_v4(),
-            payload,
-        })
+        let parsed = ingest::parse(&body, &self.limits)?;
+        if parsed.batch && idempotency_key.is_some() {
+            return Err(ApiError::InvalidBody(
+                "a batch takes no Idempotency-Key header; give each item an \"id\" instead".into(),
+            ));
+        }
+        let submission = Submission {
+            events: parsed.events,
+            client_ids: parsed.client_ids,
+            idempotency_key,
+        };
+        Ok((submission, parsed.batch))
     }
 
     fn wake_relay(&self) {
@@ -363,7 +476,7 @@ impl Api {
     fn read_body(&self, request: &mut Request) -> Result<Vec<u8>, ApiError> {
         let max = self.max_body_bytes;
         if request.body_length().is_some_and(|n| n > max) {
-            return Err(ApiError::PayloadTooLarge(max));
+            return Err(ApiError::BodyTooLarge(max));
         }
         let mut body = Vec::with_capacity(request.body_length().unwrap_or(0).min(max));
         request
@@ -372,7 +485,7 @@ impl Api {
             .read_to_end(&mut body)
             .map_err(|e| ApiError::InvalidBody(format!("the body could not be read: {e}")))?;
         if body.len() > max {
-            return Err(ApiError::PayloadTooLarge(max));
+            return Err(ApiError::BodyTooLarge(max));
         }
         Ok(body)
     }
@@ -426,8 +539,9 @@ impl Api {
 pub enum Handled {
     /// Answer now with this response.
     Respond(HttpResponse),
-    /// A valid event to commit; the answer comes after the commit.
-    Commit(NewEvent),
+    /// Valid events to commit, and whether the body was a batch; the
+    /// answer comes after the commit.
+    Commit((Submission, bool)),
 }
 
 impl From<HttpResponse> for Handled {
@@ -437,9 +551,13 @@ impl From<HttpResponse> for Handled {
 }
 
 /// The answer to an ingest request once its commit is settled.
-pub fn commit_response(id: Uuid, result: Result<(), CommitError>) -> HttpResponse {
+pub fn commit_response(batch: bool, result: Result<Written, CommitError>) -> HttpResponse {
     match result {
-        Ok(()) => accepted(id),
+        Ok(Written::Stored { ids, created }) => stored(batch, &ids, &created),
+        Ok(Written::KeyConflict) => error_response(&ApiError::IdempotencyConflict),
+        Ok(Written::IdConflict(index)) => {
+            error_response(&ApiError::IdConflict(batch.then_some(index.0), index.1))
+        }
         Err(CommitError::Busy) => error_response(&ApiError::Busy),
         Err(CommitError::Unavailable) => error_response(&ApiError::Unavailable),
         Err(CommitError::Failed) => error_response(&ApiError::Internal),
@@ -476,15 +594,14 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
         let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
         match guarded(|| api.handle(&mut request, matched)) {
             Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
-            Handled::Commit(event) => {
+            Handled::Commit((submission, batch)) => {
                 // The committer answers after the commit; this thread
                 // goes back to serving.
-                let id = event.id;
                 let metrics = api.metrics.clone();
                 api.committer.submit(
-                    event,
+                    submission,
                     Box::new(move |result| {
-                        let response = commit_response(id, result);
+                        let response = commit_response(batch, result);
                         respond(&metrics, request, response, name, started);
                     }),
                 );
@@ -562,40 +679,6 @@ mod tests {
     }
 
     #[test]
-    fn ingest_bodies() {
-        assert_eq!(
-            parse_ingest(br#"{"payload":"Test masivo"}"#),
-            Ok(json!("Test masivo"))
-        );
-        assert_eq!(
-            parse_ingest(br#"{"payload":{"a":[1]}}"#),
-            Ok(json!({"a":[1]}))
-        );
-        assert!(matches!(parse_ingest(b""), Err(ApiError::InvalidJson(_))));
-        assert!(matches!(
-            parse_ingest(b"{\"payload\":"),
-            Err(ApiError::InvalidJson(_))
-        ));
-        assert!(matches!(
-            parse_ingest(b"[1]"),
-            Err(ApiError::InvalidBody(_))
-        ));
-        assert!(matches!(parse_ingest(b"{}"), Err(ApiError::InvalidBody(_))));
-        assert!(matches!(
-            parse_ingest(br#"{"payload":null}"#),
-            Err(ApiError::InvalidBody(_))
-        ));
-        assert!(matches!(
-            parse_ingest(br#"{"payload":{"a":["x\u0000y"]}}"#),
-            Err(ApiError::InvalidBody(_))
-        ));
-        assert!(matches!(
-            parse_ingest(br#"{"payload":{"\u0000":1}}"#),
-            Err(ApiError::InvalidBody(_))
-        ));
-    }
-
-    #[test]
     fn a_panic_becomes_a_500() {
         let response: HttpResponse = guarded(|| panic!("boom"));
         assert_eq!(response.status_code().0, 500);
@@ -614,5 +697,15 @@ mod tests {
         let r = error_response(&ApiError::Unavailable);
         assert_eq!(r.status_code().0, 503);
         assert!(r.headers().iter().any(|h| h.field.equiv("Retry-After")));
+        let r = error_response(&ApiError::Unauthorized);
+        assert_eq!(r.status_code().0, 401);
+        assert!(
+            r.headers()
+                .iter()
+                .any(|h| h.field.equiv("WWW-Authenticate"))
+        );
+        let inner = ApiError::PayloadTooLarge(10);
+        let r = error_response(&ApiError::InvalidItem(3, Box::new(inner)));
+        assert_eq!(r.status_code().0, 413);
     }
 }

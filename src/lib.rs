@@ -6,6 +6,7 @@
 //! path and the invariants each module keeps.
 
 pub mod app;
+pub mod auth;
 pub mod backoff;
 pub mod broker;
 pub mod commit;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod consumer;
 pub mod health;
 pub mod http;
+pub mod ingest;
 pub mod logging;
 pub mod metrics;
 pub mod relay;

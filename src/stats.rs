@@ -316,13 +316,16 @@ impl Stats {
     }
 
     /// The status page with the current figures filled in, so that it is
-    /// readable without JavaScript.
-    pub fn page(&self) -> String {
-        render_page(&self.snapshot())
+    /// readable without JavaScript. When `locked` (API keys are required),
+    /// it carries no figures and asks for a key, and its script fetches
+    /// them from `/v1/stats` with that key.
+    pub fn page(&self, locked: bool) -> String {
+        render_page(&if locked { Value::Null } else { self.snapshot() })
     }
 }
 
-/// Fills the page's placeholders from a stats document.
+/// Fills the page's placeholders from a stats document; `null` leaves
+/// every figure blank and shows the API key form.
 pub fn render_page(s: &Value) -> String {
     let text = |v: &Value| match v {
         Value::Null => "-".to_string(),
@@ -372,6 +375,10 @@ pub fn render_page(s: &Value) -> String {
         ("rate_dead", text(&s["rates"]["dead_lettered"])),
         ("p50", text(&s["latency_ms"]["p50"])),
         ("p99", text(&s["latency_ms"]["p99"])),
+        (
+            "key_form",
+            if s.is_null() { "" } else { "hidden" }.to_string(),
+        ),
     ];
     let mut page = PAGE.to_string();
     for (name, value) in fields {

@@ -39,6 +39,8 @@ pub enum Error {
     Pool(r2d2::Error),
     /// A statement or the connection failed.
     Db(postgres::Error),
+    /// Rows a write depended on kept changing under it.
+    Contended,
 }
 
 impl Error {
@@ -47,7 +49,7 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Url(_) => false,
-            Error::Pool(_) => true,
+            Error::Pool(_) | Error::Contended => true,
             Error::Db(e) => match e.code() {
                 // No SQLSTATE: an I/O error or a closed connection.
                 None => true,
@@ -67,6 +69,7 @@ impl fmt::Display for Error {
         match self {
             Error::Url(e) => write!(f, "bad database URL: {e}"),
             Error::Pool(e) => write!(f, "no database connection available: {e}"),
+            Error::Contended => write!(f, "the write kept conflicting with concurrent ones"),
             Error::Db(e) => match e.as_db_error() {
                 // postgres::Error's own text is just "db error".
                 Some(db) => write!(f, "database error {}: {}", db.code().code(), db.message()),
@@ -81,6 +84,7 @@ impl std::error::Error for Error {
         match self {
             Error::Url(e) | Error::Db(e) => Some(e),
             Error::Pool(e) => Some(e),
+            Error::Contended => None,
         }
     }
 }
@@ -104,6 +108,48 @@ pub struct NewEvent {
     pub id: Uuid,
     /// The client's payload.
     pub payload: Value,
+    /// The client's name for the kind of event.
+    pub event_type: Option<String>,
+    /// A key for the consumer's use (ordering, partitioning).
+    pub key: Option<String>,
+}
+
+/// One ingest request, written all or nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    /// The events, in the request's order.
+    pub events: Vec<NewEvent>,
+    /// Some ids were chosen by the client: an id already stored is a replay
+    /// (same content) or a conflict (different content), not an error.
+    pub client_ids: bool,
+    /// The request's `Idempotency-Key` (single events only).
+    pub idempotency_key: Option<String>,
+}
+
+impl Submission {
+    /// True when the submission must be checked against earlier ones, in a
+    /// transaction of its own; otherwise it may share a group commit.
+    pub fn is_idempotent(&self) -> bool {
+        self.client_ids || self.idempotency_key.is_some()
+    }
+}
+
+/// What became of a submission written with [`Store::insert_idempotent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Every event is stored: `created[i]` tells whether `ids[i]` was
+    /// created now (`false`: an earlier request stored the same event).
+    Stored {
+        /// Event ids in the request's order.
+        ids: Vec<Uuid>,
+        /// Which ones this request created.
+        created: Vec<bool>,
+    },
+    /// The `Idempotency-Key` was used before for a different event.
+    KeyConflict,
+    /// The event at this index has a client id (the `Uuid`) already used
+    /// for different content.
+    IdConflict((usize, Uuid)),
 }
 
 /// An event as the API shows it.
@@ -117,6 +163,10 @@ pub struct EventRecord {
     pub attempts: i32,
     /// The client's payload, as sent.
     pub payload: Value,
+    /// The client's name for the kind of event.
+    pub event_type: Option<String>,
+    /// The client's key for the consumer.
+    pub key: Option<String>,
     /// RFC 3339, UTC.
     pub created_at: String,
     /// RFC 3339, UTC, once processed.
@@ -132,6 +182,8 @@ impl EventRecord {
             "id": self.id.to_string(),
             "status": self.status,
             "attempts": self.attempts,
+            "type": self.event_type,
+            "key": self.key,
             "payload": self.payload,
             "created_at": self.created_at,
             "processed_at": self.processed_at,
@@ -151,6 +203,10 @@ pub struct LockedEvent {
     pub attempts: i32,
     /// The client's payload.
     pub payload: Value,
+    /// The client's name for the kind of event.
+    pub event_type: Option<String>,
+    /// The client's key for the consumer.
+    pub key: Option<String>,
     /// Seconds since the event was accepted, when it was locked.
     pub age_seconds: f64,
 }
@@ -204,7 +260,8 @@ pub struct OutboxRow {
     pub outbox_id: i64,
     /// The event id, the message's `message_id`.
     pub event_id: Uuid,
-    /// The message body: `{"id", "payload", "created_at"}` as JSON text.
+    /// The message body: `{"id", "type", "key", "payload", "created_at"}`
+    /// as JSON text.
     pub body: String,
     /// Seconds since the epoch when the event was accepted.
     pub created_epoch: i64,
@@ -447,6 +504,8 @@ impl Store {
         let event = NewEvent {
             id: Uuid::new_v4(),
             payload: payload.clone(),
+            event_type: None,
+            key: None,
         };
         self.insert_events(&[&event], notify)?;
         Ok(event.id)
@@ -454,20 +513,132 @@ impl Store {
 
     /// Writes events and their outbox rows in one transaction, two
     /// statements whatever the batch size. With `notify`, the commit also
-    /// wakes relays listening in other processes.
+    /// wakes relays listening in other processes. Ids must be new.
     pub fn insert_events(&self, events: &[&NewEvent], notify: bool) -> Result<(), Error> {
-        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-        let payloads: Vec<&Value> = events.iter().map(|e| &e.payload).collect();
+        let columns = Columns::of(events.iter().copied());
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         tx.execute(
-            "INSERT INTO events (id, payload) SELECT * FROM unnest($1::uuid[], $2::jsonb[])",
-            &[&ids, &payloads],
+            "INSERT INTO events (id, payload, type, key) \
+             SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[])",
+            &[
+                &columns.ids,
+                &columns.payloads,
+                &columns.types,
+                &columns.keys,
+            ],
         )?;
         tx.execute(
             "INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])",
-            &[&ids],
+            &[&columns.ids],
         )?;
+        self.commit_notifying(tx, notify)
+    }
+
+    /// Writes a submission that carries client ids or an idempotency key,
+    /// all or nothing, in a transaction of its own. A key younger than
+    /// `key_ttl`, or a client id already stored, with the same content is a
+    /// replay: nothing is written and the stored id is returned. The same
+    /// key or id with different content is a conflict and writes nothing.
+    /// Unique constraints decide every race: a concurrent replay waits for
+    /// the first writer's transaction and then sees its rows.
+    pub fn insert_idempotent(
+        &self,
+        submission: &Submission,
+        key_ttl: Duration,
+        notify: bool,
+    ) -> Result<Written, Error> {
+        let mut conn = self.conn()?;
+        // A row seen as a conflict can vanish (an expired key purged, an
+        // event deleted by retention) before it is read; start again then.
+        for _ in 0..3 {
+            let mut tx = conn.transaction()?;
+            if let Some(written) = claim_key(&mut tx, submission, key_ttl)? {
+                return Ok(written);
+            }
+            let columns = Columns::of(submission.events.iter());
+            let inserted: Vec<Uuid> = tx
+                .query(
+                    "INSERT INTO events (id, payload, type, key) \
+                     SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[]) \
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    &[
+                        &columns.ids,
+                        &columns.payloads,
+                        &columns.types,
+                        &columns.keys,
+                    ],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let created: Vec<bool> = columns.ids.iter().map(|id| inserted.contains(id)).collect();
+            if created.iter().all(|c| *c) {
+                tx.execute(
+                    "INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])",
+                    &[&inserted],
+                )?;
+                self.commit_notifying(tx, notify)?;
+                return Ok(Written::Stored {
+                    ids: columns.ids,
+                    created,
+                });
+            }
+            // Some ids exist: each must hold exactly this item's content.
+            let rows = tx.query(
+                "SELECT m.ord::int, e.id IS NOT NULL AND e.payload = m.payload \
+                        AND e.type IS NOT DISTINCT FROM m.type AND e.key IS NOT DISTINCT FROM m.key \
+                 FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[]) \
+                      WITH ORDINALITY AS m(id, payload, type, key, ord) \
+                 LEFT JOIN events e ON e.id = m.id \
+                 WHERE NOT (m.id = ANY($5)) ORDER BY m.ord",
+                &[
+                    &columns.ids,
+                    &columns.payloads,
+                    &columns.types,
+                    &columns.keys,
+                    &inserted,
+                ],
+            )?;
+            let mut vanished = false;
+            for row in &rows {
+                let (ord, same): (i32, Option<bool>) = (row.get(0), row.get(1));
+                match same {
+                    Some(true) => {}
+                    Some(false) => {
+                        let index = ord as usize - 1;
+                        return Ok(Written::IdConflict((index, columns.ids[index])));
+                    }
+                    None => vanished = true,
+                }
+            }
+            if vanished {
+                continue;
+            }
+            tx.execute(
+                "INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])",
+                &[&inserted],
+            )?;
+            self.commit_notifying(tx, notify && !inserted.is_empty())?;
+            return Ok(Written::Stored {
+                ids: columns.ids,
+                created,
+            });
+        }
+        Err(Error::Contended)
+    }
+
+    /// Deletes idempotency keys older than `ttl`, at most `limit` of them;
+    /// returns how many.
+    pub fn purge_idempotency_keys(&self, ttl: Duration, limit: i64) -> Result<u64, Error> {
+        Ok(self.conn()?.execute(
+            "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
+             WHERE created_at < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&ttl.as_secs_f64(), &limit],
+        )?)
+    }
+
+    fn commit_notifying(&self, mut tx: Transaction<'_>, notify: bool) -> Result<(), Error> {
         if notify {
             tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel()])?;
         }
@@ -527,7 +698,7 @@ impl Store {
     pub fn get_event(&self, id: Uuid) -> Result<Option<EventRecord>, Error> {
         let row = self.conn()?.query_opt(
             concat!(
-                "SELECT id, status, attempts, payload, ",
+                "SELECT id, status, attempts, payload, type, key, ",
                 rfc3339!("created_at"),
                 ", ",
                 rfc3339!("processed_at"),
@@ -540,11 +711,95 @@ impl Store {
             status: r.get(1),
             attempts: r.get(2),
             payload: r.get(3),
-            created_at: r.get(4),
-            processed_at: r.get(5),
-            last_error: r.get(6),
+            event_type: r.get(4),
+            key: r.get(5),
+            created_at: r.get(6),
+            processed_at: r.get(7),
+            last_error: r.get(8),
         }))
     }
+}
+
+/// Events as the columns of an `unnest` insert.
+struct Columns<'a> {
+    ids: Vec<Uuid>,
+    payloads: Vec<&'a Value>,
+    types: Vec<Option<&'a str>>,
+    keys: Vec<Option<&'a str>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(events: impl Iterator<Item = &'a NewEvent>) -> Columns<'a> {
+        let mut c = Columns {
+            ids: Vec::new(),
+            payloads: Vec::new(),
+            types: Vec::new(),
+            keys: Vec::new(),
+        };
+        for e in events {
+            c.ids.push(e.id);
+            c.payloads.push(&e.payload);
+            c.types.push(e.event_type.as_deref());
+            c.keys.push(e.key.as_deref());
+        }
+        c
+    }
+}
+
+// SHA-256 of an event's normalised content (jsonb sorts keys and drops
+// insignificant whitespace), and of its id when the client chose it.
+const FINGERPRINT: &str = "sha256(convert_to(jsonb_build_array($2::jsonb, $3::text, $4::text, \
+                           $5::uuid)::text, 'UTF8'))";
+
+/// Claims the submission's `Idempotency-Key`, if it has one, for its first
+/// event. `None`: there is no key, or it is now ours (new or expired), and
+/// the caller writes the events. `Some`: the key is live, and this is a
+/// replay or a conflict; nothing was written.
+fn claim_key(
+    tx: &mut Transaction<'_>,
+    submission: &Submission,
+    key_ttl: Duration,
+) -> Result<Option<Written>, Error> {
+    let (Some(key), [event]) = (&submission.idempotency_key, submission.events.as_slice()) else {
+        return Ok(None);
+    };
+    let client_id = submission.client_ids.then_some(event.id);
+    let content: [&(dyn postgres::types::ToSql + Sync); 5] = [
+        key,
+        &event.payload,
+        &event.event_type,
+        &event.key,
+        &client_id,
+    ];
+    // On conflict the existing row is locked even when the WHERE fails, so
+    // it cannot be purged before it is read below.
+    let claimed = tx.query_opt(
+        &format!(
+            "INSERT INTO idempotency_keys (key, event_id, fingerprint) VALUES ($1, $6, {FINGERPRINT}) \
+             ON CONFLICT (key) DO UPDATE SET event_id = EXCLUDED.event_id, \
+                 fingerprint = EXCLUDED.fingerprint, created_at = now() \
+             WHERE idempotency_keys.created_at < now() - make_interval(secs => $7) \
+             RETURNING 1"
+        ),
+        &[&content[..], &[&event.id, &key_ttl.as_secs_f64()]].concat(),
+    )?;
+    if claimed.is_some() {
+        return Ok(None);
+    }
+    let row = tx.query_one(
+        &format!(
+            "SELECT event_id, fingerprint = {FINGERPRINT} FROM idempotency_keys WHERE key = $1"
+        ),
+        &content,
+    )?;
+    Ok(Some(if row.get::<_, bool>(1) {
+        Written::Stored {
+            ids: vec![row.get(0)],
+            created: vec![false],
+        }
+    } else {
+        Written::KeyConflict
+    }))
 }
 
 /// Claims up to `limit` outbox rows that no other relay holds, oldest first.
@@ -552,7 +807,8 @@ impl Store {
 pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRow>, Error> {
     let rows = tx.query(
         concat!(
-            "SELECT o.id, e.id, json_build_object('id', e.id, 'payload', e.payload, ",
+            "SELECT o.id, e.id, json_build_object('id', e.id, 'type', e.type, 'key', e.key, ",
+            "'payload', e.payload, ",
             "'created_at', ",
             rfc3339!("e.created_at"),
             ")::text, extract(epoch FROM e.created_at)::bigint ",
@@ -580,7 +836,7 @@ pub fn delete_outbox(tx: &mut Transaction<'_>, ids: &[i64]) -> Result<u64, Error
 /// Locks an event row for processing; `None` if no such event exists.
 pub fn lock_event(tx: &mut Transaction<'_>, id: Uuid) -> Result<Option<LockedEvent>, Error> {
     let row = tx.query_opt(
-        "SELECT status, attempts, payload, \
+        "SELECT status, attempts, payload, type, key, \
          extract(epoch FROM clock_timestamp() - created_at)::float8 \
          FROM events WHERE id = $1 FOR UPDATE",
         &[&id],
@@ -590,7 +846,9 @@ pub fn lock_event(tx: &mut Transaction<'_>, id: Uuid) -> Result<Option<LockedEve
         status: r.get(0),
         attempts: r.get(1),
         payload: r.get(2),
-        age_seconds: r.get(3),
+        event_type: r.get(3),
+        key: r.get(4),
+        age_seconds: r.get(5),
     }))
 }
 
@@ -601,7 +859,7 @@ pub fn lock_events(
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, LockedEvent>, Error> {
     let rows = tx.query(
-        "SELECT id, status, attempts, payload, \
+        "SELECT id, status, attempts, payload, type, key, \
          extract(epoch FROM clock_timestamp() - created_at)::float8 \
          FROM events WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         &[&ids],
@@ -615,7 +873,9 @@ pub fn lock_events(
                 status: r.get(1),
                 attempts: r.get(2),
                 payload: r.get(3),
-                age_seconds: r.get(4),
+                event_type: r.get(4),
+                key: r.get(5),
+                age_seconds: r.get(6),
             };
             (id, event)
         })

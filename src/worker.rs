@@ -29,6 +29,10 @@ pub struct Event {
     pub id: Uuid,
     /// The client's payload.
     pub payload: Value,
+    /// The client's name for the kind of event.
+    pub event_type: Option<String>,
+    /// The client's key, for ordering or partitioning downstream.
+    pub key: Option<String>,
     /// This attempt's number, starting at 1.
     pub attempt: i32,
 }
@@ -260,6 +264,8 @@ impl Worker {
                     let input = Event {
                         id,
                         payload: event.payload,
+                        event_type: event.event_type,
+                        key: event.key,
                         attempt: event.attempts + 1,
                     };
                     if self.run_processor(&mut tx, &input).is_err() {
@@ -343,6 +349,8 @@ impl Worker {
         let input = Event {
             id,
             payload: event.payload,
+            event_type: event.event_type,
+            key: event.key,
             attempt,
         };
         let err = match self.run_processor(&mut tx, &input) {

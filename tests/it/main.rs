@@ -3,6 +3,9 @@
 
 mod api;
 mod faults;
+mod hardening;
+mod ingest;
+mod openapi;
 mod ops;
 mod pipeline;
 mod retries;

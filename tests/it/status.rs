@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{Load, TestEnv, get, ingest, wait_until};
+use ingestd::Role;
+
+use crate::util::{Load, TestEnv, get, ingest, request, wait_until};
 
 /// Loads `url` in headless Chromium, lets its scripts run for a few
 /// seconds of virtual time, and returns the DOM; with `screenshot`, also
@@ -161,5 +163,34 @@ fn stats_report_rates_counts_and_failures() {
     wait_until(Duration::from_secs(10), "queue depth probed", || {
         get(addr, "/v1/stats").json()["queue"]["depth"].is_number()
     });
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn with_api_keys_the_status_page_asks_for_one_and_shows_nothing() {
+    let env = TestEnv::new("statuslocked");
+    let key = "status-key-0123456789";
+    let app = env.start_role(&env.config_with(&[("INGEST_API_KEYS", key)]), Role::All);
+    let addr = app.http_addr().unwrap();
+    let authorized = [("Content-Type", "application/json"), ("X-Api-Key", key)];
+    let resp = request(addr, "POST", "/v1/events", &authorized, br#"{"payload":1}"#).unwrap();
+    assert_eq!(resp.status, 202);
+
+    // Without JavaScript: the shell, no figures, the form visible.
+    let plain = String::from_utf8(get(addr, "/status").body).unwrap();
+    assert_eq!(text_of(&plain, "count-pending"), "-");
+    assert!(!tag_with_id(&plain, "key-form").contains("hidden"));
+    // In a browser the script asks /v1/stats, gets 401 and keeps the form.
+    let dom = chromium(&format!("http://{addr}/"), None);
+    assert!(
+        !tag_with_id(&dom, "key-form").contains("hidden"),
+        "form shown"
+    );
+    assert_eq!(text_of(&dom, "count-pending"), "-");
+    assert!(
+        text_of(&dom, "conn").contains("401"),
+        "{}",
+        text_of(&dom, "conn")
+    );
     app.shutdown().unwrap();
 }

@@ -109,6 +109,11 @@ impl TestEnv {
     /// argument, none for all roles) and, when it serves HTTP, waits for
     /// the port it bound, which it logs.
     pub fn spawn_binary(&self, role: Option<&str>) -> Binary {
+        self.spawn_binary_with(role, &[])
+    }
+
+    /// Like [`TestEnv::spawn_binary`] with more environment variables.
+    pub fn spawn_binary_with(&self, role: Option<&str>, vars: &[(&str, &str)]) -> Binary {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ingestd"));
         command
             .args(role)
@@ -122,6 +127,7 @@ impl TestEnv {
             .env("INGEST_DB_POOL_SIZE", "5")
             .env("INGEST_HTTP_THREADS", "8")
             .env("INGEST_SHUTDOWN_TIMEOUT", "20s")
+            .envs(vars.iter().copied())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn ingestd");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -477,6 +483,36 @@ pub fn request(
     stream.write_all(body)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+/// Sends raw bytes on a fresh connection (then, with `half_close`, ends
+/// the sending side) and reads the response until the server closes or
+/// `wait` passes.
+pub fn raw_request(
+    addr: SocketAddr,
+    bytes: &[u8],
+    half_close: bool,
+    wait: Duration,
+) -> std::io::Result<Resp> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(wait))?;
+    // The server may answer and close before reading everything.
+    let _ = stream.write_all(bytes);
+    if half_close {
+        stream.shutdown(Shutdown::Write)?;
+    }
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            // A reset after the answer arrived still leaves the answer.
+            Err(_) if !raw.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
     parse_response(&raw)
 }
 

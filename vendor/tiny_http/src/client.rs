@@ -2,15 +2,18 @@ use ascii::AsciiString;
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::common::{HTTPVersion, Method};
+use crate::common::{HTTPVersion, Header, Method};
 use crate::util::RefinedTcpStream;
+use crate::util::{BufferedBody, Budget, Deadline, ErrorResponse, Reservation, DRAIN_LIMIT};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
-use crate::Request;
+use crate::{Limits, Request};
 
 /// A ClientConnection is an object that will store a socket to a client
 /// and return Request objects.
@@ -34,6 +37,18 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // ingestd patch: what the client may send, and how fast
+    limits: Limits,
+
+    // ingestd patch: read deadline, shared with the read side of the socket
+    deadline: Arc<Deadline>,
+
+    // ingestd patch: bytes of buffered bodies, shared by all connections
+    budget: Arc<Budget>,
+
+    // ingestd patch: bytes the head of the request being read may still take
+    head_left: usize,
 }
 
 /// Error that can happen when reading a request.
@@ -44,13 +59,32 @@ enum ReadError {
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
+    // ingestd patch: the errors below were added with the limits
+    /// the request line or a header is not ASCII
+    NotAscii,
+    /// the head is longer than `Limits::max_head_bytes`
+    HeadTooLarge,
+    /// the head has more than `Limits::max_headers` header lines
+    TooManyHeaders,
+    /// reading the body (eagerly, in `new_request`) failed
+    BodyIoError(IoError),
 }
+
+/// ingestd patch: a chunked body is buffered in steps of this many bytes,
+/// each reserved against the budget before it is read.
+const CHUNKED_RESERVE_STEP: usize = 64 * 1024;
 
 impl ClientConnection {
     /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
+    ///
+    /// ingestd patch: `deadline` must be the one the read side of the socket
+    /// obeys; `budget` is shared by all connections of the server.
     pub fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        limits: Limits,
+        deadline: Arc<Deadline>,
+        budget: Arc<Budget>,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
@@ -65,6 +99,10 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            head_left: limits.max_head_bytes,
+            limits,
+            deadline,
+            budget,
         }
     }
 
@@ -77,37 +115,73 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    ///
+    /// ingestd patch: takes at most `self.head_left` bytes, CRLF included,
+    /// and never holds more. Upstream read a line without bound, so one
+    /// endless header line grew memory without limit.
+    fn read_next_line(&mut self) -> Result<AsciiString, ReadError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
         loop {
+            if self.head_left == 0 {
+                return Err(ReadError::HeadTooLarge);
+            }
+
             let byte = self.next_header_source.by_ref().bytes().next();
 
             let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return Err(ReadError::ReadIoError(e)),
+                None => {
+                    let err = IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF");
+                    return Err(ReadError::ReadIoError(err));
+                }
             };
+
+            // the first read of a head waits for the previous request's body
+            // to be dropped; if that body was given up unread, what follows
+            // is more of it, not a request
+            if !self.head_started() && self.deadline.is_closed() {
+                let err = IoError::new(ErrorKind::ConnectionAborted, "connection is closing");
+                return Err(ReadError::ReadIoError(err));
+            }
+            self.head_left -= 1;
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+                return AsciiString::from_ascii(buf).map_err(|_| ReadError::NotAscii);
             }
 
             prev_byte_was_cr = byte == b'\r';
 
+            // grow by at most what the rest of the head may take
+            if buf.len() == buf.capacity() {
+                buf.reserve_exact(buf.capacity().max(64).min(self.head_left + 1));
+            }
             buf.push(byte);
         }
+    }
+
+    /// ingestd patch: true once any byte of the request being read arrived.
+    fn head_started(&self) -> bool {
+        self.head_left < self.limits.max_head_bytes
     }
 
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        // ingestd patch: the whole head must arrive within `head_timeout`
+        // from now, that is from when the connection opened or the previous
+        // response was sent; this also bounds how long a connection may sit
+        // idle between requests.
+        self.head_left = self.limits.max_head_bytes;
+        self.deadline.set(Some(self.limits.head_timeout));
+
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self.read_next_line()?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -118,11 +192,15 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self.read_next_line()?;
 
                     if line.is_empty() {
                         break;
                     };
+                    // ingestd patch: bound the number of header lines
+                    if headers.len() >= self.limits.max_headers {
+                        return Err(ReadError::TooManyHeaders);
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
@@ -135,6 +213,11 @@ impl ClientConnection {
 
             (method, path, version, headers)
         };
+
+        // ingestd patch: a body read by the server (a small one read at once
+        // by `new_request`, or one buffered by `buffer_body`) must arrive
+        // within `body_timeout` from now.
+        self.deadline.set(Some(self.limits.body_timeout));
 
         // building the writer for the request
         let writer = self.sink.next().unwrap();
@@ -157,7 +240,7 @@ impl ClientConnection {
         .map_err(|e| {
             use crate::request;
             match e {
-                request::RequestCreationError::CreationIoError(e) => ReadError::ReadIoError(e),
+                request::RequestCreationError::CreationIoError(e) => ReadError::BodyIoError(e),
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
                 }
@@ -166,6 +249,276 @@ impl ClientConnection {
 
         // return the request
         Ok(request)
+    }
+
+    /// ingestd patch: answers `response` and leaves the connection to close.
+    /// Only for errors met before a `Request` (and so its writer) exists.
+    fn refuse(&mut self, response: ErrorResponse) {
+        self.deadline.close();
+        let writer = self.sink.next().unwrap();
+        response.write_to(writer).ok();
+    }
+
+    /// ingestd patch: reads a small body into memory, so that the
+    /// application never waits on a slow client.
+    ///
+    /// A body with a `Content-Length` of at most `buffer_body_bytes` is read
+    /// whole; a chunked body is read up to `buffer_body_bytes + 1` bytes, and
+    /// if it is longer the request reads the rest from the socket after
+    /// those. The bytes are reserved against the server's budget before they
+    /// are read. Bodies with a larger `Content-Length` are left to the
+    /// application.
+    ///
+    /// On error the request must not be handed out, and the connection
+    /// closes, after the response returned if there is one.
+    fn buffer_body(&mut self, rq: &mut Request) -> Result<(), Option<ErrorResponse>> {
+        let limit = self.limits.buffer_body_bytes;
+        match body_kind(rq.headers()) {
+            BodyKind::Unframed => Ok(()),
+            BodyKind::BadLength => Err(Some(ErrorResponse::bad_request(
+                "the Content-Length header is not a valid number",
+            ))),
+            BodyKind::Length(0) => Ok(()),
+            BodyKind::Length(length) if length <= limit => self.buffer_sized(rq, length),
+            BodyKind::Length(length) => {
+                let body = rq.replace_reader(Box::new(io::empty()));
+                let body = self.unread_guard(body, Some(length));
+                rq.replace_reader(Box::new(body));
+                Ok(())
+            }
+            BodyKind::Chunked if limit > 0 => self.buffer_chunked(rq),
+            BodyKind::Chunked => {
+                let body = rq.replace_reader(Box::new(io::empty()));
+                let body = self.unread_guard(body, None);
+                rq.replace_reader(Box::new(body));
+                Ok(())
+            }
+        }
+    }
+
+    fn buffer_sized(
+        &mut self,
+        rq: &mut Request,
+        length: usize,
+    ) -> Result<(), Option<ErrorResponse>> {
+        let mut reservation = Reservation::new(&self.budget);
+        if !reservation.grow(length) {
+            return Err(Some(busy()));
+        }
+
+        let mut data = vec![0; length];
+        // sends the `100 Continue` first if the client asked for one
+        if let Err(err) = rq.as_reader().read_exact(&mut data) {
+            return Err(self.body_error(err));
+        }
+
+        rq.replace_reader(Box::new(BufferedBody::new(data, reservation)));
+        Ok(())
+    }
+
+    fn buffer_chunked(&mut self, rq: &mut Request) -> Result<(), Option<ErrorResponse>> {
+        let limit = self.limits.buffer_body_bytes.saturating_add(1);
+        let mut reservation = Reservation::new(&self.budget);
+        let mut data: Vec<u8> = Vec::new();
+        let mut filled = 0;
+        let mut complete = false;
+
+        {
+            // sends the `100 Continue` first if the client asked for one
+            let reader = rq.as_reader();
+            loop {
+                if filled == data.len() {
+                    if data.len() == limit {
+                        break;
+                    }
+                    let step = (limit - data.len()).min(CHUNKED_RESERVE_STEP);
+                    if !reservation.grow(step) {
+                        return Err(Some(busy()));
+                    }
+                    data.reserve_exact(step);
+                    data.resize(data.len() + step, 0);
+                }
+                match reader.read(&mut data[filled..]) {
+                    Ok(0) => {
+                        complete = true;
+                        break;
+                    }
+                    Ok(read) => filled += read,
+                    Err(ref err) if err.kind() == ErrorKind::Interrupted => (),
+                    Err(err) => return Err(self.body_error(err)),
+                }
+            }
+        }
+
+        data.truncate(filled);
+        data.shrink_to_fit();
+        reservation.shrink_to(filled);
+        let body = BufferedBody::new(data, reservation);
+
+        if complete {
+            rq.replace_reader(Box::new(body));
+        } else {
+            // longer than the limit: what was read, then the rest
+            let rest = rq.replace_reader(Box::new(io::empty()));
+            let rest = self.unread_guard(rest, None);
+            rq.replace_reader(Box::new(body.chain(rest)));
+        }
+        Ok(())
+    }
+
+    fn unread_guard(
+        &self,
+        body: Box<dyn Read + Send + 'static>,
+        left: Option<usize>,
+    ) -> UnreadBodyGuard {
+        UnreadBodyGuard::new(body, left, self.deadline.clone(), self.limits.body_timeout)
+    }
+
+    /// The response for an error met while buffering a body, if any: a
+    /// client whose connection broke mid-body gets none; one that ended its
+    /// side early (a truncated body) gets a 400 it can still read.
+    fn body_error(&self, err: IoError) -> Option<ErrorResponse> {
+        if matches!(err.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionAborted) {
+            Some(ErrorResponse::bad_request(
+                "the request body ended before its announced length",
+            ))
+        } else if err.kind() == ErrorKind::TimedOut || self.deadline.expired() {
+            Some(ErrorResponse::request_timeout(&format!(
+                "the request body did not arrive within {}",
+                describe_duration(self.limits.body_timeout)
+            )))
+        } else if err.kind() == ErrorKind::InvalidData {
+            Some(ErrorResponse::bad_request("the chunked request body is malformed"))
+        } else {
+            None
+        }
+    }
+}
+
+/// ingestd patch: how a request's body is framed, as `new_request` reads it.
+enum BodyKind {
+    /// no body, or one the request reads as the whole stream (upgrade)
+    Unframed,
+    Length(usize),
+    /// a `Content-Length` that is not a number
+    BadLength,
+    Chunked,
+}
+
+fn body_kind(headers: &[Header]) -> BodyKind {
+    let find = |name: &'static str| {
+        headers
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str())
+    };
+
+    if let Some(connection) = find("Connection") {
+        if connection.to_ascii_lowercase().contains("upgrade") {
+            return BodyKind::Unframed;
+        }
+    }
+    if find("Transfer-Encoding").is_some() {
+        return BodyKind::Chunked;
+    }
+    match find("Content-Length") {
+        None => BodyKind::Unframed,
+        Some(value) => match usize::from_str(value) {
+            Ok(length) => BodyKind::Length(length),
+            Err(_) => BodyKind::BadLength,
+        },
+    }
+}
+
+// ingestd patch: the budget of buffered bodies is spent
+fn busy() -> ErrorResponse {
+    ErrorResponse::busy("the server is holding too many request bodies; retry shortly")
+}
+
+/// ingestd patch: "2 seconds", "1 second", "1500 milliseconds", for the
+/// details of error responses.
+fn describe_duration(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        match duration.as_secs() {
+            1 => "1 second".to_owned(),
+            secs => format!("{} seconds", secs),
+        }
+    } else {
+        format!("{} milliseconds", duration.as_millis())
+    }
+}
+
+/// ingestd patch: a body handed out unread. If it is dropped before its end
+/// and the rest is not to be drained (a chunked body, or more than
+/// `DRAIN_LIMIT` bytes left), the connection closes rather than reading the
+/// rest of the body as the next request. Otherwise the rest is drained here,
+/// and must arrive within `body_timeout` (or the deadline of the next head,
+/// if that is already running), so that the thread dropping the body does
+/// not wait long on a slow client; if it does not, the connection closes.
+struct UnreadBodyGuard {
+    inner: Box<dyn Read + Send + 'static>,
+    // bytes left, if the length is known
+    left: Option<usize>,
+    done: bool,
+    deadline: Arc<Deadline>,
+    drain_timeout: Duration,
+}
+
+impl UnreadBodyGuard {
+    fn new(
+        inner: Box<dyn Read + Send + 'static>,
+        left: Option<usize>,
+        deadline: Arc<Deadline>,
+        drain_timeout: Duration,
+    ) -> UnreadBodyGuard {
+        UnreadBodyGuard {
+            inner,
+            left,
+            done: left == Some(0),
+            deadline,
+            drain_timeout,
+        }
+    }
+}
+
+impl Read for UnreadBodyGuard {
+    fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
+        let read = self.inner.read(buf)?;
+        if read == 0 && !buf.is_empty() {
+            self.done = true;
+        }
+        if let Some(ref mut left) = self.left {
+            *left = left.saturating_sub(read);
+            if *left == 0 {
+                self.done = true;
+            }
+        }
+        Ok(read)
+    }
+}
+
+impl Drop for UnreadBodyGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if self.left.map_or(true, |left| left > DRAIN_LIMIT) {
+            self.deadline.close();
+            return;
+        }
+        self.deadline.set_if_unbounded(self.drain_timeout);
+        let mut buf = [0; 8192];
+        loop {
+            match self.inner.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => (),
+                Err(ref err) if err.kind() == ErrorKind::Interrupted => (),
+                Err(_) => {
+                    self.deadline.close();
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -183,34 +536,75 @@ impl Iterator for ClientConnection {
             return None;
         }
 
+        // ingestd patch: the previous request's body was left unread and
+        // could not be drained; the connection closes.
+        if self.deadline.is_closed() {
+            return None;
+        }
+
+        // ingestd patch: the client went away before its address could be
+        // read; upstream panicked on building the request.
+        if self.remote_addr.is_err() {
+            return None;
+        }
+
+        // ingestd patch: the library's own error responses carry a JSON
+        // body and `Connection: close`.
         loop {
-            let rq = match self.read() {
+            let mut rq = match self.read() {
                 Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
+                    self.refuse(ErrorResponse::bad_request("the request line is malformed"));
                     return None; // we don't know where the next request would start,
                                  // se we have to close
                 }
 
-                Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
+                Err(ReadError::WrongHeader(_)) => {
+                    self.refuse(ErrorResponse::bad_request("a request header is malformed"));
                     return None; // we don't know where the next request would start,
                                  // se we have to close
+                }
+
+                Err(ReadError::NotAscii) => {
+                    self.refuse(ErrorResponse::bad_request("the request head is not ASCII"));
+                    return None;
+                }
+
+                Err(ReadError::HeadTooLarge) => {
+                    let detail = format!(
+                        "the request headers exceed {} bytes",
+                        self.limits.max_head_bytes
+                    );
+                    self.refuse(ErrorResponse::header_too_large(detail));
+                    return None;
+                }
+
+                Err(ReadError::TooManyHeaders) => {
+                    let detail = format!(
+                        "the request has more than {} header lines",
+                        self.limits.max_headers
+                    );
+                    self.refuse(ErrorResponse::header_too_large(detail));
+                    return None;
                 }
 
                 Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
-                    // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
+                    // request timeout; a connection on which no byte of a new
+                    // request arrived is idle and just closes
+                    if self.head_started() {
+                        let detail = format!(
+                            "the request headers did not arrive within {}",
+                            describe_duration(self.limits.head_timeout)
+                        );
+                        self.refuse(ErrorResponse::request_timeout(&detail));
+                    }
                     return None; // closing the connection
+                }
+
+                Err(ReadError::BodyIoError(err)) => {
+                    if let Some(response) = self.body_error(err) {
+                        self.refuse(response);
+                    }
+                    return None;
                 }
 
                 Err(ReadError::ExpectationFailed(ver)) => {
@@ -227,14 +621,19 @@ impl Iterator for ClientConnection {
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
+                // ingestd patch: answer through the request's own writer.
+                // Upstream took the next writer, which waits for this
+                // request's writer to be dropped before writing; the request
+                // was still alive, so the connection's thread hung for ever.
+                let mut writer = rq.into_writer();
                 let response = Response::from_string(
                     "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
                 )
                 .with_status_code(StatusCode(505));
                 response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                    .raw_print(&mut writer, HTTPVersion(1, 1), &[], false, None)
                     .ok();
+                writer.flush().ok();
                 continue;
             }
 
@@ -258,6 +657,21 @@ impl Iterator for ClientConnection {
                 None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
                 _ => (),
             };
+
+            // ingestd patch: read a small body now, on this connection's
+            // thread, so that the application never waits on a slow client.
+            if let Err(response) = self.buffer_body(&mut rq) {
+                // nothing more is read, not even to drain the body
+                self.deadline.close();
+                let writer = rq.into_writer();
+                if let Some(response) = response {
+                    response.write_to(writer).ok();
+                }
+                return None;
+            }
+            // the application reads any body left with the socket's idle
+            // read timeout
+            self.deadline.set(None);
 
             // returning the request
             return Some(rq);

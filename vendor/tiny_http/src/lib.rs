@@ -102,7 +102,8 @@ use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -142,6 +143,12 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // ingestd patch: connections open now
+    connections: Arc<AtomicUsize>,
+
+    // ingestd patch: bytes of buffered request bodies held now
+    budget: Arc<util::Budget>,
 }
 
 enum Message {
@@ -181,6 +188,87 @@ pub struct ServerConfig {
     pub ssl: Option<SslConfig>,
 }
 
+/// Limits on what clients can hold (ingestd patch).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most connections open at once; 0 means no limit. A connection beyond it is answered 503 and closed.
+    pub max_connections: usize,
+    /// Most bytes in a request line plus its headers (431 beyond).
+    pub max_head_bytes: usize,
+    /// Most header lines in one request (431 beyond).
+    pub max_headers: usize,
+    /// The request line and all headers must arrive within this long after the server starts waiting for them
+    /// (this also bounds how long a keep-alive connection may sit idle). 408 after.
+    pub head_timeout: Duration,
+    /// A body buffered by the server (see buffer_body_bytes) must arrive in full within this long. 408 after.
+    pub body_timeout: Duration,
+    /// Bodies of at most this many bytes are read into memory by the connection's own thread before
+    /// `Server::recv` hands the request out, so application threads never wait on a slow client.
+    pub buffer_body_bytes: usize,
+    /// Total bytes of buffered bodies held at once across all connections; a request whose body would exceed it
+    /// is answered 503 at once.
+    pub buffer_budget: usize,
+    /// Socket write timeout for responses.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 1024,
+            max_head_bytes: 16 * 1024,
+            max_headers: 100,
+            head_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            buffer_body_bytes: 1024 * 1024,
+            buffer_budget: 256 * 1024 * 1024,
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// ingestd patch: counts a connection as open for as long as this lives.
+struct ConnectionGuard {
+    count: Arc<AtomicUsize>,
+}
+
+impl ConnectionGuard {
+    fn new(count: &Arc<AtomicUsize>) -> ConnectionGuard {
+        count.fetch_add(1, AcqRel);
+        ConnectionGuard {
+            count: count.clone(),
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, AcqRel);
+    }
+}
+
+/// ingestd patch: how long the accept thread may spend writing the refusal
+/// to a connection over `Limits::max_connections`.
+const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// ingestd patch: answers a connection over the limit with a 503 and closes
+/// it, without blocking the accept thread for long on a client that does
+/// not read.
+fn refuse_connection(mut sock: Connection, limits: &Limits) {
+    let _ = sock.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
+    let detail = format!(
+        "the server already has {} connections open",
+        limits.max_connections
+    );
+    let _ = util::ErrorResponse::too_many_connections(detail).write_to(&mut sock);
+    let _ = sock.shutdown(Shutdown::Write);
+}
+
+// ingestd patch: a zero timeout is refused by sockets
+fn socket_timeout(timeout: Duration) -> Option<Duration> {
+    Some(timeout.max(Duration::from_millis(1)))
+}
+
 /// Configuration of the server for SSL.
 #[derive(Debug, Clone)]
 pub struct SslConfig {
@@ -201,6 +289,19 @@ impl Server {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
             ssl: None,
         })
+    }
+
+    /// Shortcut for a simple server on a specific address, with the given
+    /// limits on clients (ingestd patch).
+    pub fn http_with_limits<A>(
+        addr: A,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>>
+    where
+        A: ToSocketAddrs,
+    {
+        let listener = ConfigListenAddr::from_socket_addrs(addr)?.bind()?;
+        Server::from_listener_with_limits(listener, None, limits)
     }
 
     /// Shortcut for an HTTPS server on a specific address.
@@ -245,6 +346,16 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, Limits::default())
+    }
+
+    /// Builds a new server using the specified listener, with the given
+    /// limits on clients (ingestd patch).
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
@@ -285,8 +396,14 @@ impl Server {
         // and ClientConnection objects are pushed in the messages queue
         let messages = MessagesQueue::with_capacity(8);
 
+        // ingestd patch: shared with the connections
+        let connections = Arc::new(AtomicUsize::new(0));
+        let budget = util::Budget::new(limits.buffer_budget);
+
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
+        let inside_connections = connections.clone();
+        let inside_budget = budget.clone();
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
@@ -296,16 +413,22 @@ impl Server {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        // ingestd patch: over the connection limit, refuse
+                        // at once rather than queue the connection.
+                        if limits.max_connections > 0
+                            && inside_connections.load(Acquire) >= limits.max_connections
+                        {
+                            refuse_connection(sock, &limits);
+                            continue;
+                        }
                         // ingestd patch: a client that stalls while
                         // sending a request or reading a response gives up
-                        // its thread after this long instead of holding it
-                        // for ever; idle keep-alive connections close too.
-                        if let connection::Connection::Tcp(ref s) = sock {
-                            let timeout = Some(std::time::Duration::from_secs(30));
-                            let _ = s.set_read_timeout(timeout);
-                            let _ = s.set_write_timeout(timeout);
-                        }
-                        let (read_closable, write_closable) = match ssl {
+                        // its thread instead of holding it for ever. The read
+                        // timeout is then shortened to meet the connection's
+                        // deadlines (see `Limits`).
+                        let _ = sock.set_read_timeout(socket_timeout(limits.head_timeout));
+                        let _ = sock.set_write_timeout(socket_timeout(limits.write_timeout));
+                        let (mut read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
@@ -322,7 +445,19 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        // ingestd patch: the deadline for the request head
+                        // and buffered bodies, checked on every read
+                        let deadline = util::Deadline::new();
+                        let idle_timeout = socket_timeout(limits.body_timeout);
+                        read_closable.set_deadline(deadline.clone(), idle_timeout);
+
+                        Ok(ClientConnection::new(
+                            write_closable,
+                            read_closable,
+                            limits.clone(),
+                            deadline,
+                            inside_budget.clone(),
+                        ))
                     }
                     Err(e) => Err(e),
                 };
@@ -330,9 +465,13 @@ impl Server {
                 match new_client {
                     Ok(client) => {
                         let messages = inside_messages.clone();
-                        let mut client = Some(client);
+                        // ingestd patch: the connection counts as open until
+                        // its task ends, however it ends (or until the task
+                        // is dropped without running).
+                        let guard = ConnectionGuard::new(&inside_connections);
+                        let mut client = Some((client, guard));
                         tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
+                            if let Some((client, _guard)) = client.take() {
                                 // ingestd patch: one request at a time per
                                 // connection, for plain HTTP too (upstream
                                 // did this for HTTPS only). A pipelined
@@ -371,6 +510,8 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            connections,
+            budget,
         })
     }
 
@@ -389,9 +530,17 @@ impl Server {
     }
 
     /// Returns the number of clients currently connected to the server.
+    ///
+    /// ingestd patch: implemented (upstream left it `unimplemented!()`).
     pub fn num_connections(&self) -> usize {
-        unimplemented!()
-        //self.requests_receiver.lock().len()
+        self.connections.load(Acquire)
+    }
+
+    /// Returns the bytes of buffered request bodies held now, by requests
+    /// not yet handed out and by requests (or their bodies) still alive
+    /// (ingestd patch).
+    pub fn buffered_bytes(&self) -> usize {
+        self.budget.used()
     }
 
     /// Blocks until an HTTP request has been submitted and returns it.

@@ -7,9 +7,8 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{EqualReader, FusedReader};
+use crate::util::{ChunkedReader, EqualReader, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -218,7 +217,10 @@ where
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+        // ingestd patch: a decoder that bounds the chunk-size lines it reads
+        // and passes I/O errors (such as timeouts) on as they are.
+        Box::new(FusedReader::new(ChunkedReader::new(source_data)))
+            as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
@@ -472,6 +474,18 @@ impl Request {
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
         self.notify_when_responded = Some(sender);
         self
+    }
+
+    /// ingestd patch: replaces the body reader, returning the one it had,
+    /// so that the connection can hand out a body it has read into memory.
+    /// A `100 Continue` still owed is not sent by this; use `as_reader()`
+    /// first when the old reader is to be read from.
+    pub(crate) fn replace_reader(
+        &mut self,
+        reader: Box<dyn Read + Send + 'static>,
+    ) -> Box<dyn Read + Send + 'static> {
+        let old = self.data_reader.replace(reader);
+        old.unwrap_or_else(|| Box::new(io::empty()))
     }
 }
 

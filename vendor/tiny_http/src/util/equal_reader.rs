@@ -17,6 +17,10 @@ where
     last_read_signal: Sender<IoResult<()>>,
 }
 
+/// ingestd patch: most bytes of an unread body drained when its reader is
+/// dropped; beyond this the connection closes instead.
+pub const DRAIN_LIMIT: usize = 1 << 20;
+
 impl<R> EqualReader<R>
 where
     R: Read,
@@ -68,7 +72,7 @@ where
         // ingestd patch: a large unread body is not drained at all: the
         // error makes the connection close instead of reading, say, a
         // claimed 16 EiB from the client.
-        if remaining_to_read > 1 << 20 {
+        if remaining_to_read > DRAIN_LIMIT {
             let err = std::io::Error::new(std::io::ErrorKind::Other, "unread body too large");
             self.last_read_signal.send(Err(err)).ok();
             return;

@@ -1,5 +1,11 @@
+// ingestd patch: buffered bodies, deadlines, bounded chunked decoding and
+// the library's own error responses.
+pub use self::buffered_body::{BufferedBody, Budget, Reservation};
+pub use self::chunked_reader::ChunkedReader;
 pub use self::custom_stream::CustomStream;
-pub use self::equal_reader::EqualReader;
+pub use self::deadline::{Deadline, Remaining};
+pub use self::error_response::ErrorResponse;
+pub use self::equal_reader::{EqualReader, DRAIN_LIMIT};
 pub use self::fused_reader::FusedReader;
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
@@ -9,7 +15,11 @@ pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
 
+mod buffered_body;
+mod chunked_reader;
 mod custom_stream;
+mod deadline;
+mod error_response;
 mod equal_reader;
 mod fused_reader;
 mod messages_queue;

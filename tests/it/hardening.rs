@@ -1,0 +1,664 @@
+//! Bad and hostile input: every malformed, oversized, unauthorized or
+//! stalling request gets its own clear answer, writes nothing, and leaves
+//! the server serving everyone else.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use ingestd::Role;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::util::{Resp, TestEnv, get, raw_request, request, wait_until};
+
+const KEY: &str = "hardening-key-0123456789";
+
+/// How a case reaches the server.
+enum Send {
+    /// A well-formed request with these headers and body; the API key is
+    /// added unless the headers carry `Authorization` or `X-Api-Key`.
+    Request(&'static str, String, Vec<(String, String)>, Vec<u8>),
+    /// Raw bytes, then, with `true`, the end of the client's sending side.
+    Raw(Vec<u8>, bool),
+}
+
+struct Case {
+    name: &'static str,
+    send: Send,
+    status: u16,
+    code: &'static str,
+}
+
+fn case(
+    name: &'static str,
+    method: &'static str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    status: u16,
+    code: &'static str,
+) -> Case {
+    let headers = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Case {
+        name,
+        send: Send::Request(method, path.to_string(), headers, body.to_vec()),
+        status,
+        code,
+    }
+}
+
+fn raw(
+    name: &'static str,
+    bytes: Vec<u8>,
+    half_close: bool,
+    status: u16,
+    code: &'static str,
+) -> Case {
+    Case {
+        name,
+        send: Send::Raw(bytes, half_close),
+        status,
+        code,
+    }
+}
+
+fn run(addr: SocketAddr, send: &Send) -> Resp {
+    match send {
+        Send::Request(method, path, headers, body) => {
+            let mut all: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let has_key = all.iter().any(|(k, _)| {
+                k.eq_ignore_ascii_case("authorization") || k.eq_ignore_ascii_case("x-api-key")
+            });
+            if !has_key {
+                all.push(("X-Api-Key", KEY));
+            }
+            request(addr, method, path, &all, body).expect("request")
+        }
+        Send::Raw(bytes, half_close) => {
+            raw_request(addr, bytes, *half_close, Duration::from_secs(10)).expect("raw request")
+        }
+    }
+}
+
+/// A raw `POST /v1/events` with the key and JSON content type, the given
+/// extra header lines and the body as sent (not as announced).
+fn raw_post(extra: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\
+         Content-Type: application/json\r\n{extra}\r\n"
+    )
+    .into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_writes_nothing() {
+    let env = TestEnv::new("badinput");
+    let config = env.config_with(&[
+        ("INGEST_API_KEYS", KEY),
+        ("INGEST_MAX_BODY_BYTES", "4096"),
+        ("INGEST_MAX_BATCH", "5"),
+        ("INGEST_MAX_PAYLOAD_BYTES", "512"),
+        ("INGEST_MAX_JSON_DEPTH", "8"),
+        ("INGEST_HTTP_MAX_HEADER_BYTES", "4096"),
+        ("INGEST_HTTP_BODY_TIMEOUT", "1s"),
+    ]);
+    let app = env.start_role(&config, Role::All);
+    let addr = app.http_addr().unwrap();
+    let json_ct = ("Content-Type", "application/json");
+    let post = |name, headers: &[(&str, &str)], body: &[u8], status, code| {
+        case(name, "POST", "/v1/events", headers, body, status, code)
+    };
+    let deep = format!("{{\"payload\":{}1{}}}", "[".repeat(20), "]".repeat(20));
+    let big_payload = json!({ "payload": "x".repeat(600) }).to_string();
+    let big_batch = json!(vec![json!({"payload": 1}); 6]).to_string();
+    let id = Uuid::new_v4();
+    let many_headers: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let chunked_big = {
+        let chunk = format!("1000\r\n{}\r\n", " ".repeat(4096));
+        format!("Transfer-Encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n")
+    };
+
+    let cases = vec![
+        post(
+            "malformed json",
+            &[json_ct],
+            b"{\"payload\": ",
+            400,
+            "invalid_json",
+        ),
+        post(
+            "truncated json",
+            &[json_ct],
+            b"{\"payload\":[1,2",
+            400,
+            "invalid_json",
+        ),
+        post("empty body", &[json_ct], b"", 400, "invalid_json"),
+        post("blank body", &[json_ct], b" \r\n ", 400, "invalid_json"),
+        post(
+            "invalid utf-8",
+            &[json_ct],
+            b"{\"payload\":\"\xff\xfe\"}",
+            400,
+            "invalid_json",
+        ),
+        post("non-object body", &[json_ct], b"42", 400, "invalid_body"),
+        post(
+            "string body",
+            &[json_ct],
+            b"\"payload\"",
+            400,
+            "invalid_body",
+        ),
+        post(
+            "missing payload",
+            &[json_ct],
+            b"{\"data\":1}",
+            400,
+            "invalid_body",
+        ),
+        post(
+            "null payload",
+            &[json_ct],
+            b"{\"payload\":null}",
+            400,
+            "invalid_body",
+        ),
+        post(
+            "nul in payload",
+            &[json_ct],
+            b"{\"payload\":\"a\\u0000b\"}",
+            400,
+            "invalid_body",
+        ),
+        post(
+            "type not a string",
+            &[json_ct],
+            b"{\"payload\":1,\"type\":5}",
+            400,
+            "invalid_body",
+        ),
+        post(
+            "key too long",
+            &[json_ct],
+            format!("{{\"payload\":1,\"key\":\"{}\"}}", "k".repeat(256)).as_bytes(),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "id not a uuid",
+            &[json_ct],
+            b"{\"payload\":1,\"id\":\"42\"}",
+            400,
+            "invalid_body",
+        ),
+        post("deep nesting", &[json_ct], deep.as_bytes(), 400, "too_deep"),
+        post("empty batch", &[json_ct], b"[]", 400, "invalid_body"),
+        post(
+            "bad batch item",
+            &[json_ct],
+            b"[{\"payload\":1},{\"payload\":null}]",
+            400,
+            "invalid_body",
+        ),
+        post(
+            "batch with a duplicate id",
+            &[json_ct],
+            json!([{"id": id.to_string(), "payload": 1}, {"id": id.to_string(), "payload": 2}])
+                .to_string()
+                .as_bytes(),
+            400,
+            "invalid_body",
+        ),
+        post(
+            "batch with an Idempotency-Key",
+            &[json_ct, ("Idempotency-Key", "k1")],
+            b"[{\"payload\":1}]",
+            400,
+            "invalid_body",
+        ),
+        post(
+            "invalid Idempotency-Key",
+            &[json_ct, ("Idempotency-Key", "has space")],
+            b"{\"payload\":1}",
+            400,
+            "invalid_idempotency_key",
+        ),
+        post(
+            "oversize payload",
+            &[json_ct],
+            big_payload.as_bytes(),
+            413,
+            "payload_too_large",
+        ),
+        post(
+            "oversize batch",
+            &[json_ct],
+            big_batch.as_bytes(),
+            413,
+            "batch_too_large",
+        ),
+        post(
+            "oversize body",
+            &[json_ct],
+            &[b' '; 5000],
+            413,
+            "body_too_large",
+        ),
+        raw(
+            "oversize chunked body",
+            raw_post(&chunked_big, b""),
+            false,
+            413,
+            "body_too_large",
+        ),
+        raw(
+            "impossible Content-Length",
+            raw_post("Content-Length: 18446744073709551615\r\n", b""),
+            false,
+            413,
+            "body_too_large",
+        ),
+        post(
+            "wrong content type",
+            &[("Content-Type", "text/plain")],
+            b"{\"payload\":1}",
+            415,
+            "unsupported_media_type",
+        ),
+        post(
+            "missing content type",
+            &[],
+            b"{\"payload\":1}",
+            415,
+            "unsupported_media_type",
+        ),
+        raw(
+            "truncated body",
+            raw_post("Content-Length: 40\r\n", b"{\"payload\":"),
+            true,
+            400,
+            "bad_request",
+        ),
+        raw(
+            "stalled body",
+            raw_post("Content-Length: 40\r\n", b"{\"payload\":"),
+            false,
+            408,
+            "request_timeout",
+        ),
+        case(
+            "wrong method on ingest",
+            "GET",
+            "/Ingestion/ingest",
+            &[],
+            b"",
+            405,
+            "method_not_allowed",
+        ),
+        case(
+            "wrong method on events",
+            "PUT",
+            "/v1/events",
+            &[json_ct],
+            b"{}",
+            405,
+            "method_not_allowed",
+        ),
+        case(
+            "delete an event",
+            "DELETE",
+            &format!("/v1/events/{id}"),
+            &[],
+            b"",
+            405,
+            "method_not_allowed",
+        ),
+        case(
+            "unknown path",
+            "POST",
+            "/v2/events",
+            &[json_ct],
+            b"{\"payload\":1}",
+            404,
+            "not_found",
+        ),
+        case(
+            "invalid id",
+            "GET",
+            "/v1/events/123",
+            &[],
+            b"",
+            400,
+            "invalid_id",
+        ),
+        case(
+            "invalid id to retry",
+            "POST",
+            "/v1/events/zzz/retry",
+            &[],
+            b"",
+            400,
+            "invalid_id",
+        ),
+        post(
+            "missing API key",
+            &[json_ct, ("Authorization", "")],
+            b"{\"payload\":1}",
+            401,
+            "unauthorized",
+        ),
+        post(
+            "wrong API key",
+            &[json_ct, ("X-Api-Key", "wrong-key-0123456789abcd")],
+            b"{\"payload\":1}",
+            401,
+            "unauthorized",
+        ),
+        post(
+            "key with the wrong scheme",
+            &[json_ct, ("Authorization", &format!("Basic {KEY}"))],
+            b"{\"payload\":1}",
+            401,
+            "unauthorized",
+        ),
+        case(
+            "query without a key",
+            "GET",
+            &format!("/v1/events/{id}"),
+            &[("Authorization", "Bearer nope")],
+            b"",
+            401,
+            "unauthorized",
+        ),
+        raw(
+            "one huge header",
+            raw_post(&format!("X-Filler: {}\r\n", "a".repeat(8000)), b""),
+            false,
+            431,
+            "header_too_large",
+        ),
+        raw(
+            "header flood",
+            raw_post(&many_headers, b""),
+            false,
+            431,
+            "header_too_large",
+        ),
+        raw(
+            "endless header line",
+            [b"GET /healthz HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 100_000]].concat(),
+            false,
+            431,
+            "header_too_large",
+        ),
+        raw(
+            "malformed request line",
+            b"NONSENSE\r\n\r\n".to_vec(),
+            false,
+            400,
+            "bad_request",
+        ),
+        raw(
+            "malformed header",
+            b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n".to_vec(),
+            false,
+            400,
+            "bad_request",
+        ),
+    ];
+    let mut summary = Vec::new();
+    for c in &cases {
+        let resp = run(addr, &c.send);
+        let body = String::from_utf8_lossy(&resp.body).to_string();
+        assert_eq!(resp.status, c.status, "{}: {body}", c.name);
+        let err = resp.json();
+        assert_eq!(err["error"], c.code, "{}: {body}", c.name);
+        assert!(
+            err["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{}",
+            c.name
+        );
+        match c.status {
+            405 => assert!(resp.header("allow").is_some(), "{}: Allow", c.name),
+            401 => assert!(resp.header("www-authenticate").is_some(), "{}", c.name),
+            _ => {}
+        }
+        if c.name == "bad batch item" {
+            assert_eq!(err["index"], 1);
+        }
+        for table in ["events", "outbox", "idempotency_keys"] {
+            let n = env.count(&format!("SELECT count(*) FROM {table}"));
+            assert_eq!(n, 0, "{}: wrote to {table}", c.name);
+        }
+        // Still serving: an authorized query answers.
+        let probe = request(
+            addr,
+            "GET",
+            &format!("/v1/events/{id}"),
+            &[("X-Api-Key", KEY)],
+            b"",
+        )
+        .unwrap_or_else(|e| panic!("{}: server no longer answers: {e}", c.name));
+        assert_eq!(probe.status, 404, "{}: server still serves", c.name);
+        summary.push(format!("{:<32} {} {}", c.name, c.status, c.code));
+    }
+    eprintln!("bad-input cases:\n{}", summary.join("\n"));
+    let ok = request(
+        addr,
+        "POST",
+        "/v1/events",
+        &[json_ct, ("X-Api-Key", KEY)],
+        b"{\"payload\":1}",
+    )
+    .unwrap();
+    assert_eq!(ok.status, 202);
+    app.shutdown().unwrap();
+}
+
+/// A client that sends `at_once`, then `bytes` one byte a second, and
+/// returns what the server answered.
+fn trickle(
+    addr: SocketAddr,
+    at_once: &'static [u8],
+    bytes: &'static [u8],
+) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(at_once).unwrap();
+        for b in bytes {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_secs(1));
+        }
+        // Whatever the server said before it closed.
+        let mut answer = String::new();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    })
+}
+
+#[test]
+fn stalled_connections_do_not_block_other_clients() {
+    let env = TestEnv::new("stalled");
+    let config = env.config_with(&[
+        ("INGEST_HTTP_HEADER_TIMEOUT", "3s"),
+        ("INGEST_HTTP_BODY_TIMEOUT", "3s"),
+    ]);
+    let app = env.start_role(&config, Role::All);
+    let addr = app.http_addr().unwrap();
+    // More stalled clients than handler threads (4 in tests): half in
+    // their headers, half in their bodies, one byte a second.
+    let head: &'static [u8] =
+        b"POST /v1/events HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n";
+    let body: &'static [u8] = b"{\"payload\":\"slow!\"}";
+    let tricklers: Vec<_> = (0..6)
+        .map(|_| trickle(addr, b"", head))
+        .chain((0..6).map(|_| trickle(addr, head, body)))
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    // Everyone else is served meanwhile.
+    let ids: Vec<Uuid> = (0..40)
+        .map(|i| crate::util::ingest(addr, &json!(i)))
+        .collect();
+    env.wait_processed(&ids, Duration::from_secs(10));
+    assert_eq!(get(addr, "/healthz").status, 200);
+    // The tricklers are cut off at their deadlines with 408.
+    for t in tricklers {
+        let answer = t.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM events"), 40);
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn hostile_requests_do_not_hurt_the_server() {
+    let env = TestEnv::new("hostile");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    // Two ingests pipelined on one connection are both answered, in order,
+    // although group commit may commit them in either order.
+    let one = "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+               Content-Length: 13\r\n\r\n{\"payload\":1}";
+    let last = one.replace("Host: x\r\n", "Host: x\r\nConnection: close\r\n");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{one}{one}{one}{last}").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer.matches("HTTP/1.1 202").count(), 4, "{answer}");
+
+    // Clients stalled half-way through their requests hold their own
+    // connections only; everyone else is served, and shutdown does not
+    // wait for them.
+    let stalled: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Le")
+                .unwrap();
+            s
+        })
+        .collect();
+    let ids: Vec<Uuid> = (0..20)
+        .map(|i| crate::util::ingest(addr, &json!(i)))
+        .collect();
+    env.wait_processed(&ids, Duration::from_secs(10));
+    app.shutdown()
+        .expect("stalled clients do not hold up shutdown");
+    drop(stalled);
+}
+
+#[test]
+fn connections_beyond_the_cap_are_refused_at_once() {
+    let env = TestEnv::new("conncap");
+    let app = env.start_role(
+        &env.config_with(&[("INGEST_HTTP_MAX_CONNECTIONS", "6")]),
+        Role::All,
+    );
+    let addr = app.http_addr().unwrap();
+    let held: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    wait_until(Duration::from_secs(5), "the server refuses a 7th", || {
+        let resp = raw_request(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            false,
+            Duration::from_secs(5),
+        );
+        resp.is_ok_and(|r| {
+            r.status == 503
+                && r.header("retry-after").is_some()
+                && r.json()["error"] == "too_many_connections"
+        })
+    });
+    drop(held);
+    wait_until(
+        Duration::from_secs(10),
+        "served again once they close",
+        || request(addr, "GET", "/healthz", &[], b"").is_ok_and(|r| r.status == 200),
+    );
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn bodies_beyond_the_memory_budget_get_503() {
+    let env = TestEnv::new("budget");
+    let app = env.start_role(
+        &env.config_with(&[
+            ("INGEST_HTTP_BUFFER_BYTES", "10000"),
+            ("INGEST_MAX_BODY_BYTES", "8000"),
+        ]),
+        Role::All,
+    );
+    let addr = app.http_addr().unwrap();
+    // One client announces 8000 bytes and sends them slowly: its body
+    // holds 8000 bytes of the budget until it is done.
+    let body = json!({ "payload": "x".repeat(7000) }).to_string();
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    slow.write_all(&body.as_bytes()[..100]).unwrap();
+    let other = json!({ "payload": "y".repeat(3000) }).to_string();
+    wait_until(
+        Duration::from_secs(5),
+        "a second large body is refused",
+        || {
+            let r = request(
+                addr,
+                "POST",
+                "/v1/events",
+                &[("Content-Type", "application/json")],
+                other.as_bytes(),
+            )
+            .unwrap();
+            r.status == 503 && r.json()["error"] == "busy" && r.header("retry-after").is_some()
+        },
+    );
+    // Small bodies still fit.
+    assert_eq!(
+        crate::util::post_json(addr, "/v1/events", r#"{"payload":1}"#).status,
+        202
+    );
+    // Once the slow body is in, its share of the budget comes back.
+    slow.write_all(&body.as_bytes()[100..]).unwrap();
+    let mut answer = String::new();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    // (It is given back when the request is dropped, just after the
+    // answer is written.)
+    wait_until(Duration::from_secs(5), "the budget is free again", || {
+        let r = request(
+            addr,
+            "POST",
+            "/v1/events",
+            &[("Content-Type", "application/json")],
+            other.as_bytes(),
+        )
+        .unwrap();
+        r.status == 202
+    });
+    app.shutdown().unwrap();
+}
