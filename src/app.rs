@@ -272,6 +272,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             health,
             metrics,
             stats,
+            server: server.clone(),
         });
         for i in 0..config.http_threads {
             let (server, api, stopping) = (server.clone(), api.clone(), stopping.clone());

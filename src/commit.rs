@@ -134,6 +134,8 @@ fn commit_idempotent(store: &Store, p: Pending, settings: &Settings) {
             if let Written::Stored { created, .. } = &written {
                 let n = created.iter().filter(|c| **c).count();
                 settings.metrics.events_committed.add(n as u64);
+                let replayed = created.len() - n;
+                settings.metrics.events_replayed.add(replayed as u64);
             }
             Ok(written)
         }

@@ -51,6 +51,8 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     /// What the status page and `/v1/stats` show.
     pub stats: Arc<Stats>,
+    /// The server, for its connection and memory gauges.
+    pub server: Arc<Server>,
 }
 
 /// A response body: status, JSON and extra headers.
@@ -504,6 +506,8 @@ impl Api {
             outbox_oldest_seconds,
             pool_in_use,
             pool_idle,
+            http_connections: Some(self.server.num_connections()),
+            http_buffered_bytes: Some(self.server.buffered_bytes()),
         });
         Response::from_data(text.into_bytes()).with_header(header(
             "Content-Type",

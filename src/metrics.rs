@@ -112,6 +112,8 @@ pub struct Metrics {
     pub commit_batch_size: Histogram,
     /// Events written by the committers.
     pub events_committed: Counter,
+    /// Events an idempotent request found already stored.
+    pub events_replayed: Counter,
     /// Messages the relay published and the broker confirmed.
     pub published: Counter,
     /// Time from the first publish of a relay batch to its last confirm.
@@ -141,6 +143,7 @@ impl Default for Metrics {
             ingest_seconds: Histogram::new(SECONDS),
             commit_batch_size: Histogram::new(SIZES),
             events_committed: Counter::default(),
+            events_replayed: Counter::default(),
             published: Counter::default(),
             confirm_seconds: Histogram::new(SECONDS),
             deliveries: Counter::default(),
@@ -166,6 +169,10 @@ pub struct Gauges {
     pub pool_in_use: u32,
     /// Idle pooled connections.
     pub pool_idle: u32,
+    /// Open client connections, in processes serving HTTP.
+    pub http_connections: Option<usize>,
+    /// Bytes of request bodies held in memory.
+    pub http_buffered_bytes: Option<usize>,
 }
 
 impl Metrics {
@@ -208,6 +215,11 @@ impl Metrics {
                 &self.events_committed,
                 "ingestd_events_committed_total",
                 "Events written by the API.",
+            ),
+            (
+                &self.events_replayed,
+                "ingestd_events_replayed_total",
+                "Events of idempotent requests that were already stored.",
             ),
             (
                 &self.published,
@@ -301,6 +313,22 @@ impl Metrics {
             "Idle pooled connections.",
             gauges.pool_idle.to_string(),
         );
+        if let Some(n) = gauges.http_connections {
+            gauge(
+                &mut out,
+                "ingestd_http_connections",
+                "Open client connections.",
+                n.to_string(),
+            );
+        }
+        if let Some(n) = gauges.http_buffered_bytes {
+            gauge(
+                &mut out,
+                "ingestd_http_buffered_bytes",
+                "Bytes of request bodies held in memory.",
+                n.to_string(),
+            );
+        }
         out
     }
 }

@@ -4,7 +4,9 @@
 #
 #   1. pgbench: the two-row transaction (event + outbox) at the API's
 #      concurrency: the ceiling for one transaction per request.
-#   2. ingest: 202s per second at that concurrency, and the ratio to (1).
+#   2. ingest: 202s per second at that concurrency, and the ratio to (1);
+#      then batches of 100 events per request (API role alone) against
+#      pgbench writing 100 events and outbox rows per transaction.
 #   3. end to end: the highest offered rate at which processing keeps up.
 #   4. latency ingest -> processed at fixed rates: p50, p99, p99.9.
 #   5. relay: rows published per second, against a raw publish loop.
@@ -19,6 +21,7 @@ DB_URL=${INGEST_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 AMQP_URL=${INGEST_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 PORT=${BENCH_PORT:-5093}
 CONC=${BENCH_CONCURRENCY:-64}
+BATCH_CONC=${BENCH_BATCH_CONCURRENCY:-16}
 NAME=bench_$(date +%s)_$$
 OUT=${BENCH_OUT:-target/bench.json}
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
@@ -81,6 +84,28 @@ log "pgbench: $CONC clients, ${T}s"
 PGOPTIONS="-c search_path=$NAME" pgbench -n -M prepared -c "$CONC" -j 2 -T "$T" \
   -f "$WORK/tx.sql" "$DB_URL" >"$WORK/pgbench.txt" 2>&1
 PG_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/pgbench.txt" | head -n1)
+reset
+
+# 2b. Batches: pgbench with 100 events per transaction, then the API alone
+#     taking 100 events per request.
+cat >"$WORK/batch.sql" <<'SQL'
+BEGIN;
+WITH e AS (INSERT INTO events (id, payload)
+           SELECT gen_random_uuid(), '{"n": 1, "pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}'
+           FROM generate_series(1, 100) RETURNING id)
+INSERT INTO outbox (event_id) SELECT id FROM e;
+END;
+SQL
+log "pgbench: 100 events per tx, $BATCH_CONC clients, ${T}s"
+PGOPTIONS="-c search_path=$NAME" pgbench -n -M prepared -c "$BATCH_CONC" -j 2 -T "$T" \
+  -f "$WORK/batch.sql" "$DB_URL" >"$WORK/pgbench-batch.txt" 2>&1
+PG_BATCH_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/pgbench-batch.txt" | head -n1)
+reset
+start api
+log "batch ingest: 100 events per request, concurrency $BATCH_CONC, ${T}s"
+load "$WORK/batch.json" --path /v1/events --batch 100 --concurrency "$BATCH_CONC" \
+  --duration "${T}s" --payload-bytes 100
+stop
 reset
 
 # 2. Ingest, closed loop, with relay and workers running in the same process.
@@ -154,6 +179,9 @@ import json, sys, platform, os
 out, work = sys.argv[1], sys.argv[2]
 ingest = json.load(open(f"{work}/ingest.json"))
 pg = float("$PG_TPS")
+batch = json.load(open(f"{work}/batch.json"))
+pg_batch_events = float("$PG_BATCH_TPS") * 100
+batch_events = batch["accepted"] * 100 / batch["elapsed_s"]
 e2e = [dict(zip(["rate", "accepted", "backlog", "kept_up"], map(int, r.split(":")))) for r in "$E2E_ROWS".split()]
 lat = [dict(zip(["rate", "p50_ms", "p99_ms", "p999_ms"], [int(x.split(":")[0])] + [float(v) for v in x.split(":")[1:]])) for x in "$LAT".split()]
 res = {
@@ -164,6 +192,11 @@ res = {
     "ingest_per_s": ingest["throughput_per_s"],
     "ingest_latency_ms": ingest["latency_ms"],
     "ingest_ratio_to_pgbench": round(ingest["throughput_per_s"] / pg, 2) if pg else None,
+    "batch_concurrency": $BATCH_CONC,
+    "pgbench_batch_events_per_s": round(pg_batch_events),
+    "batch_ingest_events_per_s": round(batch_events),
+    "batch_ingest_latency_ms": batch["latency_ms"],
+    "batch_ratio_to_pgbench": round(batch_events / pg_batch_events, 2) if pg_batch_events else None,
     "end_to_end": e2e,
     "end_to_end_sustained_per_s": $E2E_BEST,
     "ingest_to_processed": lat,
@@ -178,6 +211,9 @@ rows = [
     ("pgbench, event+outbox per tx, %d clients" % res["concurrency"], "%.0f tx/s" % pg),
     ("ingest 202s, concurrency %d" % res["concurrency"], "%.0f/s (%.2fx pgbench)" % (res["ingest_per_s"], res["ingest_ratio_to_pgbench"] or 0)),
     ("ingest latency p50 / p99 / p99.9", "%.2f / %.2f / %.2f ms" % (ingest["latency_ms"]["p50"], ingest["latency_ms"]["p99"], ingest["latency_ms"]["p99_9"])),
+    ("pgbench, 100 events+outbox per tx, %d clients" % res["batch_concurrency"], "%.0f events/s" % pg_batch_events),
+    ("batch ingest, 100 per request, %d clients (api role)" % res["batch_concurrency"], "%.0f events/s (%.2fx pgbench)" % (batch_events, res["batch_ratio_to_pgbench"] or 0)),
+    ("batch request latency p50 / p99", "%.2f / %.2f ms" % (batch["latency_ms"]["p50"], batch["latency_ms"]["p99"])),
     ("end to end sustained", "%d events/s" % res["end_to_end_sustained_per_s"]),
 ]
 for e in e2e:

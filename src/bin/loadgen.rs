@@ -49,7 +49,9 @@ Options:
                       schedule shared by the threads, latency measured from
                       each request's scheduled time; without it every thread
                       sends back-to-back
-  --payload-bytes B   size of each request body in bytes [default: 100]
+  --payload-bytes B   size of each event in bytes [default: 100]
+  --batch N           events per request, sent as a JSON array when above 1
+                      (use --path /v1/events) [default: 1]
   --ids-out FILE      write the id of every 202 response to FILE, one a line
   --json              print one JSON object instead of the summary line
   --timeout D         limit on each request, connecting included [default: 10s]
@@ -59,7 +61,7 @@ With both --duration and --requests the first limit reached ends the run.
 Exit status: 0; 1 when no request got a 2xx answer; 2 on a bad argument.
 ";
 
-const FLAGS: [&str; 10] = [
+const FLAGS: [&str; 11] = [
     "--url",
     "--path",
     "--concurrency",
@@ -67,6 +69,7 @@ const FLAGS: [&str; 10] = [
     "--requests",
     "--rate",
     "--payload-bytes",
+    "--batch",
     "--ids-out",
     "--timeout",
     "--json",
@@ -79,6 +82,7 @@ const DEFAULT_PAYLOAD_BYTES: usize = 100;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONCURRENCY: usize = 10_000;
 const MAX_PAYLOAD_BYTES: usize = 64 * 1024 * 1024;
+const MAX_BATCH: u64 = 100_000;
 /// Pause after a failed connect, so that a server that is down costs a
 /// trickle of errors rather than a busy loop.
 const CONNECT_BACKOFF: Duration = Duration::from_millis(10);
@@ -98,6 +102,8 @@ struct Args {
     /// Requests per second in all; `None` for a closed loop.
     rate: Option<f64>,
     payload_bytes: usize,
+    /// Events per request; above 1 the body is an array.
+    batch: usize,
     ids_out: Option<PathBuf>,
     json: bool,
     timeout: Duration,
@@ -293,6 +299,10 @@ fn parse_args(args: Vec<String>) -> Result<Option<Args>, ArgError> {
         Some(b) => check(b, |v| parse_size(v, MAX_PAYLOAD_BYTES))?,
         None => DEFAULT_PAYLOAD_BYTES,
     };
+    let batch = match take("--batch") {
+        Some(n) => check(n, |v| parse_count(v, MAX_BATCH))? as usize,
+        None => 1,
+    };
     let ids_out = take("--ids-out").map(|(_, file)| PathBuf::from(file));
     let timeout = match take("--timeout") {
         Some(t) => check(t, parse_duration)?,
@@ -310,6 +320,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Args>, ArgError> {
         requests,
         rate,
         payload_bytes,
+        batch,
         ids_out,
         json,
         timeout,
@@ -470,7 +481,7 @@ fn run(args: &Args) -> Result<ExitCode, RunError> {
 /// Sends back-to-back until the request count or the duration runs out.
 fn closed_loop(args: &Args, mut client: Client, start: Instant, next_seq: &AtomicU64) -> Tally {
     let mut tally = Tally::new();
-    let mut body = Vec::with_capacity(args.payload_bytes);
+    let mut body = Vec::with_capacity(args.payload_bytes * args.batch);
     let end = args.duration.map(|d| start + d);
     loop {
         if end.is_some_and(|end| Instant::now() >= end) {
@@ -482,7 +493,7 @@ fn closed_loop(args: &Args, mut client: Client, start: Instant, next_seq: &Atomi
         if args.requests.is_some_and(|n| seq >= n) {
             break;
         }
-        write_body(&mut body, seq, args.payload_bytes);
+        write_body(&mut body, seq, args.payload_bytes, args.batch);
         send(
             &mut client,
             &body,
@@ -498,7 +509,7 @@ fn closed_loop(args: &Args, mut client: Client, start: Instant, next_seq: &Atomi
 /// that puts request `k` at `start + k / rate`.
 fn open_loop(args: &Args, index: usize, rate: f64, mut client: Client, start: Instant) -> Tally {
     let mut tally = Tally::new();
-    let mut body = Vec::with_capacity(args.payload_bytes);
+    let mut body = Vec::with_capacity(args.payload_bytes * args.batch);
     let end = args.duration.map(|d| start + d);
     let due = |seq: u64| start + Duration::from_secs_f64(seq as f64 / rate);
     let mut seq = index as u64;
@@ -523,7 +534,7 @@ fn open_loop(args: &Args, index: usize, rate: f64, mut client: Client, start: In
             }
         }
         wait_until(intended);
-        write_body(&mut body, seq, args.payload_bytes);
+        write_body(&mut body, seq, args.payload_bytes, args.batch);
         // Behind schedule the request goes out at once, but its latency
         // still counts from when it was due.
         send(
@@ -557,8 +568,8 @@ fn send(client: &mut Client, body: &[u8], since: Instant, keep_ids: bool, tally:
             tally.latency.record(since.elapsed());
             *tally.statuses.entry(response.status).or_default() += 1;
             if keep_ids && response.status == 202 {
-                match accepted_id(response.body) {
-                    Some(id) => tally.ids.push(id),
+                match accepted_ids(response.body) {
+                    Some(ids) => tally.ids.extend(ids),
                     None => tally.missing_ids += 1,
                 }
             }
@@ -574,24 +585,47 @@ fn send(client: &mut Client, body: &[u8], since: Instant, keep_ids: bool, tally:
     }
 }
 
-/// The `id` of a `202` body, `{"id":"<uuid>","status":"pending"}`.
-fn accepted_id(body: &[u8]) -> Option<String> {
+/// The ids of a `202` body: `{"id":"<uuid>",...}` for one event,
+/// `{"ids":[...],...}` for a batch.
+fn accepted_ids(body: &[u8]) -> Option<Vec<String>> {
     let value: Value = serde_json::from_slice(body).ok()?;
-    let id = Uuid::parse_str(value.get("id")?.as_str()?).ok()?;
-    Some(id.to_string())
+    let parse = |v: &Value| Some(Uuid::parse_str(v.as_str()?).ok()?.to_string());
+    match (value.get("id"), value.get("ids")) {
+        (Some(id), _) => Some(vec![parse(id)?]),
+        (None, Some(Value::Array(ids))) => ids.iter().map(parse).collect(),
+        _ => None,
+    }
 }
 
-/// Writes `{"payload":{"seq":N,"pad":"xx…"}}`, padded to `size` bytes when
-/// that is more than the body without padding.
-fn write_body(buf: &mut Vec<u8>, seq: u64, size: usize) {
+/// Writes request `seq`: with `batch` 1 the event
+/// `{"payload":{"seq":N,"pad":"xx…"}}`, padded to `size` bytes when that is
+/// more than the event without padding; above 1 an array of `batch` such
+/// events, numbered `"seq":"N.i"`.
+fn write_body(buf: &mut Vec<u8>, seq: u64, size: usize, batch: usize) {
     const TAIL: &[u8] = b"\"}}";
     buf.clear();
-    buf.extend_from_slice(b"{\"payload\":{\"seq\":");
-    buf.extend_from_slice(seq.to_string().as_bytes());
-    buf.extend_from_slice(b",\"pad\":\"");
-    let pad = size.saturating_sub(buf.len() + TAIL.len());
-    buf.resize(buf.len() + pad, b'x');
-    buf.extend_from_slice(TAIL);
+    if batch > 1 {
+        buf.push(b'[');
+    }
+    for i in 0..batch {
+        if i > 0 {
+            buf.push(b',');
+        }
+        let start = buf.len();
+        buf.extend_from_slice(b"{\"payload\":{\"seq\":");
+        if batch > 1 {
+            buf.extend_from_slice(format!("\"{seq}.{i}\"").as_bytes());
+        } else {
+            buf.extend_from_slice(seq.to_string().as_bytes());
+        }
+        buf.extend_from_slice(b",\"pad\":\"");
+        let pad = size.saturating_sub(buf.len() - start + TAIL.len());
+        buf.resize(buf.len() + pad, b'x');
+        buf.extend_from_slice(TAIL);
+    }
+    if batch > 1 {
+        buf.push(b']');
+    }
 }
 
 fn write_ids(file: File, ids: &[String]) -> io::Result<()> {
@@ -849,23 +883,30 @@ mod tests {
     fn bodies_have_the_requested_size_and_parse() {
         let mut buf = Vec::new();
         for (seq, size) in [(0, 100), (123_456_789, 100), (7, 1000), (7, 5)] {
-            write_body(&mut buf, seq, size);
+            write_body(&mut buf, seq, size, 1);
             if size > 40 {
                 assert_eq!(buf.len(), size);
             }
             let value: Value = serde_json::from_slice(&buf).expect("valid JSON");
             assert_eq!(value["payload"]["seq"], json!(seq));
         }
+        write_body(&mut buf, 9, 100, 3);
+        assert_eq!(buf.len(), 3 * 100 + 2 + 2);
+        let value: Value = serde_json::from_slice(&buf).expect("valid JSON");
+        assert_eq!(value[2]["payload"]["seq"], "9.2");
     }
 
     #[test]
     fn ids_come_only_from_uuid_bodies() {
         let id = "67e55044-10b1-426f-9247-bb680e5fe0c8";
         let body = format!("{{\"id\":\"{id}\",\"status\":\"pending\"}}");
-        assert_eq!(accepted_id(body.as_bytes()), Some(id.to_string()));
-        assert_eq!(accepted_id(b"{\"id\":\"nope\"}"), None);
-        assert_eq!(accepted_id(b"{\"status\":\"pending\"}"), None);
-        assert_eq!(accepted_id(b"not json"), None);
+        assert_eq!(accepted_ids(body.as_bytes()), Some(vec![id.to_string()]));
+        let batch = format!("{{\"ids\":[\"{id}\",\"{id}\"],\"duplicates\":[]}}");
+        assert_eq!(accepted_ids(batch.as_bytes()).map(|v| v.len()), Some(2));
+        assert_eq!(accepted_ids(b"{\"ids\":[\"nope\"]}"), None);
+        assert_eq!(accepted_ids(b"{\"id\":\"nope\"}"), None);
+        assert_eq!(accepted_ids(b"{\"status\":\"pending\"}"), None);
+        assert_eq!(accepted_ids(b"not json"), None);
     }
 
     #[test]

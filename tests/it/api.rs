@@ -109,6 +109,10 @@ fn metrics_follow_the_pipeline() {
     assert_eq!(value("ingestd_outbox_rows"), 0.0);
     assert!(value("ingestd_broker_connects_total") >= 2.0);
     assert!(value("ingestd_commit_batch_events_count") >= 1.0);
+    // The scrape's own connection is open; a GET holds no body.
+    assert!(value("ingestd_http_connections") >= 1.0);
+    assert_eq!(value("ingestd_http_buffered_bytes"), 0.0);
+    assert_eq!(value("ingestd_events_replayed_total"), 0.0);
     app.shutdown().unwrap();
 }
 

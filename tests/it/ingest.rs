@@ -167,6 +167,11 @@ fn an_idempotency_key_replays_the_first_answer() {
     .unwrap();
     assert_eq!((legacy.status, id_of(&legacy)), (200, id));
     assert_eq!(env.count("SELECT count(*) FROM events"), 1);
+    let metrics = String::from_utf8(get(addr, "/metrics").body).unwrap();
+    assert!(
+        metrics.contains("\ningestd_events_replayed_total 2\n"),
+        "{metrics}"
+    );
     env.wait_processed(&[id], Duration::from_secs(10));
     assert_eq!(env.runs(id), 1);
 
