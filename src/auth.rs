@@ -71,12 +71,14 @@ pub fn presented_key<'a>(
     bearer.or(x_api_key.map(str::trim))
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares a configured `secret` with a `presented` value in time that
+/// depends only on the secret's length: neither where they differ nor how
+/// long the presented value is shows in the timing.
+pub fn constant_time_eq(secret: &[u8], presented: &[u8]) -> bool {
+    let differ = secret.iter().enumerate().fold(0u8, |acc, (i, s)| {
+        acc | (s ^ presented.get(i).copied().unwrap_or(!s))
+    });
+    differ == 0 && secret.len() == presented.len()
 }
 
 #[cfg(test)]
@@ -114,5 +116,8 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
     }
 }

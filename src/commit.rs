@@ -11,14 +11,16 @@
 //! This module owns batching and the hand-off, not the SQL (`store`) nor the
 //! HTTP answers (`http`).
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::metrics::Metrics;
-use crate::store::{NewEvent, Store, Submission, Written};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use log::{error, warn};
+
+use crate::metrics::Metrics;
+use crate::store::{NewEvent, Store, Submission, Written};
 
 /// Why an event was not committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +116,19 @@ fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, wake: Option
         let (idempotent, plain): (Vec<Pending>, Vec<Pending>) = batch
             .into_iter()
             .partition(|p| p.submission.is_idempotent());
-        if !plain.is_empty() {
-            commit(&store, plain, settings);
-        }
-        for p in idempotent {
-            commit_idempotent(&store, p, settings);
+        // A bug must not take a committer down with it: the requests it held
+        // are answered 500 as their replies are dropped, and the thread
+        // goes on with the next batch.
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            if !plain.is_empty() {
+                commit(&store, plain, settings);
+            }
+            for p in idempotent {
+                commit_idempotent(&store, p, settings);
+            }
+        }));
+        if outcome.is_err() {
+            error!("commit: a batch panicked; its requests were answered 500");
         }
         if let Some(wake) = &wake {
             let _ = wake.try_send(());

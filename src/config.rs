@@ -424,6 +424,16 @@ impl Config {
                 ),
             });
         }
+        if self.http_buffer_bytes < self.max_body_bytes {
+            return Err(Error {
+                var: "INGEST_HTTP_BUFFER_BYTES",
+                reason: format!(
+                    "must be at least INGEST_MAX_BODY_BYTES ({}), or the largest allowed \
+                     body could never be taken in",
+                    self.max_body_bytes
+                ),
+            });
+        }
         Ok(self)
     }
 
@@ -617,6 +627,15 @@ mod tests {
         assert_eq!(
             e.var, "INGEST_REDELIVER_AFTER",
             "shorter than the 10m delay"
+        );
+        let e = with(&[("INGEST_HTTP_BUFFER_BYTES", "1000000")]).unwrap_err();
+        assert_eq!(e.var, "INGEST_HTTP_BUFFER_BYTES", "below the 5 MiB body");
+        assert!(
+            with(&[
+                ("INGEST_HTTP_BUFFER_BYTES", "1000000"),
+                ("INGEST_MAX_BODY_BYTES", "1000000")
+            ])
+            .is_ok()
         );
     }
 

@@ -559,8 +559,8 @@ pub fn commit_response(batch: bool, result: Result<Written, CommitError>) -> Htt
     match result {
         Ok(Written::Stored { ids, created }) => stored(batch, &ids, &created),
         Ok(Written::KeyConflict) => error_response(&ApiError::IdempotencyConflict),
-        Ok(Written::IdConflict(index)) => {
-            error_response(&ApiError::IdConflict(batch.then_some(index.0), index.1))
+        Ok(Written::IdConflict(index, id)) => {
+            error_response(&ApiError::IdConflict(batch.then_some(index), id))
         }
         Err(CommitError::Busy) => error_response(&ApiError::Busy),
         Err(CommitError::Unavailable) => error_response(&ApiError::Unavailable),

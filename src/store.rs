@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
+use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 use r2d2::PooledConnection;
 use r2d2_postgres::PostgresConnectionManager;
@@ -149,7 +150,7 @@ pub enum Written {
     KeyConflict,
     /// The event at this index has a client id (the `Uuid`) already used
     /// for different content.
-    IdConflict((usize, Uuid)),
+    IdConflict(usize, Uuid),
 }
 
 /// An event as the API shows it.
@@ -550,44 +551,61 @@ impl Store {
     ) -> Result<Written, Error> {
         let mut conn = self.conn()?;
         // A row seen as a conflict can vanish (an expired key purged, an
-        // event deleted by retention) before it is read; start again then.
+        // event deleted by retention) before it is read, and concurrent
+        // writers of the same ids can deadlock despite the sorted inserts
+        // (PostgreSQL then cancels one): start again in either case.
         for _ in 0..3 {
-            let mut tx = conn.transaction()?;
-            if let Some(written) = claim_key(&mut tx, submission, key_ttl)? {
-                return Ok(written);
+            match self.try_insert_idempotent(&mut conn, submission, key_ttl, notify) {
+                Ok(Some(written)) => return Ok(written),
+                Ok(None) => {}
+                Err(Error::Db(e)) if e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) => {}
+                Err(e) => return Err(e),
             }
-            let columns = Columns::of(submission.events.iter());
-            let inserted: Vec<Uuid> = tx
-                .query(
-                    "INSERT INTO events (id, payload, type, key) \
-                     SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[]) \
-                     ON CONFLICT (id) DO NOTHING RETURNING id",
-                    &[
-                        &columns.ids,
-                        &columns.payloads,
-                        &columns.types,
-                        &columns.keys,
-                    ],
-                )?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            let created: Vec<bool> = columns.ids.iter().map(|id| inserted.contains(id)).collect();
-            if created.iter().all(|c| *c) {
-                tx.execute(
-                    "INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])",
-                    &[&inserted],
-                )?;
-                self.commit_notifying(tx, notify)?;
-                return Ok(Written::Stored {
-                    ids: columns.ids,
-                    created,
-                });
-            }
-            // Some ids exist: each must hold exactly this item's content.
+        }
+        Err(Error::Contended)
+    }
+
+    /// One attempt of `insert_idempotent`; `None` means start again.
+    fn try_insert_idempotent(
+        &self,
+        conn: &mut Conn,
+        submission: &Submission,
+        key_ttl: Duration,
+        notify: bool,
+    ) -> Result<Option<Written>, Error> {
+        let mut tx = conn.transaction()?;
+        if let Some(written) = claim_key(&mut tx, submission, key_ttl)? {
+            return Ok(Some(written));
+        }
+        let columns = Columns::of(submission.events.iter());
+        // Rows go in id order, so that two batches sharing ids lock them in
+        // the same order and one waits for the other instead of deadlocking.
+        let inserted: Vec<Uuid> = tx
+            .query(
+                "INSERT INTO events (id, payload, type, key) \
+                 SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[]) AS m \
+                 ORDER BY 1 ON CONFLICT (id) DO NOTHING RETURNING id",
+                &[
+                    &columns.ids,
+                    &columns.payloads,
+                    &columns.types,
+                    &columns.keys,
+                ],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let created: Vec<bool> = columns.ids.iter().map(|id| inserted.contains(id)).collect();
+        if created.iter().any(|c| !*c) {
+            // Some ids exist: each must hold exactly this item's content,
+            // compared as the idempotency fingerprint compares it (jsonb
+            // text: key order and spacing do not matter, 1 and 1.0 differ).
+            // NULL means the row is gone.
             let rows = tx.query(
-                "SELECT m.ord::int, e.id IS NOT NULL AND e.payload = m.payload \
-                        AND e.type IS NOT DISTINCT FROM m.type AND e.key IS NOT DISTINCT FROM m.key \
+                "SELECT m.ord::int, CASE WHEN e.id IS NULL THEN NULL ELSE \
+                        e.payload::text = m.payload::text \
+                        AND e.type IS NOT DISTINCT FROM m.type \
+                        AND e.key IS NOT DISTINCT FROM m.key END \
                  FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[]) \
                       WITH ORDINALITY AS m(id, payload, type, key, ord) \
                  LEFT JOIN events e ON e.id = m.id \
@@ -607,25 +625,24 @@ impl Store {
                     Some(true) => {}
                     Some(false) => {
                         let index = ord as usize - 1;
-                        return Ok(Written::IdConflict((index, columns.ids[index])));
+                        return Ok(Some(Written::IdConflict(index, columns.ids[index])));
                     }
                     None => vanished = true,
                 }
             }
             if vanished {
-                continue;
+                return Ok(None);
             }
-            tx.execute(
-                "INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])",
-                &[&inserted],
-            )?;
-            self.commit_notifying(tx, notify && !inserted.is_empty())?;
-            return Ok(Written::Stored {
-                ids: columns.ids,
-                created,
-            });
         }
-        Err(Error::Contended)
+        tx.execute(
+            "INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])",
+            &[&inserted],
+        )?;
+        self.commit_notifying(tx, notify && !inserted.is_empty())?;
+        Ok(Some(Written::Stored {
+            ids: columns.ids,
+            created,
+        }))
     }
 
     /// Deletes idempotency keys older than `ttl`, at most `limit` of them;

@@ -524,6 +524,70 @@ fn stalled_connections_do_not_block_other_clients() {
     app.shutdown().unwrap();
 }
 
+/// Pipelines `request` on `stream` without ever reading an answer, until
+/// the server stops taking requests because its answers are not read.
+fn write_until_stalled(stream: &mut TcpStream, request: &[u8]) {
+    stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    for _ in 0..100_000 {
+        if let Err(e) = stream.write_all(request) {
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{e}"
+            );
+            return;
+        }
+    }
+    panic!("the server kept reading requests whose answers were not read");
+}
+
+/// Clients that never read their answers hold up only their own
+/// connections: not the handler threads (one here) that answer queries,
+/// nor the committers (one here) that answer ingests.
+#[test]
+fn clients_that_do_not_read_answers_do_not_block_others() {
+    let env = TestEnv::new("noread");
+    let config = env.config_with(&[
+        ("INGEST_HTTP_THREADS", "1"),
+        ("INGEST_COMMITTERS", "1"),
+        // Longer than the test's own 20 s wait for an answer.
+        ("INGEST_HTTP_BODY_TIMEOUT", "60s"),
+    ]);
+    let app = env.start_role(&config, Role::Api);
+    let addr = app.http_addr().unwrap();
+
+    // A query whose answer is 900 kB, asked again and again.
+    let big = crate::util::ingest(addr, &json!("q".repeat(900_000)));
+    let query = format!("GET /v1/events/{big} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut reader_a = TcpStream::connect(addr).unwrap();
+    write_until_stalled(&mut reader_a, query.as_bytes());
+
+    // A batch of 1,000 client ids, replayed again and again: each answer,
+    // 40 kB of ids, comes from a committer.
+    let batch: Vec<serde_json::Value> = (0..1000)
+        .map(|_| json!({ "id": Uuid::new_v4().to_string(), "payload": 0 }))
+        .collect();
+    let batch = serde_json::Value::Array(batch).to_string();
+    let replay = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{batch}",
+        batch.len()
+    );
+    let mut reader_b = TcpStream::connect(addr).unwrap();
+    write_until_stalled(&mut reader_b, replay.as_bytes());
+
+    // Both stalled clients wait on their own connections; others are served.
+    let id = crate::util::ingest(addr, &json!("served"));
+    assert_eq!(get(addr, &format!("/v1/events/{id}")).status, 200);
+    assert_eq!(env.count("SELECT count(*) FROM events"), 1002);
+    drop((reader_a, reader_b));
+    app.shutdown().unwrap();
+}
+
 #[test]
 fn hostile_requests_do_not_hurt_the_server() {
     let env = TestEnv::new("hostile");
@@ -660,5 +724,55 @@ fn bodies_beyond_the_memory_budget_get_503() {
         .unwrap();
         r.status == 202
     });
+    app.shutdown().unwrap();
+}
+
+/// A body's share of the budget grows as its bytes arrive: clients that
+/// announce large bodies and send nothing cannot use it up.
+#[test]
+fn announced_bodies_do_not_take_the_budget_before_they_arrive() {
+    let env = TestEnv::new("announced");
+    let app = env.start_role(
+        &env.config_with(&[
+            ("INGEST_HTTP_BUFFER_BYTES", "1048576"),
+            ("INGEST_MAX_BODY_BYTES", "1048576"),
+        ]),
+        Role::All,
+    );
+    let addr = app.http_addr().unwrap();
+    let stalled: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(
+                b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                  Content-Length: 1000000\r\n\r\n{\"payload\":\"",
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    // Each holds the first 64 KiB step of the budget, not its megabyte.
+    wait_until(
+        Duration::from_secs(5),
+        "the stalled bodies hold 64 KiB each",
+        || {
+            let text = String::from_utf8(get(addr, "/metrics").body).unwrap();
+            text.lines()
+                .any(|l| l == format!("ingestd_http_buffered_bytes {}", 8 * 65536))
+        },
+    );
+    // Eight announced megabytes would be eight times the budget; what they
+    // sent is a few bytes, so a real 300 kB body still fits.
+    let body = json!({ "payload": "z".repeat(300_000) }).to_string();
+    let r = request(
+        addr,
+        "POST",
+        "/v1/events",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    drop(stalled);
     app.shutdown().unwrap();
 }

@@ -70,9 +70,10 @@ enum ReadError {
     BodyIoError(IoError),
 }
 
-/// ingestd patch: a chunked body is buffered in steps of this many bytes,
-/// each reserved against the budget before it is read.
-const CHUNKED_RESERVE_STEP: usize = 64 * 1024;
+/// ingestd patch: the first step in which a buffered body is reserved
+/// against the budget before it is read; each later step is as large as what
+/// has been read, so a body is copied O(log n) times while growing.
+const RESERVE_STEP: usize = 64 * 1024;
 
 impl ClientConnection {
     /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
@@ -301,58 +302,20 @@ impl ClientConnection {
         rq: &mut Request,
         length: usize,
     ) -> Result<(), Option<ErrorResponse>> {
-        let mut reservation = Reservation::new(&self.budget);
-        if !reservation.grow(length) {
-            return Err(Some(busy()));
-        }
-
-        let mut data = vec![0; length];
         // sends the `100 Continue` first if the client asked for one
-        if let Err(err) = rq.as_reader().read_exact(&mut data) {
-            return Err(self.body_error(err));
+        let (data, reservation) = self.read_reserved(rq.as_reader(), length)?;
+        if data.len() < length {
+            return Err(self.body_error(ErrorKind::UnexpectedEof.into()));
         }
-
         rq.replace_reader(Box::new(BufferedBody::new(data, reservation)));
         Ok(())
     }
 
     fn buffer_chunked(&mut self, rq: &mut Request) -> Result<(), Option<ErrorResponse>> {
         let limit = self.limits.buffer_body_bytes.saturating_add(1);
-        let mut reservation = Reservation::new(&self.budget);
-        let mut data: Vec<u8> = Vec::new();
-        let mut filled = 0;
-        let mut complete = false;
-
-        {
-            // sends the `100 Continue` first if the client asked for one
-            let reader = rq.as_reader();
-            loop {
-                if filled == data.len() {
-                    if data.len() == limit {
-                        break;
-                    }
-                    let step = (limit - data.len()).min(CHUNKED_RESERVE_STEP);
-                    if !reservation.grow(step) {
-                        return Err(Some(busy()));
-                    }
-                    data.reserve_exact(step);
-                    data.resize(data.len() + step, 0);
-                }
-                match reader.read(&mut data[filled..]) {
-                    Ok(0) => {
-                        complete = true;
-                        break;
-                    }
-                    Ok(read) => filled += read,
-                    Err(ref err) if err.kind() == ErrorKind::Interrupted => (),
-                    Err(err) => return Err(self.body_error(err)),
-                }
-            }
-        }
-
-        data.truncate(filled);
-        data.shrink_to_fit();
-        reservation.shrink_to(filled);
+        // sends the `100 Continue` first if the client asked for one
+        let (data, reservation) = self.read_reserved(rq.as_reader(), limit)?;
+        let complete = data.len() < limit;
         let body = BufferedBody::new(data, reservation);
 
         if complete {
@@ -364,6 +327,45 @@ impl ClientConnection {
             rq.replace_reader(Box::new(body.chain(rest)));
         }
         Ok(())
+    }
+
+    /// ingestd patch: reads up to `max` bytes, reserving them against the
+    /// budget in doubling steps (from `RESERVE_STEP`) as they arrive, never
+    /// all that a `Content-Length` announces at once: a client that
+    /// announces a large body and sends it slowly, or not at all, holds at
+    /// most twice what it has sent plus `RESERVE_STEP`. Fewer than `max`
+    /// bytes means the body ended.
+    fn read_reserved(
+        &self,
+        reader: &mut dyn Read,
+        max: usize,
+    ) -> Result<(Vec<u8>, Reservation), Option<ErrorResponse>> {
+        let mut reservation = Reservation::new(&self.budget);
+        let mut data: Vec<u8> = Vec::new();
+        let mut filled = 0;
+        loop {
+            if filled == data.len() {
+                if data.len() == max {
+                    break;
+                }
+                let step = (max - data.len()).min(RESERVE_STEP.max(data.len()));
+                if !reservation.grow(step) {
+                    return Err(Some(busy()));
+                }
+                data.reserve_exact(step);
+                data.resize(data.len() + step, 0);
+            }
+            match reader.read(&mut data[filled..]) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(ref err) if err.kind() == ErrorKind::Interrupted => (),
+                Err(err) => return Err(self.body_error(err)),
+            }
+        }
+        data.truncate(filled);
+        data.shrink_to_fit();
+        reservation.shrink_to(filled);
+        Ok((data, reservation))
     }
 
     fn unread_guard(

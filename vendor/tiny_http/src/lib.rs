@@ -480,11 +480,34 @@ impl Server {
                                 // then waited for the earlier one, and a
                                 // server answering out of order (as group
                                 // commit does) could wait for ever.
-                                let (sender, receiver) = mpsc::channel();
                                 for rq in client {
-                                    messages.push(rq.with_notify_sender(sender.clone()).into());
-                                    if receiver.recv().is_err() {
-                                        break;
+                                    let (sender, receiver) = mpsc::channel();
+                                    messages.push(rq.with_notify_sender(sender).into());
+                                    // The response is written here, on the
+                                    // connection's own thread, so that a
+                                    // client slow to read it holds up no
+                                    // one else; a request dropped unanswered
+                                    // (the sender with it) ends the
+                                    // connection.
+                                    match receiver.recv() {
+                                        Ok(request::Answer::Rendered {
+                                            mut writer,
+                                            bytes,
+                                            body,
+                                        }) => {
+                                            let sent = writer
+                                                .write_all(&bytes)
+                                                .and_then(|()| writer.flush());
+                                            // the writer first: dropping it
+                                            // lets the next response through
+                                            drop(writer);
+                                            drop(body);
+                                            if sent.is_err() {
+                                                break;
+                                            }
+                                        }
+                                        Ok(request::Answer::Done) => {}
+                                        Err(_) => break,
                                     }
                                 }
                             }

@@ -72,11 +72,28 @@ pub struct Request {
     must_send_continue: bool,
 
     // If Some, a message must be sent after responding
-    notify_when_responded: Option<Sender<()>>,
+    notify_when_responded: Option<Sender<Answer>>,
+}
+
+/// ingestd patch: what a connection's thread learns once its request is
+/// answered.
+pub(crate) enum Answer {
+    /// The response, rendered into memory by the answering thread, with the
+    /// writer to send it through and the body to drop after it, all moved
+    /// to the connection's own thread: whoever answers (a committer, for
+    /// example) never waits on a client that reads slowly or not at all;
+    /// only that client's connection does, within its write timeout.
+    Rendered {
+        writer: Box<dyn Write + Send + 'static>,
+        bytes: Vec<u8>,
+        body: Option<Box<dyn Read + Send + 'static>>,
+    },
+    /// The response went out some other way (`into_writer`, `upgrade`).
+    Done,
 }
 
 struct NotifyOnDrop<R> {
-    sender: Sender<()>,
+    sender: Sender<Answer>,
     inner: R,
 }
 
@@ -95,7 +112,7 @@ impl<R: Write> Write for NotifyOnDrop<R> {
 }
 impl<R> Drop for NotifyOnDrop<R> {
     fn drop(&mut self) {
-        let _ = self.sender.send(()); // ingestd patch: never panic here
+        let _ = self.sender.send(Answer::Done); // ingestd patch: never panic here
     }
 }
 
@@ -435,17 +452,41 @@ impl Request {
     where
         R: Read,
     {
-        let res = self.respond_impl(response);
-        if let Some(sender) = self.notify_when_responded.take() {
-            let _ = sender.send(()); // ingestd patch: never panic here
-        }
-        res
+        self.respond_impl(response)
     }
 
     fn respond_impl<R>(&mut self, response: Response<R>) -> Result<(), IoError>
     where
         R: Read,
     {
+        // ingestd patch: with a connection thread waiting, render here and
+        // let that thread write.
+        if let Some(sender) = self.notify_when_responded.take() {
+            let mut bytes = Vec::new();
+            let rendered = response.raw_print(
+                &mut bytes,
+                self.http_version.clone(),
+                &self.headers,
+                self.method == Method::Head,
+                None,
+            );
+            let writer = self.extract_writer_impl();
+            let body = self.data_reader.take();
+            if rendered.is_err() {
+                // An unreadable response body: send nothing; dropping the
+                // sender closes the connection rather than answer half a
+                // response.
+                drop((sender, writer, body));
+                return rendered;
+            }
+            let _ = sender.send(Answer::Rendered {
+                writer,
+                bytes,
+                body,
+            });
+            return Ok(());
+        }
+
         let mut writer = self.extract_writer_impl();
 
         let do_not_send_body = self.method == Method::Head;
@@ -471,7 +512,7 @@ impl Request {
         })
     }
 
-    pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
+    pub(crate) fn with_notify_sender(mut self, sender: Sender<Answer>) -> Self {
         self.notify_when_responded = Some(sender);
         self
     }
@@ -504,9 +545,6 @@ impl Drop for Request {
         if self.response_writer.is_some() {
             let response = Response::empty(500);
             let _ = self.respond_impl(response); // ignoring any potential error
-            if let Some(sender) = self.notify_when_responded.take() {
-                let _ = sender.send(()); // ingestd patch: never panic here
-            }
         }
     }
 }
