@@ -92,7 +92,8 @@ impl std::error::Error for Error {
 /// A running service.
 pub struct App {
     http_addr: Option<SocketAddr>,
-    server: Option<Arc<tiny_http::Server>>,
+    /// The HTTP server, with the metrics its late answers are counted in.
+    server: Option<(Arc<tiny_http::Server>, Arc<Metrics>)>,
     stopping: Arc<AtomicBool>,
     http_threads: Vec<JoinHandle<()>>,
     committers: Vec<JoinHandle<()>>,
@@ -270,7 +271,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             wake: role.relay().then_some(wake_tx),
             notify: !role.relay(),
             health,
-            metrics,
+            metrics: metrics.clone(),
             stats,
             server: server.clone(),
         });
@@ -284,7 +285,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             info!("http: listening on {addr}");
         }
         app.http_addr = addr;
-        app.server = Some(server);
+        app.server = Some((server, metrics));
     }
     Ok(app)
 }
@@ -308,7 +309,8 @@ impl App {
         let deadline = Instant::now() + self.shutdown_timeout;
         info!("shutting down");
         self.stopping.store(true, Ordering::SeqCst);
-        if let Some(server) = self.server.take() {
+        let server = self.server.take();
+        if let Some((server, _)) = &server {
             for _ in 0..self.http_threads.len() {
                 server.unblock();
             }
@@ -317,6 +319,22 @@ impl App {
         // The HTTP threads held the last handles on the committers, which
         // now finish what they were given and stop.
         late.extend(join_until(std::mem::take(&mut self.committers), deadline));
+        // Connection threads write the answers, and a 202 given must reach
+        // its client before the process may exit. Requests that arrived too
+        // late for a handler thread are refused meanwhile.
+        if let Some((server, metrics)) = server {
+            loop {
+                http::refuse_waiting(&server, &metrics);
+                if server.unanswered() == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    late.push("http connections".to_string());
+                    break;
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
         // Disconnecting the stop channel tells every background thread at once.
         drop(self.stop.take());
         late.extend(join_until(std::mem::take(&mut self.background), deadline));

@@ -424,11 +424,13 @@ impl Config {
                 ),
             });
         }
-        if self.http_buffer_bytes < self.max_body_bytes {
+        // A chunked body is read one byte past the limit, to tell a body
+        // of exactly the limit from a longer one.
+        if self.http_buffer_bytes <= self.max_body_bytes {
             return Err(Error {
                 var: "INGEST_HTTP_BUFFER_BYTES",
                 reason: format!(
-                    "must be at least INGEST_MAX_BODY_BYTES ({}), or the largest allowed \
+                    "must be larger than INGEST_MAX_BODY_BYTES ({}), or the largest allowed \
                      body could never be taken in",
                     self.max_body_bytes
                 ),
@@ -630,13 +632,16 @@ mod tests {
         );
         let e = with(&[("INGEST_HTTP_BUFFER_BYTES", "1000000")]).unwrap_err();
         assert_eq!(e.var, "INGEST_HTTP_BUFFER_BYTES", "below the 5 MiB body");
-        assert!(
-            with(&[
-                ("INGEST_HTTP_BUFFER_BYTES", "1000000"),
-                ("INGEST_MAX_BODY_BYTES", "1000000")
-            ])
-            .is_ok()
-        );
+        let equal = [
+            ("INGEST_HTTP_BUFFER_BYTES", "1000000"),
+            ("INGEST_MAX_BODY_BYTES", "1000000"),
+        ];
+        assert!(with(&equal).is_err(), "a chunked body reads one byte more");
+        let larger = [
+            ("INGEST_HTTP_BUFFER_BYTES", "1000001"),
+            ("INGEST_MAX_BODY_BYTES", "1000000"),
+        ];
+        assert!(with(&larger).is_ok());
     }
 
     #[test]

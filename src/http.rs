@@ -100,6 +100,8 @@ pub enum ApiError {
     Unavailable,
     /// Too many events are waiting to be written.
     Busy,
+    /// The server stopped serving before it reached this request.
+    ShuttingDown,
     /// A bug: logged in full, answered without detail.
     Internal,
 }
@@ -130,7 +132,7 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
     let mut response = json_response(status, &body);
     match err {
         ApiError::MethodNotAllowed(allow) => response.add_header(header("Allow", allow)),
-        ApiError::Unavailable | ApiError::Busy => {
+        ApiError::Unavailable | ApiError::Busy | ApiError::ShuttingDown => {
             response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string()))
         }
         ApiError::Unauthorized => {
@@ -222,6 +224,11 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
             503,
             "busy",
             "too many events are waiting to be written; retry later".to_string(),
+        ),
+        ApiError::ShuttingDown => (
+            503,
+            "unavailable",
+            "the server is shutting down; nothing was written, retry".to_string(),
         ),
         ApiError::Internal => (500, "internal", "internal error".to_string()),
     }
@@ -627,8 +634,21 @@ fn respond(
         metrics.ingest_seconds.observe_duration(started.elapsed());
     }
     if let Err(e) = request.respond(response) {
-        // The client went away; nothing to do.
-        log::debug!("http: response not delivered: {e}");
+        // The response could not be rendered; its connection closes.
+        log::warn!("http: response not sent: {e}");
+    }
+}
+
+/// Answers `503` to the requests still queued once the handler threads have
+/// stopped, so that their clients hear something and their connections end.
+pub fn refuse_waiting(server: &Server, metrics: &Metrics) {
+    while let Ok(Some(request)) = server.try_recv() {
+        let name = route(request.method(), request.url())
+            .as_ref()
+            .map(Route::name)
+            .unwrap_or("unmatched");
+        let response = error_response(&ApiError::ShuttingDown);
+        respond(metrics, request, response, name, Instant::now());
     }
 }
 

@@ -584,8 +584,23 @@ fn clients_that_do_not_read_answers_do_not_block_others() {
     let id = crate::util::ingest(addr, &json!("served"));
     assert_eq!(get(addr, &format!("/v1/events/{id}")).status, 200);
     assert_eq!(env.count("SELECT count(*) FROM events"), 1002);
+    // The answers waiting for them count against the memory budget...
+    assert!(buffered_bytes(addr) >= 900_000);
     drop((reader_a, reader_b));
+    // ...until their connections end.
+    wait_until(Duration::from_secs(10), "the budget is free again", || {
+        buffered_bytes(addr) == 0
+    });
     app.shutdown().unwrap();
+}
+
+fn buffered_bytes(addr: SocketAddr) -> u64 {
+    let text = String::from_utf8(get(addr, "/metrics").body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ingestd_http_buffered_bytes "))
+        .expect("ingestd_http_buffered_bytes")
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -734,7 +749,7 @@ fn announced_bodies_do_not_take_the_budget_before_they_arrive() {
     let env = TestEnv::new("announced");
     let app = env.start_role(
         &env.config_with(&[
-            ("INGEST_HTTP_BUFFER_BYTES", "1048576"),
+            ("INGEST_HTTP_BUFFER_BYTES", "1048577"),
             ("INGEST_MAX_BODY_BYTES", "1048576"),
         ]),
         Role::All,

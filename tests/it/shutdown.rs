@@ -16,6 +16,13 @@ pub fn assert_all_stored_then_processed(env: &TestEnv, accepted: &[Uuid]) {
         .unwrap()
         .get(0);
     assert_eq!(stored, ids.len() as i64, "every 202 was committed");
+    // And the reverse: every committed event's 202 reached its client
+    // before the process stopped.
+    assert_eq!(
+        env.count("SELECT count(*) FROM events"),
+        ids.len() as i64,
+        "every committed event was answered 202"
+    );
 
     // Whatever was left in the outbox or the queue is processed by the next
     // instance, exactly once.

@@ -308,6 +308,7 @@ impl ClientConnection {
             return Err(self.body_error(ErrorKind::UnexpectedEof.into()));
         }
         rq.replace_reader(Box::new(BufferedBody::new(data, reservation)));
+        rq.set_body_in_memory();
         Ok(())
     }
 
@@ -320,6 +321,7 @@ impl ClientConnection {
 
         if complete {
             rq.replace_reader(Box::new(body));
+            rq.set_body_in_memory();
         } else {
             // longer than the limit: what was read, then the rest
             let rest = rq.replace_reader(Box::new(io::empty()));

@@ -149,6 +149,9 @@ pub struct Server {
 
     // ingestd patch: bytes of buffered request bodies held now
     budget: Arc<util::Budget>,
+
+    // ingestd patch: requests handed out whose answers are not yet written
+    answers: Arc<AtomicUsize>,
 }
 
 enum Message {
@@ -227,21 +230,22 @@ impl Default for Limits {
     }
 }
 
-/// ingestd patch: counts a connection as open for as long as this lives.
-struct ConnectionGuard {
+/// ingestd patch: counts one (an open connection, an unwritten answer) for
+/// as long as this lives.
+struct CountGuard {
     count: Arc<AtomicUsize>,
 }
 
-impl ConnectionGuard {
-    fn new(count: &Arc<AtomicUsize>) -> ConnectionGuard {
+impl CountGuard {
+    fn new(count: &Arc<AtomicUsize>) -> CountGuard {
         count.fetch_add(1, AcqRel);
-        ConnectionGuard {
+        CountGuard {
             count: count.clone(),
         }
     }
 }
 
-impl Drop for ConnectionGuard {
+impl Drop for CountGuard {
     fn drop(&mut self) {
         self.count.fetch_sub(1, AcqRel);
     }
@@ -262,6 +266,57 @@ fn refuse_connection(mut sock: Connection, limits: &Limits) {
     );
     let _ = util::ErrorResponse::too_many_connections(detail).write_to(&mut sock);
     let _ = sock.shutdown(Shutdown::Write);
+}
+
+/// ingestd patch: answers a request that no handler will see, the server
+/// being gone, with a 503.
+fn refuse_request(message: Message) {
+    if let Message::NewRequest(rq) = message {
+        let _ = rq.respond(util::ErrorResponse::shutting_down().into_response());
+    }
+}
+
+/// ingestd patch: writes a rendered response within `timeout` in all,
+/// however slowly the client reads: the socket's own timeout bounds each
+/// write call only, and a client taking a few bytes at a time would
+/// otherwise hold the connection for ever.
+fn write_answer(
+    writer: &mut dyn std::io::Write,
+    bytes: &[u8],
+    socket: Option<&Connection>,
+    timeout: Duration,
+) -> IoResult<()> {
+    let end = std::time::Instant::now() + timeout;
+    // before each call: the time left, as the socket's timeout
+    let time_left = || -> IoResult<()> {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(IoError::new(IoErrorKind::TimedOut, "response not taken in time"));
+        }
+        if let Some(socket) = socket {
+            socket.set_write_timeout(socket_timeout(left))?;
+        }
+        Ok(())
+    };
+    let result = (|| {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            time_left()?;
+            match writer.write(&rest[..rest.len().min(64 * 1024)]) {
+                Ok(0) => return Err(IoErrorKind::WriteZero.into()),
+                Ok(written) => rest = &rest[written..],
+                Err(ref e) if e.kind() == IoErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // what the writer buffered, within what is left
+        time_left()?;
+        writer.flush()
+    })();
+    if let Some(socket) = socket {
+        let _ = socket.set_write_timeout(socket_timeout(timeout));
+    }
+    result
 }
 
 // ingestd patch: a zero timeout is refused by sockets
@@ -404,6 +459,8 @@ impl Server {
         let inside_messages = messages.clone();
         let inside_connections = connections.clone();
         let inside_budget = budget.clone();
+        let answers = Arc::new(AtomicUsize::new(0));
+        let inside_answers = answers.clone();
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
@@ -428,6 +485,9 @@ impl Server {
                         // deadlines (see `Limits`).
                         let _ = sock.set_read_timeout(socket_timeout(limits.head_timeout));
                         let _ = sock.set_write_timeout(socket_timeout(limits.write_timeout));
+                        // ingestd patch: kept to set the write timeout of
+                        // each response (see `write_answer`)
+                        let timeouts = sock.try_clone().ok();
                         let (mut read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -455,20 +515,24 @@ impl Server {
                             write_closable,
                             read_closable,
                             limits.clone(),
-                            deadline,
+                            deadline.clone(),
                             inside_budget.clone(),
                         ))
+                        .map(|client| (client, timeouts, deadline))
                     }
                     Err(e) => Err(e),
                 };
 
                 match new_client {
-                    Ok(client) => {
+                    Ok((client, timeouts, deadline)) => {
                         let messages = inside_messages.clone();
+                        let answers = inside_answers.clone();
+                        let budget = inside_budget.clone();
+                        let write_timeout = limits.write_timeout;
                         // ingestd patch: the connection counts as open until
                         // its task ends, however it ends (or until the task
                         // is dropped without running).
-                        let guard = ConnectionGuard::new(&inside_connections);
+                        let guard = CountGuard::new(&inside_connections);
                         let mut client = Some((client, guard));
                         tasks_pool.spawn(Box::new(move || {
                             if let Some((client, _guard)) = client.take() {
@@ -482,32 +546,57 @@ impl Server {
                                 // commit does) could wait for ever.
                                 for rq in client {
                                     let (sender, receiver) = mpsc::channel();
-                                    messages.push(rq.with_notify_sender(sender).into());
+                                    // counted until its answer is written
+                                    let _unanswered = CountGuard::new(&answers);
+                                    let refused = match messages
+                                        .push(rq.with_notify_sender(sender).into())
+                                    {
+                                        Ok(()) => false,
+                                        // the server is gone: refuse here
+                                        Err(message) => {
+                                            refuse_request(message);
+                                            true
+                                        }
+                                    };
                                     // The response is written here, on the
                                     // connection's own thread, so that a
                                     // client slow to read it holds up no
-                                    // one else; a request dropped unanswered
-                                    // (the sender with it) ends the
-                                    // connection.
-                                    match receiver.recv() {
+                                    // one else. Its bytes count against the
+                                    // body budget until written. A request
+                                    // dropped unanswered still sends its
+                                    // 500 this way.
+                                    let (sent, body) = match receiver.recv() {
                                         Ok(request::Answer::Rendered {
                                             mut writer,
                                             bytes,
                                             body,
                                         }) => {
-                                            let sent = writer
-                                                .write_all(&bytes)
-                                                .and_then(|()| writer.flush());
+                                            let _held =
+                                                util::Reservation::forced(&budget, bytes.len());
+                                            let sent = write_answer(
+                                                &mut writer,
+                                                &bytes,
+                                                timeouts.as_ref(),
+                                                write_timeout,
+                                            );
                                             // the writer first: dropping it
                                             // lets the next response through
                                             drop(writer);
-                                            drop(body);
-                                            if sent.is_err() {
-                                                break;
-                                            }
+                                            (sent.is_ok(), body)
                                         }
-                                        Ok(request::Answer::Done) => {}
-                                        Err(_) => break,
+                                        Ok(request::Answer::Done) => (true, None),
+                                        Ok(request::Answer::Failed { body }) => (false, body),
+                                        // the request was lost unanswered
+                                        Err(_) => (false, None),
+                                    };
+                                    if !sent {
+                                        // read nothing more, not even the
+                                        // rest of an unread body
+                                        deadline.close();
+                                    }
+                                    drop(body);
+                                    if !sent || refused {
+                                        break;
                                     }
                                 }
                             }
@@ -520,7 +609,7 @@ impl Server {
                         // out of file descriptors once stopped the server
                         // for good.
                         log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
+                        let _ = inside_messages.push(e.into());
                         thread::sleep(std::time::Duration::from_millis(50));
                     }
                 }
@@ -535,6 +624,7 @@ impl Server {
             listening_addr: local_addr,
             connections,
             budget,
+            answers,
         })
     }
 
@@ -564,6 +654,15 @@ impl Server {
     /// (ingestd patch).
     pub fn buffered_bytes(&self) -> usize {
         self.budget.used()
+    }
+
+    /// ingestd patch: requests handed out (or queued to be) whose answers
+    /// are not yet written to their clients nor given up on. For shutdown:
+    /// an answer is written by its connection's thread after `respond`
+    /// returns, so a process that exits at once could lose answers already
+    /// given.
+    pub fn unanswered(&self) -> usize {
+        self.answers.load(Acquire)
     }
 
     /// Blocks until an HTTP request has been submitted and returns it.
@@ -611,6 +710,12 @@ impl Iterator for IncomingRequests<'_> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.close.store(true, Relaxed);
+        // ingestd patch: requests queued and those still arriving on open
+        // connections are answered 503, rather than left waiting for ever
+        // in a queue no one reads.
+        for message in self.messages.close() {
+            refuse_request(message);
+        }
         // Connect briefly to ourselves to unblock the accept thread
         let maybe_stream = match &self.listening_addr {
             ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),

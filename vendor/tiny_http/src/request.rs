@@ -73,16 +73,20 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<Answer>>,
+
+    // ingestd patch: the body is whole in memory, not read from the socket
+    body_in_memory: bool,
 }
 
 /// ingestd patch: what a connection's thread learns once its request is
 /// answered.
 pub(crate) enum Answer {
     /// The response, rendered into memory by the answering thread, with the
-    /// writer to send it through and the body to drop after it, all moved
-    /// to the connection's own thread: whoever answers (a committer, for
-    /// example) never waits on a client that reads slowly or not at all;
-    /// only that client's connection does, within its write timeout.
+    /// writer to send it through and the body to drop after it (unless it
+    /// was in memory: it is dropped at once), all moved to the connection's
+    /// own thread: whoever answers (a committer, for example) never waits on
+    /// a client that reads slowly or not at all; only that client's
+    /// connection does, within its write timeout.
     Rendered {
         writer: Box<dyn Write + Send + 'static>,
         bytes: Vec<u8>,
@@ -90,6 +94,10 @@ pub(crate) enum Answer {
     },
     /// The response went out some other way (`into_writer`, `upgrade`).
     Done,
+    /// No response could be rendered; the connection closes.
+    Failed {
+        body: Option<Box<dyn Read + Send + 'static>>,
+    },
 }
 
 struct NotifyOnDrop<R> {
@@ -257,6 +265,7 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        body_in_memory: false,
     })
 }
 
@@ -471,12 +480,14 @@ impl Request {
                 None,
             );
             let writer = self.extract_writer_impl();
-            let body = self.data_reader.take();
+            // A body in memory only holds memory and budget: free them now.
+            // One still on the socket must be dropped (drained or cut off)
+            // after the response is written.
+            let body = self.data_reader.take().filter(|_| !self.body_in_memory);
             if rendered.is_err() {
-                // An unreadable response body: send nothing; dropping the
-                // sender closes the connection rather than answer half a
-                // response.
-                drop((sender, writer, body));
+                // An unreadable response body: send nothing rather than
+                // half a response, and close the connection.
+                let _ = sender.send(Answer::Failed { body });
                 return rendered;
             }
             let _ = sender.send(Answer::Rendered {
@@ -510,6 +521,11 @@ impl Request {
             ErrorKind::ConnectionReset => Ok(()),
             _ => Err(err),
         })
+    }
+
+    /// ingestd patch: marks the body as whole in memory (see `Answer`).
+    pub(crate) fn set_body_in_memory(&mut self) {
+        self.body_in_memory = true;
     }
 
     pub(crate) fn with_notify_sender(mut self, sender: Sender<Answer>) -> Self {

@@ -38,6 +38,12 @@ impl Budget {
         }
     }
 
+    /// Takes `bytes` even beyond the limit: for memory already in use that
+    /// must be counted (so that new bodies are refused), not refused itself.
+    fn force_take(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
     }
@@ -65,6 +71,16 @@ impl Reservation {
         }
         self.bytes += bytes;
         true
+    }
+
+    /// Counts `bytes` already in memory against the budget, even beyond its
+    /// limit.
+    pub fn forced(budget: &Arc<Budget>, bytes: usize) -> Reservation {
+        budget.force_take(bytes);
+        Reservation {
+            budget: budget.clone(),
+            bytes,
+        }
     }
 
     /// Gives back all but `bytes`.

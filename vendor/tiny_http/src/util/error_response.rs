@@ -54,6 +54,34 @@ impl ErrorResponse {
         ErrorResponse::new(503, "too_many_connections", detail).with_retry_after(1)
     }
 
+    pub fn shutting_down() -> ErrorResponse {
+        ErrorResponse::new(
+            503,
+            "unavailable",
+            "the server is shutting down; nothing was written, retry".to_owned(),
+        )
+        .with_retry_after(1)
+    }
+
+    /// The same as a `Response`, for a request that has been handed out.
+    pub fn into_response(self) -> crate::Response<std::io::Cursor<Vec<u8>>> {
+        let body = format!(
+            "{{\"error\":\"{}\",\"detail\":\"{}\"}}",
+            json_escape(self.code),
+            json_escape(&self.detail)
+        );
+        let mut response = crate::Response::from_data(body.into_bytes())
+            .with_status_code(self.status)
+            .with_header(crate::Header::from_bytes("Content-Type", "application/json").unwrap())
+            .with_header(crate::Header::from_bytes("Connection", "close").unwrap());
+        if let Some(seconds) = self.retry_after {
+            response.add_header(
+                crate::Header::from_bytes("Retry-After", seconds.to_string()).unwrap(),
+            );
+        }
+        response
+    }
+
     /// The whole response, head and body.
     pub fn to_bytes(&self) -> Vec<u8> {
         let body = format!(

@@ -1,4 +1,5 @@
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,8 @@ where
 {
     queue: Mutex<VecDeque<Control<T>>>,
     condvar: Condvar,
+    // ingestd patch: read and written only with `queue` locked
+    closed: AtomicBool,
 }
 
 impl<T> MessagesQueue<T>
@@ -23,14 +26,36 @@ where
         Arc::new(MessagesQueue {
             queue: Mutex::new(VecDeque::with_capacity(capacity)),
             condvar: Condvar::new(),
+            closed: AtomicBool::new(false),
         })
     }
 
     /// Pushes an element to the queue.
-    pub fn push(&self, value: T) {
+    ///
+    /// ingestd patch: gives it back once the queue is closed.
+    pub fn push(&self, value: T) -> Result<(), T> {
         let mut queue = self.queue.lock().unwrap();
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(value);
+        }
         queue.push_back(Control::Elem(value));
         self.condvar.notify_one();
+        Ok(())
+    }
+
+    /// ingestd patch: refuses every later push and returns the elements
+    /// still waiting, so that nothing is left in a queue no one reads.
+    pub fn close(&self) -> Vec<T> {
+        let mut queue = self.queue.lock().unwrap();
+        self.closed.store(true, Ordering::Relaxed);
+        let waiting = queue
+            .drain(..)
+            .filter_map(|c| match c {
+                Control::Elem(value) => Some(value),
+                Control::Unblock => None,
+            })
+            .collect();
+        waiting
     }
 
     /// Unblock one thread stuck in pop loop.
