@@ -114,6 +114,16 @@ impl Connection {
         }
     }
 
+    // ingestd patch: responses go out in one write each; Nagle's algorithm
+    // would only delay the tail of one that spans several segments.
+    pub(crate) fn set_nodelay(&self) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nodelay(true),
+            #[cfg(unix)]
+            Self::Unix(_) => Ok(()),
+        }
+    }
+
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         match self {
             Self::Tcp(s) => s.try_clone().map(Self::from),

@@ -485,6 +485,7 @@ impl Server {
                         // deadlines (see `Limits`).
                         let _ = sock.set_read_timeout(socket_timeout(limits.head_timeout));
                         let _ = sock.set_write_timeout(socket_timeout(limits.write_timeout));
+                        let _ = sock.set_nodelay();
                         // ingestd patch: kept to set the write timeout of
                         // each response (see `write_answer`)
                         let timeouts = sock.try_clone().ok();
