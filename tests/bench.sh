@@ -65,6 +65,11 @@ stop() { kill -TERM "$PID"; wait "$PID" || true; PID=; }
 peak_rss_mb() { awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$PID/status"; }
 pending() { sql "SELECT count(*) FROM events WHERE status = 'pending'"; }
 reset() { sql "TRUNCATE events, outbox"; }
+pgbench_tps() { # script, clients: runs it for $T seconds, prints tx/s
+  PGOPTIONS="-c search_path=$NAME" pgbench -n -M prepared -c "$2" -j 2 -T "$T" \
+    -f "$1" "$DB_URL" >"$1.out" 2>&1
+  sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$1.out" | head -n1
+}
 load() { # out, args...
   local out=$1; shift
   "$BIN/loadgen" --url "http://127.0.0.1:$PORT" --json "$@" >"$out"
@@ -81,9 +86,7 @@ INSERT INTO outbox (event_id) VALUES (md5(:r::text)::uuid);
 END;
 SQL
 log "pgbench: $CONC clients, ${T}s"
-PGOPTIONS="-c search_path=$NAME" pgbench -n -M prepared -c "$CONC" -j 2 -T "$T" \
-  -f "$WORK/tx.sql" "$DB_URL" >"$WORK/pgbench.txt" 2>&1
-PG_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/pgbench.txt" | head -n1)
+PG_TPS=$(pgbench_tps "$WORK/tx.sql" "$CONC")
 reset
 
 # 2b. Batches: pgbench with 100 events per transaction, then the API alone
@@ -97,9 +100,7 @@ INSERT INTO outbox (event_id) SELECT id FROM e;
 END;
 SQL
 log "pgbench: 100 events per tx, $BATCH_CONC clients, ${T}s"
-PGOPTIONS="-c search_path=$NAME" pgbench -n -M prepared -c "$BATCH_CONC" -j 2 -T "$T" \
-  -f "$WORK/batch.sql" "$DB_URL" >"$WORK/pgbench-batch.txt" 2>&1
-PG_BATCH_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/pgbench-batch.txt" | head -n1)
+PG_BATCH_TPS=$(pgbench_tps "$WORK/batch.sql" "$BATCH_CONC")
 reset
 start api
 log "batch ingest: 100 events per request, concurrency $BATCH_CONC, ${T}s"
