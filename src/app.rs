@@ -92,8 +92,7 @@ impl std::error::Error for Error {
 /// A running service.
 pub struct App {
     http_addr: Option<SocketAddr>,
-    /// The HTTP server, with the metrics its late answers are counted in.
-    server: Option<(Arc<tiny_http::Server>, Arc<Metrics>)>,
+    server: Option<Arc<tiny_http::Server>>,
     stopping: Arc<AtomicBool>,
     http_threads: Vec<JoinHandle<()>>,
     committers: Vec<JoinHandle<()>>,
@@ -271,7 +270,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             wake: role.relay().then_some(wake_tx),
             notify: !role.relay(),
             health,
-            metrics: metrics.clone(),
+            metrics,
             stats,
             server: server.clone(),
         });
@@ -285,7 +284,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             info!("http: listening on {addr}");
         }
         app.http_addr = addr;
-        app.server = Some((server, metrics));
+        app.server = Some(server);
     }
     Ok(app)
 }
@@ -310,21 +309,24 @@ impl App {
         info!("shutting down");
         self.stopping.store(true, Ordering::SeqCst);
         let server = self.server.take();
-        if let Some((server, _)) = &server {
+        if let Some(server) = &server {
             for _ in 0..self.http_threads.len() {
                 server.unblock();
             }
         }
         let mut late = join_until(std::mem::take(&mut self.http_threads), deadline);
+        // No handler takes requests any more: those still queued, and any
+        // arriving, are answered 503 by the server.
+        if let Some(server) = &server {
+            server.refuse_requests();
+        }
         // The HTTP threads held the last handles on the committers, which
         // now finish what they were given and stop.
         late.extend(join_until(std::mem::take(&mut self.committers), deadline));
         // Connection threads write the answers, and a 202 given must reach
-        // its client before the process may exit. Requests that arrived too
-        // late for a handler thread are refused meanwhile.
-        if let Some((server, metrics)) = server {
+        // its client before the process may exit.
+        if let Some(server) = server {
             loop {
-                http::refuse_waiting(&server, &metrics);
                 if server.unanswered() == 0 {
                     break;
                 }

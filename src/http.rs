@@ -100,8 +100,6 @@ pub enum ApiError {
     Unavailable,
     /// Too many events are waiting to be written.
     Busy,
-    /// The server stopped serving before it reached this request.
-    ShuttingDown,
     /// A bug: logged in full, answered without detail.
     Internal,
 }
@@ -132,7 +130,7 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
     let mut response = json_response(status, &body);
     match err {
         ApiError::MethodNotAllowed(allow) => response.add_header(header("Allow", allow)),
-        ApiError::Unavailable | ApiError::Busy | ApiError::ShuttingDown => {
+        ApiError::Unavailable | ApiError::Busy => {
             response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string()))
         }
         ApiError::Unauthorized => {
@@ -224,11 +222,6 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
             503,
             "busy",
             "too many events are waiting to be written; retry later".to_string(),
-        ),
-        ApiError::ShuttingDown => (
-            503,
-            "unavailable",
-            "the server is shutting down; nothing was written, retry".to_string(),
         ),
         ApiError::Internal => (500, "internal", "internal error".to_string()),
     }
@@ -513,8 +506,8 @@ impl Api {
             outbox_oldest_seconds,
             pool_in_use,
             pool_idle,
-            http_connections: Some(self.server.num_connections()),
-            http_buffered_bytes: Some(self.server.buffered_bytes()),
+            http_connections: self.server.num_connections(),
+            http_buffered_bytes: self.server.buffered_bytes(),
         });
         Response::from_data(text.into_bytes()).with_header(header(
             "Content-Type",
@@ -636,19 +629,6 @@ fn respond(
     if let Err(e) = request.respond(response) {
         // The response could not be rendered; its connection closes.
         log::warn!("http: response not sent: {e}");
-    }
-}
-
-/// Answers `503` to the requests still queued once the handler threads have
-/// stopped, so that their clients hear something and their connections end.
-pub fn refuse_waiting(server: &Server, metrics: &Metrics) {
-    while let Ok(Some(request)) = server.try_recv() {
-        let name = route(request.method(), request.url())
-            .as_ref()
-            .map(Route::name)
-            .unwrap_or("unmatched");
-        let response = error_response(&ApiError::ShuttingDown);
-        respond(metrics, request, response, name, Instant::now());
     }
 }
 

@@ -169,10 +169,11 @@ pub struct Gauges {
     pub pool_in_use: u32,
     /// Idle pooled connections.
     pub pool_idle: u32,
-    /// Open client connections, in processes serving HTTP.
-    pub http_connections: Option<usize>,
-    /// Bytes of request bodies held in memory.
-    pub http_buffered_bytes: Option<usize>,
+    /// Open client connections.
+    pub http_connections: usize,
+    /// Bytes of request bodies, and of answers not yet written, held in
+    /// memory.
+    pub http_buffered_bytes: usize,
 }
 
 impl Metrics {
@@ -313,22 +314,18 @@ impl Metrics {
             "Idle pooled connections.",
             gauges.pool_idle.to_string(),
         );
-        if let Some(n) = gauges.http_connections {
-            gauge(
-                &mut out,
-                "ingestd_http_connections",
-                "Open client connections.",
-                n.to_string(),
-            );
-        }
-        if let Some(n) = gauges.http_buffered_bytes {
-            gauge(
-                &mut out,
-                "ingestd_http_buffered_bytes",
-                "Bytes of request bodies held in memory.",
-                n.to_string(),
-            );
-        }
+        gauge(
+            &mut out,
+            "ingestd_http_connections",
+            "Open client connections.",
+            gauges.http_connections.to_string(),
+        );
+        gauge(
+            &mut out,
+            "ingestd_http_buffered_bytes",
+            "Bytes of request bodies and unwritten answers held in memory.",
+            gauges.http_buffered_bytes.to_string(),
+        );
         out
     }
 }

@@ -4,7 +4,7 @@
 //! store knows the tables and their transactions; it does not know HTTP, AMQP
 //! or what processing an event means.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -595,7 +595,8 @@ impl Store {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let created: Vec<bool> = columns.ids.iter().map(|id| inserted.contains(id)).collect();
+        let new: HashSet<&Uuid> = inserted.iter().collect();
+        let created: Vec<bool> = columns.ids.iter().map(|id| new.contains(id)).collect();
         if created.iter().any(|c| !*c) {
             // Some ids exist: each must hold exactly this item's content,
             // compared as the idempotency fingerprint compares it (jsonb

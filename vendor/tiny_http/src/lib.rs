@@ -666,6 +666,16 @@ impl Server {
         self.answers.load(Acquire)
     }
 
+    /// ingestd patch: for shutdown, once no thread calls `recv` any more:
+    /// answers `503` to the requests queued, and to every later one as its
+    /// connection reads it, rather than leave them waiting for ever in a
+    /// queue no one reads. Dropping the server does this too.
+    pub fn refuse_requests(&self) {
+        for message in self.messages.close() {
+            refuse_request(message);
+        }
+    }
+
     /// Blocks until an HTTP request has been submitted and returns it.
     pub fn recv(&self) -> IoResult<Request> {
         match self.messages.pop() {
@@ -711,12 +721,7 @@ impl Iterator for IncomingRequests<'_> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.close.store(true, Relaxed);
-        // ingestd patch: requests queued and those still arriving on open
-        // connections are answered 503, rather than left waiting for ever
-        // in a queue no one reads.
-        for message in self.messages.close() {
-            refuse_request(message);
-        }
+        self.refuse_requests();
         // Connect briefly to ourselves to unblock the accept thread
         let maybe_stream = match &self.listening_addr {
             ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),

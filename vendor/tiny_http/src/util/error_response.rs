@@ -65,12 +65,7 @@ impl ErrorResponse {
 
     /// The same as a `Response`, for a request that has been handed out.
     pub fn into_response(self) -> crate::Response<std::io::Cursor<Vec<u8>>> {
-        let body = format!(
-            "{{\"error\":\"{}\",\"detail\":\"{}\"}}",
-            json_escape(self.code),
-            json_escape(&self.detail)
-        );
-        let mut response = crate::Response::from_data(body.into_bytes())
+        let mut response = crate::Response::from_data(self.body().into_bytes())
             .with_status_code(self.status)
             .with_header(crate::Header::from_bytes("Content-Type", "application/json").unwrap())
             .with_header(crate::Header::from_bytes("Connection", "close").unwrap());
@@ -84,11 +79,7 @@ impl ErrorResponse {
 
     /// The whole response, head and body.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let body = format!(
-            "{{\"error\":\"{}\",\"detail\":\"{}\"}}",
-            json_escape(self.code),
-            json_escape(&self.detail)
-        );
+        let body = self.body();
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nServer: tiny-http (Rust)\r\nDate: {}\r\n",
             self.status,
@@ -104,6 +95,15 @@ impl ErrorResponse {
         out.push_str("\r\n");
         out.push_str(&body);
         out.into_bytes()
+    }
+
+    /// The JSON body, `{"error":"<code>","detail":"<detail>"}`.
+    fn body(&self) -> String {
+        format!(
+            "{{\"error\":\"{}\",\"detail\":\"{}\"}}",
+            json_escape(self.code),
+            json_escape(&self.detail)
+        )
     }
 
     /// Writes and flushes the response.
