@@ -791,3 +791,62 @@ fn announced_bodies_do_not_take_the_budget_before_they_arrive() {
     drop(stalled);
     app.shutdown().unwrap();
 }
+
+/// A client still sending a body when the server refuses it reads the
+/// answer: the server closes lingering, reading and discarding what the
+/// client sends until it is done, instead of closing at once, which makes
+/// the kernel reset the connection under the client's writes.
+#[test]
+fn clients_still_sending_a_refused_body_read_the_answer() {
+    let env = TestEnv::new("linger");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    // More than the socket buffers of both sides hold: the client is still
+    // writing when the answer comes.
+    let body = vec![b'x'; 24 << 20];
+    let head = |extra: &str| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             {extra}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+    };
+    let cases = [
+        // refused by the application, the body left unread
+        (head(""), 413, "body_too_large"),
+        // refused by the server before there is a request
+        (
+            head(&format!("X-Padding: {}\r\n", "p".repeat(20_000))),
+            431,
+            "header_too_large",
+        ),
+    ];
+    for (head, status, code) in cases {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let body = body.clone();
+        let sending = thread::spawn(move || -> std::io::Result<()> {
+            writer.write_all(head.as_bytes())?;
+            for chunk in body.chunks(64 << 10) {
+                writer.write_all(chunk)?;
+            }
+            writer.shutdown(std::net::Shutdown::Write)
+        });
+        let mut raw = Vec::new();
+        let read = stream.read_to_end(&mut raw);
+        let sent = sending.join().unwrap();
+        assert!(sent.is_ok(), "{code}: the client's writes failed: {sent:?}");
+        read.unwrap_or_else(|e| panic!("{code}: reading the answer failed: {e}"));
+        let resp = crate::util::parse_response(&raw).unwrap();
+        assert_eq!(resp.status, status, "{code}");
+        assert_eq!(resp.json()["error"], code);
+    }
+    assert_eq!(
+        crate::util::post_json(addr, "/v1/events", r#"{"payload":1}"#).status,
+        202
+    );
+    app.shutdown().unwrap();
+}

@@ -516,7 +516,7 @@ pub fn raw_request(
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
+pub fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let split = raw
         .windows(4)

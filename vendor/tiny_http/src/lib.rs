@@ -268,6 +268,42 @@ fn refuse_connection(mut sock: Connection, limits: &Limits) {
     let _ = sock.shutdown(Shutdown::Write);
 }
 
+/// ingestd patch: longest a lingering close waits for the client to stop
+/// sending.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// ingestd patch: most bytes a lingering close reads and discards.
+const LINGER_BYTES: usize = 64 << 20;
+
+/// ingestd patch: a lingering close. Closing a socket with unread bytes in
+/// its receive queue, or while more are arriving, makes the kernel answer
+/// with a reset, and a client still writing its request (the rest of a body
+/// that was refused) then fails on its write, or loses the answer that was
+/// already on its way, instead of reading it. So the sending side is shut
+/// first, which tells the client the answer is complete, and what the
+/// client still sends is read and discarded until it closes its side, for
+/// at most `LINGER_TIME` and `LINGER_BYTES`.
+fn linger(sock: &mut Connection) {
+    if sock.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let until = std::time::Instant::now() + LINGER_TIME;
+    let mut buf = [0u8; 16 * 1024];
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match std::io::Read::read(sock, &mut buf) {
+            Ok(0) => return,
+            Ok(read) => discarded += read,
+            Err(ref err) if err.kind() == IoErrorKind::Interrupted => (),
+            Err(_) => return,
+        }
+    }
+}
+
 /// ingestd patch: answers a request that no handler will see, the server
 /// being gone, with a 503.
 fn refuse_request(message: Message) {
@@ -487,7 +523,8 @@ impl Server {
                         let _ = sock.set_write_timeout(socket_timeout(limits.write_timeout));
                         let _ = sock.set_nodelay();
                         // ingestd patch: kept to set the write timeout of
-                        // each response (see `write_answer`)
+                        // each response (see `write_answer`), and to close
+                        // lingering (see `linger`)
                         let timeouts = sock.try_clone().ok();
                         let (mut read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
@@ -525,7 +562,7 @@ impl Server {
                 };
 
                 match new_client {
-                    Ok((client, timeouts, deadline)) => {
+                    Ok((client, mut timeouts, deadline)) => {
                         let messages = inside_messages.clone();
                         let answers = inside_answers.clone();
                         let budget = inside_budget.clone();
@@ -536,7 +573,7 @@ impl Server {
                         let guard = CountGuard::new(&inside_connections);
                         let mut client = Some((client, guard));
                         tasks_pool.spawn(Box::new(move || {
-                            if let Some((client, _guard)) = client.take() {
+                            if let Some((mut client, _guard)) = client.take() {
                                 // ingestd patch: one request at a time per
                                 // connection, for plain HTTP too (upstream
                                 // did this for HTTPS only). A pipelined
@@ -545,7 +582,8 @@ impl Server {
                                 // then waited for the earlier one, and a
                                 // server answering out of order (as group
                                 // commit does) could wait for ever.
-                                for rq in client {
+                                let mut unsent = false;
+                                for rq in client.by_ref() {
                                     let (sender, receiver) = mpsc::channel();
                                     // counted until its answer is written
                                     let _unanswered = CountGuard::new(&answers);
@@ -594,12 +632,25 @@ impl Server {
                                         // read nothing more, not even the
                                         // rest of an unread body
                                         deadline.close();
+                                        unsent = true;
                                     }
                                     drop(body);
                                     if !sent || refused {
                                         break;
                                     }
                                 }
+                                // ingestd patch: a connection closed while
+                                // the client may still be sending (a
+                                // refusal, a body left unread) closes
+                                // lingering, so that the client reads its
+                                // answer instead of a reset. Not when the
+                                // answer itself could not be written.
+                                if deadline.is_closed() && !unsent {
+                                    if let Some(sock) = timeouts.as_mut() {
+                                        linger(sock);
+                                    }
+                                }
+                                drop(client);
                             }
                         }));
                     }
