@@ -698,22 +698,24 @@ fn bodies_beyond_the_memory_budget_get_503() {
     )
     .unwrap();
     slow.write_all(&body.as_bytes()[..100]).unwrap();
+    // Only once the server holds the slow body: a request sent before it
+    // could take the budget first, and the slow body would be the one
+    // refused.
+    wait_until(Duration::from_secs(5), "the slow body is held", || {
+        buffered_bytes(addr) >= body.len() as u64
+    });
     let other = json!({ "payload": "y".repeat(3000) }).to_string();
-    wait_until(
-        Duration::from_secs(5),
-        "a second large body is refused",
-        || {
-            let r = request(
-                addr,
-                "POST",
-                "/v1/events",
-                &[("Content-Type", "application/json")],
-                other.as_bytes(),
-            )
-            .unwrap();
-            r.status == 503 && r.json()["error"] == "busy" && r.header("retry-after").is_some()
-        },
-    );
+    let r = request(
+        addr,
+        "POST",
+        "/v1/events",
+        &[("Content-Type", "application/json")],
+        other.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"], "busy");
+    assert!(r.header("retry-after").is_some());
     // Small bodies still fit.
     assert_eq!(
         crate::util::post_json(addr, "/v1/events", r#"{"payload":1}"#).status,
