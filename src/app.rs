@@ -224,6 +224,13 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             buffer_body_bytes: config.max_body_bytes,
             buffer_budget: config.http_buffer_bytes,
             write_timeout: config.http_body_timeout,
+            // A body that its head alone refuses (no API key, not JSON, too
+            // large, no such route) is never read.
+            head_check: Some(http::head_check(
+                config.api_keys.clone(),
+                config.max_body_bytes,
+                metrics.clone(),
+            )),
         };
         let server = match tiny_http::Server::http_with_limits(config.http_addr, limits) {
             Ok(s) => Arc::new(s),

@@ -1,10 +1,13 @@
 //! The HTTP API: routes, request parsing, and the mapping of errors to responses.
 //!
 //! Handler threads share one `tiny_http::Server`. A request is routed, its
-//! body checked (media type, size, JSON shape) before anything touches the
-//! database, and every failure becomes an [`ApiError`], which
-//! [`error_response`] alone turns into a status and a JSON body. A panic in a
-//! handler answers 500 and the thread goes on serving.
+//! head checked ([`check_head`]: route, API key, media type, announced size)
+//! and then its body (JSON shape) before anything touches the database, and
+//! every failure becomes an [`ApiError`], which [`error_response`] alone
+//! turns into a status and a JSON body. The head check also runs on the
+//! connection's thread before a body is read ([`head_check`]), so a request
+//! refused on its head costs no body bytes. A panic in a handler answers 500
+//! and the thread goes on serving.
 
 use std::io::{Cursor, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -15,7 +18,7 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 use log::{error, warn};
 use serde_json::{Value, json};
-use tiny_http::{Header, Method, Request, Response, Server};
+use tiny_http::{HeadCheck, Header, Method, Request, Response, Server};
 use uuid::Uuid;
 
 use crate::auth::{self, ApiKeys};
@@ -319,6 +322,66 @@ impl Route {
     }
 }
 
+/// The value of the first header called `name`, if any.
+fn header_value<'r>(request: &'r Request, name: &'static str) -> Option<&'r str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// What a request's head alone decides, in the order the handler checks it:
+/// the route, the API key on protected routes when keys are configured, and
+/// for an ingest its media type, its `Idempotency-Key` and its announced
+/// length (`max_body_bytes` at most).
+pub fn check_head(
+    keys: &ApiKeys,
+    max_body_bytes: usize,
+    request: &Request,
+    route: Result<Route, ApiError>,
+) -> Result<Route, ApiError> {
+    let route = route?;
+    if route.is_protected() && !keys.is_open() {
+        let presented = auth::presented_key(
+            header_value(request, "Authorization"),
+            header_value(request, "X-Api-Key"),
+        );
+        if !keys.allows(presented) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    if route == Route::Ingest {
+        let content_type = header_value(request, "Content-Type");
+        if !content_type.is_some_and(is_json_media_type) {
+            return Err(ApiError::UnsupportedMediaType(
+                content_type.map(str::to_string),
+            ));
+        }
+        if let Some(key) = header_value(request, "Idempotency-Key") {
+            ingest::idempotency_key(key)?;
+        }
+        if request.body_length().is_some_and(|n| n > max_body_bytes) {
+            return Err(ApiError::BodyTooLarge(max_body_bytes));
+        }
+    }
+    Ok(route)
+}
+
+/// [`check_head`] for the server's connection threads: a request with a
+/// body that its head alone refuses is answered there, before the body is
+/// read or buffered, and counted in the metrics as the handler would.
+pub fn head_check(keys: ApiKeys, max_body_bytes: usize, metrics: Arc<Metrics>) -> HeadCheck {
+    HeadCheck::new(move |request| {
+        let matched = route(request.method(), request.url());
+        let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
+        let err = check_head(&keys, max_body_bytes, request, matched).err()?;
+        let response = error_response(&err);
+        metrics.request(name, response.status_code().0);
+        Some(response.boxed())
+    })
+}
+
 /// Maps a method and a URL to a route. The legacy path matches without
 /// regard to case, as the original ASP.NET routing did.
 pub fn route(method: &Method, url: &str) -> Result<Route, ApiError> {
@@ -389,20 +452,7 @@ impl Api {
         request: &mut Request,
         route: Result<Route, ApiError>,
     ) -> Result<Handled, ApiError> {
-        let route = route?;
-        if route.is_protected() && !self.keys.is_open() {
-            let value = |name| {
-                request
-                    .headers()
-                    .iter()
-                    .find(|h| h.field.equiv(name))
-                    .map(|h| h.value.as_str())
-            };
-            let presented = auth::presented_key(value("Authorization"), value("X-Api-Key"));
-            if !self.keys.allows(presented) {
-                return Err(ApiError::Unauthorized);
-            }
-        }
+        let route = check_head(&self.keys, self.max_body_bytes, request, route)?;
         let response = match route {
             Route::Ingest => return self.ingest(request).map(Handled::Commit),
             Route::GetEvent(id) => {
@@ -437,21 +487,10 @@ impl Api {
         Ok(Handled::Respond(response))
     }
 
+    /// An ingest whose head [`check_head`] passed.
     fn ingest(&self, request: &mut Request) -> Result<(Submission, bool), ApiError> {
-        let value = |name| {
-            request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv(name))
-                .map(|h| h.value.as_str().to_string())
-        };
-        let content_type = value("Content-Type");
-        match &content_type {
-            Some(ct) if is_json_media_type(ct) => {}
-            _ => return Err(ApiError::UnsupportedMediaType(content_type)),
-        }
-        let idempotency_key = value("Idempotency-Key")
-            .map(|k| ingest::idempotency_key(&k))
+        let idempotency_key = header_value(request, "Idempotency-Key")
+            .map(ingest::idempotency_key)
             .transpose()?;
         let body = self.read_body(request)?;
         let parsed = ingest::parse(&body, &self.limits)?;
@@ -475,11 +514,10 @@ impl Api {
         }
     }
 
+    /// The body, at most `max_body_bytes` of it (a longer announced length
+    /// was refused by [`check_head`]; a chunked body is cut here).
     fn read_body(&self, request: &mut Request) -> Result<Vec<u8>, ApiError> {
         let max = self.max_body_bytes;
-        if request.body_length().is_some_and(|n| n > max) {
-            return Err(ApiError::BodyTooLarge(max));
-        }
         let mut body = Vec::with_capacity(request.body_length().unwrap_or(0).min(max));
         request
             .as_reader()

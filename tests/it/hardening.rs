@@ -852,3 +852,109 @@ fn clients_still_sending_a_refused_body_read_the_answer() {
     );
     app.shutdown().unwrap();
 }
+
+/// A request refused on its head alone (no API key, not JSON, a bad
+/// idempotency key, too large, no such route or method) is answered before
+/// its body arrives: the server reads and buffers none of it, and closes.
+#[test]
+fn bodies_refused_on_their_head_are_never_read() {
+    let env = TestEnv::new("headcheck");
+    let app = env.start_role(&env.config_with(&[("INGEST_API_KEYS", KEY)]), Role::All);
+    let addr = app.http_addr().unwrap();
+    let json = "Content-Type: application/json\r\n";
+    let key = format!("X-Api-Key: {KEY}\r\n");
+    let megabyte = "Content-Length: 1000000\r\n";
+    let cases = [
+        (
+            "POST /v1/events",
+            format!("{json}{megabyte}"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST /v1/events",
+            format!("X-Api-Key: not-the-key-0123456789\r\n{json}{megabyte}"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST /Ingestion/ingest",
+            format!("{json}Transfer-Encoding: chunked\r\n"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST /v1/events",
+            format!("{key}Content-Type: text/plain\r\n{megabyte}"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "POST /v1/events",
+            format!("{key}{json}Idempotency-Key: \r\n{megabyte}"),
+            400,
+            "invalid_idempotency_key",
+        ),
+        (
+            "POST /v1/events",
+            format!("{key}{json}Content-Length: 6000000\r\n"),
+            413,
+            "body_too_large",
+        ),
+        (
+            "POST /v1/nowhere",
+            format!("{key}{json}{megabyte}"),
+            404,
+            "not_found",
+        ),
+        (
+            "PUT /v1/events",
+            format!("{key}{json}{megabyte}"),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (line, headers, status, code) in cases {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        // Far less than the body deadline: only an answer given without
+        // the body arrives in time.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(format!("{line} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes())
+            .unwrap();
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .unwrap_or_else(|e| panic!("{line} ({code}): no answer without the body: {e}"));
+        let resp = crate::util::parse_response(&raw).unwrap();
+        assert_eq!(resp.status, status, "{line} ({code})");
+        assert_eq!(resp.json()["error"], code, "{line}");
+        assert_eq!(resp.header("connection"), Some("close"), "{line}");
+        if status == 401 {
+            assert!(resp.header("www-authenticate").is_some());
+        }
+        assert_eq!(buffered_bytes(addr), 0, "{line} ({code}): nothing held");
+    }
+    // Counted as the handler counts its answers.
+    let metrics = String::from_utf8(get(addr, "/metrics").body).unwrap();
+    for line in [
+        "ingestd_http_requests_total{route=\"ingest\",status=\"401\"} 3",
+        "ingestd_http_requests_total{route=\"unmatched\",status=\"404\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    // Nothing was written, and a request with the key is served.
+    assert_eq!(env.count("SELECT count(*) FROM events"), 0);
+    let r = request(
+        addr,
+        "POST",
+        "/v1/events",
+        &[("Content-Type", "application/json"), ("X-Api-Key", KEY)],
+        br#"{"payload":1}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 202);
+    app.shutdown().unwrap();
+}

@@ -13,7 +13,7 @@ use crate::common::{HTTPVersion, Header, Method};
 use crate::util::RefinedTcpStream;
 use crate::util::{BufferedBody, Budget, Deadline, ErrorResponse, Reservation, DRAIN_LIMIT};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
-use crate::{Limits, Request};
+use crate::{Limits, Request, ResponseBox};
 
 /// A ClientConnection is an object that will store a socket to a client
 /// and return Request objects.
@@ -370,6 +370,15 @@ impl ClientConnection {
         Ok((data, reservation))
     }
 
+    /// ingestd patch: the `HeadCheck`'s answer, for a request with a body.
+    fn check_head(&self, rq: &Request) -> Option<ResponseBox> {
+        let check = self.limits.head_check.as_ref()?;
+        match body_kind(rq.headers()) {
+            BodyKind::Length(0) | BodyKind::Unframed | BodyKind::BadLength => None,
+            BodyKind::Length(_) | BodyKind::Chunked => check.check(rq),
+        }
+    }
+
     fn unread_guard(
         &self,
         body: Box<dyn Read + Send + 'static>,
@@ -661,6 +670,22 @@ impl Iterator for ClientConnection {
                 None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
                 _ => (),
             };
+
+            // ingestd patch: a request refused on its head alone is answered
+            // before any of its body is read (see `HeadCheck`).
+            if let Some(response) = self.check_head(&rq) {
+                // nothing more is read, not even to drain the body
+                self.deadline.close();
+                let version = rq.http_version().clone();
+                let head_only = *rq.method() == Method::Head;
+                let mut writer = rq.into_writer();
+                response
+                    .closing()
+                    .raw_print(&mut writer, version, &[], head_only, None)
+                    .ok();
+                writer.flush().ok();
+                return None;
+            }
 
             // ingestd patch: read a small body now, on this connection's
             // thread, so that the application never waits on a slow client.

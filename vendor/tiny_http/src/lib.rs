@@ -213,6 +213,40 @@ pub struct Limits {
     pub buffer_budget: usize,
     /// Socket write timeout for responses.
     pub write_timeout: Duration,
+    /// Judges a request that has a body from its head alone, on the
+    /// connection's thread, before any of the body is read or buffered (see
+    /// `HeadCheck`).
+    pub head_check: Option<HeadCheck>,
+}
+
+/// ingestd patch: a check of a request's head (method, URL, headers) run
+/// before its body is read. When it returns a response, that response is
+/// sent with `Connection: close`, the body is never read nor buffered, the
+/// request never reaches `Server::recv`, and the connection closes
+/// (lingering). It runs only for requests with a body, so that a refusal
+/// the application could give as well costs no body bytes, memory or time;
+/// requests without a body take the usual path. It runs on the connection's
+/// thread and must not block.
+#[derive(Clone)]
+pub struct HeadCheck(Arc<dyn Fn(&Request) -> Option<ResponseBox> + Send + Sync>);
+
+impl HeadCheck {
+    pub fn new<F>(check: F) -> HeadCheck
+    where
+        F: Fn(&Request) -> Option<ResponseBox> + Send + Sync + 'static,
+    {
+        HeadCheck(Arc::new(check))
+    }
+
+    pub(crate) fn check(&self, request: &Request) -> Option<ResponseBox> {
+        (self.0)(request)
+    }
+}
+
+impl std::fmt::Debug for HeadCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeadCheck")
+    }
 }
 
 impl Default for Limits {
@@ -226,6 +260,7 @@ impl Default for Limits {
             buffer_body_bytes: 1024 * 1024,
             buffer_budget: 256 * 1024 * 1024,
             write_timeout: Duration::from_secs(30),
+            head_check: None,
         }
     }
 }

@@ -453,6 +453,15 @@ where
         Ok(())
     }
 
+    /// ingestd patch: marks the response as the last on its connection
+    /// (`Connection: close`), which `add_header` refuses to set; for answers
+    /// after which the library closes the connection.
+    pub(crate) fn closing(mut self) -> Response<R> {
+        self.headers
+            .push(Header::from_bytes(&b"Connection"[..], &b"close"[..]).unwrap());
+        self
+    }
+
     /// Retrieves the current value of the `Response` status code
     pub fn status_code(&self) -> StatusCode {
         self.status_code
