@@ -11,7 +11,7 @@ use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{Resp, TestEnv, get, raw_request, request, wait_until};
+use crate::util::{Resp, TestEnv, get, post_json, raw_request, request, wait_until};
 
 const KEY: &str = "hardening-key-0123456789";
 
@@ -705,20 +705,13 @@ fn bodies_beyond_the_memory_budget_get_503() {
         buffered_bytes(addr) >= body.len() as u64
     });
     let other = json!({ "payload": "y".repeat(3000) }).to_string();
-    let r = request(
-        addr,
-        "POST",
-        "/v1/events",
-        &[("Content-Type", "application/json")],
-        other.as_bytes(),
-    )
-    .unwrap();
+    let r = post_json(addr, "/v1/events", &other);
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"], "busy");
     assert!(r.header("retry-after").is_some());
     // Small bodies still fit.
     assert_eq!(
-        crate::util::post_json(addr, "/v1/events", r#"{"payload":1}"#).status,
+        post_json(addr, "/v1/events", r#"{"payload":1}"#).status,
         202
     );
     // Once the slow body is in, its share of the budget comes back.
@@ -731,15 +724,7 @@ fn bodies_beyond_the_memory_budget_get_503() {
     // (It is given back when the request is dropped, just after the
     // answer is written.)
     wait_until(Duration::from_secs(5), "the budget is free again", || {
-        let r = request(
-            addr,
-            "POST",
-            "/v1/events",
-            &[("Content-Type", "application/json")],
-            other.as_bytes(),
-        )
-        .unwrap();
-        r.status == 202
+        post_json(addr, "/v1/events", &other).status == 202
     });
     app.shutdown().unwrap();
 }
@@ -772,23 +757,12 @@ fn announced_bodies_do_not_take_the_budget_before_they_arrive() {
     wait_until(
         Duration::from_secs(5),
         "the stalled bodies hold 64 KiB each",
-        || {
-            let text = String::from_utf8(get(addr, "/metrics").body).unwrap();
-            text.lines()
-                .any(|l| l == format!("ingestd_http_buffered_bytes {}", 8 * 65536))
-        },
+        || buffered_bytes(addr) == 8 * 65536,
     );
     // Eight announced megabytes would be eight times the budget; what they
     // sent is a few bytes, so a real 300 kB body still fits.
     let body = json!({ "payload": "z".repeat(300_000) }).to_string();
-    let r = request(
-        addr,
-        "POST",
-        "/v1/events",
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    )
-    .unwrap();
+    let r = post_json(addr, "/v1/events", &body);
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     drop(stalled);
     app.shutdown().unwrap();
@@ -847,7 +821,7 @@ fn clients_still_sending_a_refused_body_read_the_answer() {
         assert_eq!(resp.json()["error"], code);
     }
     assert_eq!(
-        crate::util::post_json(addr, "/v1/events", r#"{"payload":1}"#).status,
+        post_json(addr, "/v1/events", r#"{"payload":1}"#).status,
         202
     );
     app.shutdown().unwrap();
