@@ -4,6 +4,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -930,5 +932,72 @@ fn bodies_refused_on_their_head_are_never_read() {
     )
     .unwrap();
     assert_eq!(r.status, 202);
+    app.shutdown().unwrap();
+}
+
+/// A response must be taken in whole within `INGEST_HTTP_BODY_TIMEOUT`,
+/// not within that time per write: a client reading a large answer a
+/// trickle at a time is cut off once the time is up, and the thread and
+/// memory its answer held come back.
+#[test]
+fn a_client_reading_an_answer_too_slowly_is_cut_off() {
+    let env = TestEnv::new("slowreader");
+    let app = env.start_role(
+        &env.config_with(&[
+            ("INGEST_MAX_BODY_BYTES", "10485760"),
+            ("INGEST_MAX_PAYLOAD_BYTES", "10000000"),
+            ("INGEST_HTTP_BODY_TIMEOUT", "2s"),
+        ]),
+        Role::All,
+    );
+    let addr = app.http_addr().unwrap();
+    // More than the kernel's socket buffers take in (4 MiB at most on the
+    // sending side): the server must wait for the client to read.
+    let payload = "x".repeat(9_000_000);
+    let r = post_json(
+        addr,
+        "/v1/events",
+        &json!({ "payload": payload }).to_string(),
+    );
+    assert_eq!(r.status, 202);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(format!("GET /v1/events/{id} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    // About 1.3 MB a second, for as long as the test watches: each write
+    // of the answer makes progress well within the timeout, the whole
+    // cannot.
+    let reading = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let reading = reading.clone();
+        thread::spawn(move || {
+            let mut received = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            while reading.load(Ordering::SeqCst) {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => received += n,
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            received
+        })
+    };
+    // The server gives up the connection (its thread and the answer's
+    // memory) while the client is still reading.
+    wait_until(
+        Duration::from_secs(15),
+        "the connection is given up",
+        || {
+            let text = String::from_utf8(get(addr, "/metrics").body).unwrap();
+            text.lines().any(|l| l == "ingestd_http_connections 1")
+        },
+    );
+    assert_eq!(buffered_bytes(addr), 0);
+    reading.store(false, Ordering::SeqCst);
+    let received = reader.join().unwrap();
+    assert!(received < payload.len(), "received {received} bytes");
     app.shutdown().unwrap();
 }
