@@ -1,15 +1,18 @@
 //! Request parsing and validation on arbitrary input: the route, the
-//! media type, the API key headers, the idempotency key and the ingest
-//! body. Nothing may panic, and what is accepted must keep the promises
+//! media type, the API key headers, the idempotency key, the head check
+//! that runs before a body is read, and the ingest body. Nothing may panic, and what is accepted must keep the promises
 //! the API makes: no null payload, no batch over the limit, no NUL, every
 //! error answered with a JSON body.
 #![no_main]
 
-use ingestd::auth;
+use ingestd::auth::{self, ApiKeys};
 use ingestd::http::{self, ApiError};
 use ingestd::ingest::{self, Limits};
 use libfuzzer_sys::fuzz_target;
-use tiny_http::Method;
+use tiny_http::{Header, Method, Request, TestRequest};
+
+const KEY: &str = "fuzz-key-0123456789";
+const MAX_BODY: usize = 4096;
 
 const LIMITS: Limits = Limits {
     max_batch: 50,
@@ -34,6 +37,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(!key.is_empty() && key.len() <= ingest::MAX_NAME_BYTES);
     }
 
+    check_head(&line, body.len());
+
     match ingest::parse(body, &LIMITS) {
         Ok(parsed) => {
             assert!(!parsed.events.is_empty());
@@ -42,7 +47,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(!ingest::nesting_exceeds(body, LIMITS.max_depth));
             for event in &parsed.events {
                 assert!(!event.payload.is_null());
-                assert!(serde_json::to_vec(&event.payload).unwrap().len() <= LIMITS.max_payload_bytes);
+                assert!(
+                    serde_json::to_vec(&event.payload).unwrap().len() <= LIMITS.max_payload_bytes
+                );
                 assert!(!event.payload.to_string().contains("\\u0000"));
                 for name in [&event.event_type, &event.key].into_iter().flatten() {
                     assert!(!name.is_empty() && name.len() <= ingest::MAX_NAME_BYTES);
@@ -52,6 +59,48 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => check_error(&e),
     }
 });
+
+/// The head check on requests whose every header it reads carries `line`:
+/// what it lets through has the key, and an ingest is JSON within the
+/// size limit; what it refuses is a clear 4xx.
+fn check_head(line: &str, seed: usize) {
+    let keys = ApiKeys::parse(KEY).unwrap();
+    // 0, or over 1024 so that the test request reads no body at once
+    let length = if seed % 2 == 0 { 0 } else { 1025 + seed * 7 };
+    for (method, path) in [
+        (Method::Post, "/v1/events"),
+        (Method::Post, line),
+        (Method::Get, line),
+    ] {
+        let mut test = TestRequest::new()
+            .with_method(method.clone())
+            .with_path(path);
+        for name in [
+            "Content-Type",
+            "Idempotency-Key",
+            "Authorization",
+            "X-Api-Key",
+        ] {
+            if let Ok(header) = Header::from_bytes(name, line.as_bytes()) {
+                test = test.with_header(header);
+            }
+        }
+        let content_length = Header::from_bytes("Content-Length", length.to_string()).unwrap();
+        let request: Request = test.with_header(content_length).into();
+        match http::check_head(&keys, MAX_BODY, &request, http::route(&method, path)) {
+            Ok(route) => {
+                if route.is_protected() {
+                    assert!(line.contains(KEY), "{route:?} let through without the key");
+                }
+                if route == http::Route::Ingest {
+                    assert!(http::is_json_media_type(line));
+                    assert!(length <= MAX_BODY);
+                }
+            }
+            Err(e) => check_error(&e),
+        }
+    }
+}
 
 /// Every error becomes a 4xx with a JSON body naming a code.
 fn check_error(e: &ApiError) {
