@@ -358,6 +358,7 @@ impl Processor for Scripted {
 /// Client threads posting events until stopped, collecting the ids that
 /// were answered 202. Refusals and connection errors are expected while a
 /// server stops or a dependency is away; they are not counted as accepted.
+/// A thread ends when its connection is refused: the server has gone.
 pub struct Load {
     stop: Arc<AtomicBool>,
     clients: Vec<thread::JoinHandle<()>>,
@@ -384,6 +385,10 @@ impl Load {
                                 accepted.lock().unwrap().push(id);
                             }
                             Ok(_) => {}
+                            // The server is gone for good (no test starts
+                            // another on its address). Going on would post
+                            // to whichever test's server gets the port next.
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
                             Err(_) => thread::sleep(Duration::from_millis(5)),
                         }
                     }
