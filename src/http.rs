@@ -93,6 +93,8 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     /// The body is larger than the limit (the value).
     BodyTooLarge(usize),
+    /// A body sent to a route that takes none.
+    BodyNotAllowed,
     /// An event's payload is larger than the limit (the value).
     PayloadTooLarge(usize),
     /// A batch holds more events than the limit (the value).
@@ -197,6 +199,11 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
             413,
             "body_too_large",
             format!("the body exceeds the limit of {max} bytes"),
+        ),
+        ApiError::BodyNotAllowed => (
+            413,
+            "body_too_large",
+            "this route takes no request body".to_string(),
         ),
         ApiError::PayloadTooLarge(max) => (
             413,
@@ -307,6 +314,13 @@ impl Route {
         )
     }
 
+    /// True for the routes that read a body: ingest, and retry (which
+    /// ignores it). The others are `GET`s; they refuse one, so that no body
+    /// is read or held for them, open routes included.
+    pub fn takes_body(&self) -> bool {
+        matches!(self, Route::Ingest | Route::RetryEvent(_))
+    }
+
     /// The route's name in metrics.
     pub fn name(&self) -> &'static str {
         match self {
@@ -332,9 +346,9 @@ fn header_value<'r>(request: &'r Request, name: &'static str) -> Option<&'r str>
 }
 
 /// What a request's head alone decides, in the order the handler checks it:
-/// the route, the API key on protected routes when keys are configured, and
-/// for an ingest its media type, its `Idempotency-Key` and its announced
-/// length (`max_body_bytes` at most).
+/// the route, the API key on protected routes when keys are configured, no
+/// body on a route that takes none, and for an ingest its media type, its
+/// `Idempotency-Key` and its announced length (`max_body_bytes` at most).
 pub fn check_head(
     keys: &ApiKeys,
     max_body_bytes: usize,
@@ -350,6 +364,11 @@ pub fn check_head(
         if !keys.allows(presented) {
             return Err(ApiError::Unauthorized);
         }
+    }
+    let has_body = request.body_length().is_some_and(|n| n > 0)
+        || header_value(request, "Transfer-Encoding").is_some();
+    if has_body && !route.takes_body() {
+        return Err(ApiError::BodyNotAllowed);
     }
     if route == Route::Ingest {
         let content_type = header_value(request, "Content-Type");

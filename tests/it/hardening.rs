@@ -624,6 +624,22 @@ fn hostile_requests_do_not_hurt_the_server() {
     s.read_to_string(&mut answer).unwrap();
     assert_eq!(answer.matches("HTTP/1.1 202").count(), 4, "{answer}");
 
+    // A request in an HTTP version the server does not speak is answered
+    // 505 and ends the connection: what follows (its body, or a request
+    // hidden in it) is never read as a request.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"POST /v1/events HTTP/2.0\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n\
+          GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 505"), "{answer}");
+    assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+
     // Clients stalled half-way through their requests hold their own
     // connections only; everyone else is served, and shutdown does not
     // wait for them.
@@ -782,24 +798,40 @@ fn clients_still_sending_a_refused_body_read_the_answer() {
     // More than the socket buffers of both sides hold: the client is still
     // writing when the answer comes.
     let body = vec![b'x'; 24 << 20];
-    let head = |extra: &str| {
+    let mut chunked = Vec::new();
+    for chunk in body.chunks(64 << 10) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let head = |framing: &str| {
         format!(
             "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-             {extra}Content-Length: {}\r\n\r\n",
-            body.len()
+             {framing}\r\n"
         )
     };
+    let length = format!("Content-Length: {}\r\n", body.len());
     let cases = [
-        // refused by the application, the body left unread
-        (head(""), 413, "body_too_large"),
+        // refused on its head (the announced length), the body never read
+        (head(&length), &body, 413, "body_too_large"),
+        // refused by the application once it has read past the limit, the
+        // rest of the body left unread
+        (
+            head("Transfer-Encoding: chunked\r\n"),
+            &chunked,
+            413,
+            "body_too_large",
+        ),
         // refused by the server before there is a request
         (
-            head(&format!("X-Padding: {}\r\n", "p".repeat(20_000))),
+            head(&format!("X-Padding: {}\r\n{length}", "p".repeat(20_000))),
+            &body,
             431,
             "header_too_large",
         ),
     ];
-    for (head, status, code) in cases {
+    for (head, body, status, code) in cases {
         let mut stream = TcpStream::connect(addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
@@ -830,8 +862,8 @@ fn clients_still_sending_a_refused_body_read_the_answer() {
 }
 
 /// A request refused on its head alone (no API key, not JSON, a bad
-/// idempotency key, too large, no such route or method) is answered before
-/// its body arrives: the server reads and buffers none of it, and closes.
+/// idempotency key, too large, a body on a route that takes none, no such
+/// route or method) is answered before its body arrives: the server reads and buffers none of it, and closes.
 #[test]
 fn bodies_refused_on_their_head_are_never_read() {
     let env = TestEnv::new("headcheck");
@@ -859,6 +891,15 @@ fn bodies_refused_on_their_head_are_never_read() {
             401,
             "unauthorized",
         ),
+        // small bodies too
+        (
+            "POST /v1/events",
+            format!("{json}Content-Length: 500\r\n"),
+            401,
+            "unauthorized",
+        ),
+        // an open route takes no body
+        ("GET /healthz", megabyte.to_string(), 413, "body_too_large"),
         (
             "POST /v1/events",
             format!("{key}Content-Type: text/plain\r\n{megabyte}"),
@@ -916,7 +957,8 @@ fn bodies_refused_on_their_head_are_never_read() {
     // Counted as the handler counts its answers.
     let metrics = String::from_utf8(get(addr, "/metrics").body).unwrap();
     for line in [
-        "ingestd_http_requests_total{route=\"ingest\",status=\"401\"} 3",
+        "ingestd_http_requests_total{route=\"ingest\",status=\"401\"} 4",
+        "ingestd_http_requests_total{route=\"healthz\",status=\"413\"} 1",
         "ingestd_http_requests_total{route=\"unmatched\",status=\"404\"} 1",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");

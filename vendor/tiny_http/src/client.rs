@@ -13,7 +13,7 @@ use crate::common::{HTTPVersion, Header, Method};
 use crate::util::RefinedTcpStream;
 use crate::util::{BufferedBody, Budget, Deadline, ErrorResponse, Reservation, DRAIN_LIMIT};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
-use crate::{Limits, Request, ResponseBox};
+use crate::{Limits, Request, Response, ResponseBox};
 
 /// A ClientConnection is an object that will store a socket to a client
 /// and return Request objects.
@@ -49,6 +49,10 @@ pub struct ClientConnection {
 
     // ingestd patch: bytes the head of the request being read may still take
     head_left: usize,
+
+    // ingestd patch: a refusal this connection wrote itself (not through
+    // `Server::recv`) could not be written whole
+    refusal_unsent: bool,
 }
 
 /// Error that can happen when reading a request.
@@ -66,7 +70,7 @@ enum ReadError {
     HeadTooLarge,
     /// the head has more than `Limits::max_headers` header lines
     TooManyHeaders,
-    /// reading the body (eagerly, in `new_request`) failed
+    /// building the request failed (upstream: reading a small body at once)
     BodyIoError(IoError),
 }
 
@@ -101,6 +105,7 @@ impl ClientConnection {
             no_more_requests: false,
             secure,
             head_left: limits.max_head_bytes,
+            refusal_unsent: false,
             limits,
             deadline,
             budget,
@@ -215,9 +220,8 @@ impl ClientConnection {
             (method, path, version, headers)
         };
 
-        // ingestd patch: a body read by the server (a small one read at once
-        // by `new_request`, or one buffered by `buffer_body`) must arrive
-        // within `body_timeout` from now.
+        // ingestd patch: a body the server reads itself (`buffer_body`) must
+        // arrive within `body_timeout` from now.
         self.deadline.set(Some(self.limits.body_timeout));
 
         // building the writer for the request
@@ -257,7 +261,30 @@ impl ClientConnection {
     fn refuse(&mut self, response: ErrorResponse) {
         self.deadline.close();
         let writer = self.sink.next().unwrap();
-        response.write_to(writer).ok();
+        let sent = response.write_to(writer).is_ok();
+        self.refusal_unsent |= !sent;
+    }
+
+    /// ingestd patch: true if a refusal written by the connection itself
+    /// (a 4xx or 503 of the library's own, a `HeadCheck`'s answer, a 505)
+    /// could not be written whole: the client is not reading.
+    pub(crate) fn refusal_unsent(&self) -> bool {
+        self.refusal_unsent
+    }
+
+    /// ingestd patch: answers a request with `response` (as HTTP `version`)
+    /// through its own writer, marked as the connection's last, and leaves
+    /// the connection to close without reading anything more (not even the
+    /// request's body).
+    fn refuse_request<R: Read>(&mut self, rq: Request, version: HTTPVersion, response: Response<R>) {
+        self.deadline.close();
+        let head_only = *rq.method() == Method::Head;
+        let mut writer = rq.into_writer();
+        let sent = response
+            .closing()
+            .raw_print(&mut writer, version, &[], head_only, None)
+            .and_then(|()| writer.flush());
+        self.refusal_unsent |= sent.is_err();
     }
 
     /// ingestd patch: reads a small body into memory, so that the
@@ -638,16 +665,14 @@ impl Iterator for ClientConnection {
                 // Upstream took the next writer, which waits for this
                 // request's writer to be dropped before writing; the request
                 // was still alive, so the connection's thread hung for ever.
-                let mut writer = rq.into_writer();
+                // And close: upstream went on to read the next request where
+                // this one's body began.
                 let response = Response::from_string(
                     "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
                 )
                 .with_status_code(StatusCode(505));
-                response
-                    .raw_print(&mut writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                writer.flush().ok();
-                continue;
+                self.refuse_request(rq, HTTPVersion(1, 1), response);
+                return None;
             }
 
             // updating the status of the connection
@@ -674,16 +699,8 @@ impl Iterator for ClientConnection {
             // ingestd patch: a request refused on its head alone is answered
             // before any of its body is read (see `HeadCheck`).
             if let Some(response) = self.check_head(&rq) {
-                // nothing more is read, not even to drain the body
-                self.deadline.close();
                 let version = rq.http_version().clone();
-                let head_only = *rq.method() == Method::Head;
-                let mut writer = rq.into_writer();
-                response
-                    .closing()
-                    .raw_print(&mut writer, version, &[], head_only, None)
-                    .ok();
-                writer.flush().ok();
+                self.refuse_request(rq, version, response);
                 return None;
             }
 
@@ -694,7 +711,8 @@ impl Iterator for ClientConnection {
                 self.deadline.close();
                 let writer = rq.into_writer();
                 if let Some(response) = response {
-                    response.write_to(writer).ok();
+                    let sent = response.write_to(writer).is_ok();
+                    self.refusal_unsent |= !sent;
                 }
                 return None;
             }

@@ -680,7 +680,7 @@ impl Server {
                                 // lingering, so that the client reads its
                                 // answer instead of a reset. Not when the
                                 // answer itself could not be written.
-                                if deadline.is_closed() && !unsent {
+                                if deadline.is_closed() && !unsent && !client.refusal_unsent() {
                                     if let Some(sock) = timeouts.as_mut() {
                                         linger(sock);
                                     }

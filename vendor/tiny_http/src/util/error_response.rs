@@ -68,7 +68,7 @@ impl ErrorResponse {
         let mut response = crate::Response::from_data(self.body().into_bytes())
             .with_status_code(self.status)
             .with_header(crate::Header::from_bytes("Content-Type", "application/json").unwrap())
-            .with_header(crate::Header::from_bytes("Connection", "close").unwrap());
+            .closing();
         if let Some(seconds) = self.retry_after {
             response.add_header(
                 crate::Header::from_bytes("Retry-After", seconds.to_string()).unwrap(),
