@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use ingestd::Role;
 use ingestd::broker::{self, AmqpUrl};
+use ingestd::commit::{self, Committer};
+use ingestd::metrics::Metrics;
 use ingestd::store::{NewEvent, Store, Submission, Written};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -437,4 +439,57 @@ fn api_keys_guard_the_ingest_and_query_routes() {
         !log.contains("key-one") && !log.contains("key-two"),
         "{log}"
     );
+}
+
+/// A panic in a commit batch (here, in a request's reply, after the commit)
+/// spares its committer: the thread goes on, and the next request is
+/// written and answered.
+#[test]
+fn a_panic_in_a_commit_batch_spares_the_committer() {
+    let env = TestEnv::new("commitpanic");
+    let settings = commit::Settings {
+        threads: 1,
+        max_batch: 100,
+        key_ttl: Duration::from_secs(60),
+        queue: 16,
+        notify: false,
+        metrics: Arc::new(Metrics::default()),
+    };
+    let store = Store::open_sized(&env.config(), 2).unwrap();
+    let (committer, threads) = Committer::start(store, settings, None);
+    let one = |n: i32| Submission {
+        events: vec![NewEvent {
+            id: Uuid::new_v4(),
+            payload: json!(n),
+            event_type: None,
+            key: None,
+        }],
+        client_ids: false,
+        idempotency_key: None,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let first = tx.clone();
+    committer.submit(
+        one(1),
+        Box::new(move |result| {
+            first.send(result.is_ok()).unwrap();
+            panic!("a bug in a reply");
+        }),
+    );
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+    // The only committer thread survived the panic: it takes the next one.
+    committer.submit(
+        one(2),
+        Box::new(move |result| tx.send(result.is_ok()).unwrap()),
+    );
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)),
+        Ok(true),
+        "the committer answers after a panic"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM events"), 2);
+    drop(committer);
+    for t in threads {
+        t.join().expect("the committer thread ends cleanly");
+    }
 }
