@@ -19,7 +19,7 @@ fn broker_down_at_ingest_still_accepts_and_delivers_later() {
     let env = TestEnv::new("brokerdown");
     let proxy = Proxy::start(&amqp_host_port(), false);
     let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr());
-    let app = env.start_role(&env.config_with(&[("INGEST_AMQP_URL", &amqp)]), Role::All);
+    let app = env.start_with(&[("INGEST_AMQP_URL", &amqp)]);
     let addr = app.http_addr().unwrap();
 
     let ids: Vec<Uuid> = (0..5).map(|i| ingest(addr, &json!(i))).collect();
@@ -102,7 +102,7 @@ fn broker_restarts_mid_stream_lose_nothing() {
     let env = TestEnv::new("brokerbounce");
     let proxy = Proxy::start(&amqp_host_port(), true);
     let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr());
-    let app = env.start_role(&env.config_with(&[("INGEST_AMQP_URL", &amqp)]), Role::All);
+    let app = env.start_with(&[("INGEST_AMQP_URL", &amqp)]);
     let addr = app.http_addr().unwrap();
     let load = Load::start(addr, 4);
     for round in 1..=2 {

@@ -663,10 +663,7 @@ fn hostile_requests_do_not_hurt_the_server() {
 #[test]
 fn connections_beyond_the_cap_are_refused_at_once() {
     let env = TestEnv::new("conncap");
-    let app = env.start_role(
-        &env.config_with(&[("INGEST_HTTP_MAX_CONNECTIONS", "6")]),
-        Role::All,
-    );
+    let app = env.start_with(&[("INGEST_HTTP_MAX_CONNECTIONS", "6")]);
     let addr = app.http_addr().unwrap();
     let held: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
     wait_until(Duration::from_secs(5), "the server refuses a 7th", || {
@@ -694,13 +691,10 @@ fn connections_beyond_the_cap_are_refused_at_once() {
 #[test]
 fn bodies_beyond_the_memory_budget_get_503() {
     let env = TestEnv::new("budget");
-    let app = env.start_role(
-        &env.config_with(&[
-            ("INGEST_HTTP_BUFFER_BYTES", "10000"),
-            ("INGEST_MAX_BODY_BYTES", "8000"),
-        ]),
-        Role::All,
-    );
+    let app = env.start_with(&[
+        ("INGEST_HTTP_BUFFER_BYTES", "10000"),
+        ("INGEST_MAX_BODY_BYTES", "8000"),
+    ]);
     let addr = app.http_addr().unwrap();
     // One client announces 8000 bytes and sends them slowly: its body
     // holds 8000 bytes of the budget until it is done.
@@ -752,13 +746,10 @@ fn bodies_beyond_the_memory_budget_get_503() {
 #[test]
 fn announced_bodies_do_not_take_the_budget_before_they_arrive() {
     let env = TestEnv::new("announced");
-    let app = env.start_role(
-        &env.config_with(&[
-            ("INGEST_HTTP_BUFFER_BYTES", "1048577"),
-            ("INGEST_MAX_BODY_BYTES", "1048576"),
-        ]),
-        Role::All,
-    );
+    let app = env.start_with(&[
+        ("INGEST_HTTP_BUFFER_BYTES", "1048577"),
+        ("INGEST_MAX_BODY_BYTES", "1048576"),
+    ]);
     let addr = app.http_addr().unwrap();
     let stalled: Vec<TcpStream> = (0..8)
         .map(|_| {
@@ -867,7 +858,7 @@ fn clients_still_sending_a_refused_body_read_the_answer() {
 #[test]
 fn bodies_refused_on_their_head_are_never_read() {
     let env = TestEnv::new("headcheck");
-    let app = env.start_role(&env.config_with(&[("INGEST_API_KEYS", KEY)]), Role::All);
+    let app = env.start_with(&[("INGEST_API_KEYS", KEY)]);
     let addr = app.http_addr().unwrap();
     let json = "Content-Type: application/json\r\n";
     let key = format!("X-Api-Key: {KEY}\r\n");
@@ -984,14 +975,11 @@ fn bodies_refused_on_their_head_are_never_read() {
 #[test]
 fn a_client_reading_an_answer_too_slowly_is_cut_off() {
     let env = TestEnv::new("slowreader");
-    let app = env.start_role(
-        &env.config_with(&[
-            ("INGEST_MAX_BODY_BYTES", "10485760"),
-            ("INGEST_MAX_PAYLOAD_BYTES", "10000000"),
-            ("INGEST_HTTP_BODY_TIMEOUT", "2s"),
-        ]),
-        Role::All,
-    );
+    let app = env.start_with(&[
+        ("INGEST_MAX_BODY_BYTES", "10485760"),
+        ("INGEST_MAX_PAYLOAD_BYTES", "10000000"),
+        ("INGEST_HTTP_BODY_TIMEOUT", "2s"),
+    ]);
     let addr = app.http_addr().unwrap();
     // More than the kernel's socket buffers take in (4 MiB at most on the
     // sending side): the server must wait for the client to read.

@@ -39,7 +39,7 @@ fn id_of(resp: &Resp) -> Uuid {
 #[test]
 fn a_batch_is_written_all_or_nothing_in_order() {
     let env = TestEnv::new("batch");
-    let app = env.start_role(&env.config_with(&[("INGEST_MAX_BATCH", "5")]), Role::All);
+    let app = env.start_with(&[("INGEST_MAX_BATCH", "5")]);
     let addr = app.http_addr().unwrap();
 
     let resp = post_json(
@@ -126,10 +126,7 @@ fn type_and_key_travel_in_the_message() {
 #[test]
 fn an_idempotency_key_replays_the_first_answer() {
     let env = TestEnv::new("idemkey");
-    let app = env.start_role(
-        &env.config_with(&[("INGEST_IDEMPOTENCY_TTL", "2s")]),
-        Role::All,
-    );
+    let app = env.start_with(&[("INGEST_IDEMPOTENCY_TTL", "2s")]);
     let addr = app.http_addr().unwrap();
     let key = ("Idempotency-Key", "order-42");
 

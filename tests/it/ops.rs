@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -41,10 +40,7 @@ fn two_apis_two_relays_three_workers_lose_nothing_and_process_once() {
 #[test]
 fn quorum_queues_carry_the_pipeline() {
     let env = TestEnv::new("quorum");
-    let app = env.start_role(
-        &env.config_with(&[("INGEST_QUEUE_TYPE", "quorum")]),
-        Role::All,
-    );
+    let app = env.start_with(&[("INGEST_QUEUE_TYPE", "quorum")]);
     let addr = app.http_addr().unwrap();
     let ids: Vec<Uuid> = (0..20).map(|i| ingest(addr, &json!(i))).collect();
     let retried = ingest(addr, &json!({ "fail": "transient", "times": 1 }));
@@ -67,7 +63,7 @@ fn quorum_queues_carry_the_pipeline() {
 #[test]
 fn retention_deletes_old_processed_events_only() {
     let env = TestEnv::new("retention");
-    let app = env.start_role(&env.config_with(&[("INGEST_RETENTION", "1h")]), Role::All);
+    let app = env.start_with(&[("INGEST_RETENTION", "1h")]);
     let addr = app.http_addr().unwrap();
     let old: Vec<Uuid> = (0..3).map(|i| ingest(addr, &json!(i))).collect();
     let recent = ingest(addr, &json!("recent"));
@@ -89,7 +85,7 @@ fn retention_deletes_old_processed_events_only() {
     app.shutdown().unwrap();
 
     // The retention pass runs at start-up, then every 15 minutes for 1h.
-    let app = env.start_role(&env.config_with(&[("INGEST_RETENTION", "1h")]), Role::All);
+    let app = env.start_with(&[("INGEST_RETENTION", "1h")]);
     wait_until(
         Duration::from_secs(10),
         "old processed events deleted",

@@ -247,10 +247,7 @@ fn a_pending_event_whose_message_was_lost_is_sent_again() {
         "INSERT INTO events (id, payload, created_at) VALUES ('{waiting}', '3', now() - interval '2 hours');
          INSERT INTO outbox (event_id) VALUES ('{waiting}')"
     ));
-    let app = env.start_role(
-        &env.config_with(&[("INGEST_REDELIVER_AFTER", "1h")]),
-        Role::All,
-    );
+    let app = env.start_with(&[("INGEST_REDELIVER_AFTER", "1h")]);
     env.wait_processed(&[lost, waiting], Duration::from_secs(20));
     assert_eq!(env.runs(lost), 1);
     assert_eq!(env.runs(waiting), 1);

@@ -49,13 +49,10 @@ fn a_transient_failure_is_retried_after_the_scheduled_delays() {
 #[test]
 fn retries_do_not_block_other_events() {
     let env = TestEnv::new("noblock");
-    let app = env.start_role(
-        &env.config_with(&[
-            ("INGEST_WORKERS", "1"),
-            ("INGEST_RETRY_DELAYS", "300ms,600ms"),
-        ]),
-        ingestd::Role::All,
-    );
+    let app = env.start_with(&[
+        ("INGEST_WORKERS", "1"),
+        ("INGEST_RETRY_DELAYS", "300ms,600ms"),
+    ]);
     let addr = app.http_addr().unwrap();
     let slow = ingest(addr, &json!({ "fail": "transient", "times": 2 }));
     let fine: Vec<Uuid> = (0..20).map(|i| ingest(addr, &json!(i))).collect();
@@ -152,10 +149,7 @@ fn failed_events_can_be_retried_by_api_and_replayed_by_cli() {
 #[test]
 fn a_panicking_processor_fails_its_event_and_spares_the_worker() {
     let env = TestEnv::new("panic");
-    let app = env.start_role(
-        &env.config_with(&[("INGEST_WORKERS", "1")]),
-        ingestd::Role::All,
-    );
+    let app = env.start_with(&[("INGEST_WORKERS", "1")]);
     let addr = app.http_addr().unwrap();
     let bad = ingest(addr, &json!({ "fail": "panic" }));
     wait_status(&env, bad, "failed");

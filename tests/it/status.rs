@@ -7,8 +7,6 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use ingestd::Role;
-
 use crate::util::{Load, TestEnv, get, ingest, request, wait_until};
 
 /// Loads `url` in headless Chromium, lets its scripts run for a few
@@ -170,7 +168,7 @@ fn stats_report_rates_counts_and_failures() {
 fn with_api_keys_the_status_page_asks_for_one_and_shows_nothing() {
     let env = TestEnv::new("statuslocked");
     let key = "status-key-0123456789";
-    let app = env.start_role(&env.config_with(&[("INGEST_API_KEYS", key)]), Role::All);
+    let app = env.start_with(&[("INGEST_API_KEYS", key)]);
     let addr = app.http_addr().unwrap();
     let authorized = [("Content-Type", "application/json"), ("X-Api-Key", key)];
     let resp = request(addr, "POST", "/v1/events", &authorized, br#"{"payload":1}"#).unwrap();

@@ -100,6 +100,12 @@ impl TestEnv {
         self.start_role(&self.config(), Role::All)
     }
 
+    /// Starts every role with the [`Scripted`] processor and some variables
+    /// overridden.
+    pub fn start_with(&self, extra: &[(&str, &str)]) -> App {
+        self.start_role(&self.config_with(extra), Role::All)
+    }
+
     /// Starts `role` with `config` and the [`Scripted`] processor.
     pub fn start_role(&self, config: &Config, role: Role) -> App {
         ingestd::start(config, role, self.processor.clone()).expect("start ingestd")
