@@ -365,8 +365,9 @@ pub fn check_head(
             return Err(ApiError::Unauthorized);
         }
     }
-    let has_body = request.body_length().is_some_and(|n| n > 0)
-        || header_value(request, "Transfer-Encoding").is_some();
+    let length = request.body_length();
+    let has_body =
+        length.is_some_and(|n| n > 0) || header_value(request, "Transfer-Encoding").is_some();
     if has_body && !route.takes_body() {
         return Err(ApiError::BodyNotAllowed);
     }
@@ -380,7 +381,7 @@ pub fn check_head(
         if let Some(key) = header_value(request, "Idempotency-Key") {
             ingest::idempotency_key(key)?;
         }
-        if request.body_length().is_some_and(|n| n > max_body_bytes) {
+        if length.is_some_and(|n| n > max_body_bytes) {
             return Err(ApiError::BodyTooLarge(max_body_bytes));
         }
     }

@@ -302,30 +302,30 @@ impl Metrics {
                 age.to_string(),
             );
         }
-        gauge(
-            &mut out,
-            "ingestd_db_pool_in_use",
-            "Pooled connections in use.",
-            gauges.pool_in_use.to_string(),
-        );
-        gauge(
-            &mut out,
-            "ingestd_db_pool_idle",
-            "Idle pooled connections.",
-            gauges.pool_idle.to_string(),
-        );
-        gauge(
-            &mut out,
-            "ingestd_http_connections",
-            "Open client connections.",
-            gauges.http_connections.to_string(),
-        );
-        gauge(
-            &mut out,
-            "ingestd_http_buffered_bytes",
-            "Bytes of request bodies and unwritten answers held in memory.",
-            gauges.http_buffered_bytes.to_string(),
-        );
+        for (name, help, value) in [
+            (
+                "ingestd_db_pool_in_use",
+                "Pooled connections in use.",
+                gauges.pool_in_use as usize,
+            ),
+            (
+                "ingestd_db_pool_idle",
+                "Idle pooled connections.",
+                gauges.pool_idle as usize,
+            ),
+            (
+                "ingestd_http_connections",
+                "Open client connections.",
+                gauges.http_connections,
+            ),
+            (
+                "ingestd_http_buffered_bytes",
+                "Bytes of request bodies and unwritten answers held in memory.",
+                gauges.http_buffered_bytes,
+            ),
+        ] {
+            gauge(&mut out, name, help, value.to_string());
+        }
         out
     }
 }

@@ -259,8 +259,15 @@ impl ClientConnection {
     /// ingestd patch: answers `response` and leaves the connection to close.
     /// Only for errors met before a `Request` (and so its writer) exists.
     fn refuse(&mut self, response: ErrorResponse) {
-        self.deadline.close();
         let writer = self.sink.next().unwrap();
+        self.write_refusal(writer, response);
+    }
+
+    /// ingestd patch: writes one of the library's own refusals through
+    /// `writer` and leaves the connection to close without reading anything
+    /// more (not even the rest of a body).
+    fn write_refusal<W: Write>(&mut self, writer: W, response: ErrorResponse) {
+        self.deadline.close();
         let sent = response.write_to(writer).is_ok();
         self.refusal_unsent |= !sent;
     }
@@ -708,11 +715,10 @@ impl Iterator for ClientConnection {
             // thread, so that the application never waits on a slow client.
             if let Err(response) = self.buffer_body(&mut rq) {
                 // nothing more is read, not even to drain the body
-                self.deadline.close();
                 let writer = rq.into_writer();
-                if let Some(response) = response {
-                    let sent = response.write_to(writer).is_ok();
-                    self.refusal_unsent |= !sent;
+                match response {
+                    Some(response) => self.write_refusal(writer, response),
+                    None => self.deadline.close(),
                 }
                 return None;
             }

@@ -560,7 +560,7 @@ impl Server {
                         // ingestd patch: kept to set the write timeout of
                         // each response (see `write_answer`), and to close
                         // lingering (see `linger`)
-                        let timeouts = sock.try_clone().ok();
+                        let socket_clone = sock.try_clone().ok();
                         let (mut read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -591,13 +591,13 @@ impl Server {
                             deadline.clone(),
                             inside_budget.clone(),
                         ))
-                        .map(|client| (client, timeouts, deadline))
+                        .map(|client| (client, socket_clone, deadline))
                     }
                     Err(e) => Err(e),
                 };
 
                 match new_client {
-                    Ok((client, mut timeouts, deadline)) => {
+                    Ok((client, mut socket_clone, deadline)) => {
                         let messages = inside_messages.clone();
                         let answers = inside_answers.clone();
                         let budget = inside_budget.clone();
@@ -650,7 +650,7 @@ impl Server {
                                             let sent = write_answer(
                                                 &mut writer,
                                                 &bytes,
-                                                timeouts.as_ref(),
+                                                socket_clone.as_ref(),
                                                 write_timeout,
                                             );
                                             // the writer first: dropping it
@@ -681,7 +681,7 @@ impl Server {
                                 // answer instead of a reset. Not when the
                                 // answer itself could not be written.
                                 if deadline.is_closed() && !unsent && !client.refusal_unsent() {
-                                    if let Some(sock) = timeouts.as_mut() {
+                                    if let Some(sock) = socket_clone.as_mut() {
                                         linger(sock);
                                     }
                                 }
