@@ -3,6 +3,7 @@
 
 mod api;
 mod faults;
+mod framing;
 mod hardening;
 mod ingest;
 mod openapi;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::common::{HTTPVersion, Header, Method};
 use crate::util::RefinedTcpStream;
 use crate::util::{BufferedBody, Budget, Deadline, ErrorResponse, Reservation, DRAIN_LIMIT};
+use crate::util::{Framing, FramingError};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::{Limits, Request, Response, ResponseBox};
 
@@ -72,6 +73,12 @@ enum ReadError {
     TooManyHeaders,
     /// building the request failed (upstream: reading a small body at once)
     BodyIoError(IoError),
+    /// a line of the head ends in a bare LF, holds a bare CR or a control
+    /// character, or is an obsolete folded continuation line
+    MalformedLine(&'static str),
+    /// the head's `Content-Length` and `Transfer-Encoding` do not frame the
+    /// body unambiguously (see `Framing::of`)
+    Framing(FramingError),
 }
 
 /// ingestd patch: the first step in which a buffered body is reserved
@@ -125,6 +132,12 @@ impl ClientConnection {
     /// ingestd patch: takes at most `self.head_left` bytes, CRLF included,
     /// and never holds more. Upstream read a line without bound, so one
     /// endless header line grew memory without limit.
+    ///
+    /// ingestd patch: a line must end in CRLF and hold no other CR or LF
+    /// and no control character but HTAB (RFC 9112 §2.2, RFC 9110 §5.5).
+    /// Upstream waited for a CRLF that a head with bare LF line ends never
+    /// sends, until the head timeout, and kept a bare CR inside a value; a
+    /// proxy may read either differently, so both are refused at once.
     fn read_next_line(&mut self) -> Result<AsciiString, ReadError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
@@ -158,6 +171,21 @@ impl ClientConnection {
                 buf.pop(); // removing the '\r'
                 return AsciiString::from_ascii(buf).map_err(|_| ReadError::NotAscii);
             }
+            if byte == b'\n' {
+                return Err(ReadError::MalformedLine(
+                    "a line of the request head ends in a bare LF instead of CRLF",
+                ));
+            }
+            if prev_byte_was_cr {
+                return Err(ReadError::MalformedLine(
+                    "the request head holds a CR that does not end a line",
+                ));
+            }
+            if (byte < 0x20 && byte != b'\t' && byte != b'\r') || byte == 0x7f {
+                return Err(ReadError::MalformedLine(
+                    "the request head holds a control character",
+                ));
+            }
 
             prev_byte_was_cr = byte == b'\r';
 
@@ -187,11 +215,17 @@ impl ClientConnection {
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line()?;
+                // ingestd patch: empty lines before a request line are
+                // skipped, as RFC 9112 §2.2 advises (some clients send a CRLF
+                // after a body); each counts against the head's bytes. The
+                // line itself is not trimmed: its parts are separated by
+                // exactly one space.
+                let mut line = self.read_next_line()?;
+                while line.is_empty() {
+                    line = self.read_next_line()?;
+                }
 
-                parse_request_line(
-                    line.as_str().trim(), // TODO: remove this conversion
-                )?
+                parse_request_line(line.as_str())?
             };
 
             // getting all headers
@@ -207,6 +241,15 @@ impl ClientConnection {
                     if headers.len() >= self.limits.max_headers {
                         return Err(ReadError::TooManyHeaders);
                     }
+                    // ingestd patch: a line starting with whitespace continues
+                    // the previous field (obsolete line folding); RFC 9112
+                    // §5.2 lets a server refuse it. Upstream trimmed it into a
+                    // field of its own, which a proxy would not have seen.
+                    if line.as_str().starts_with([' ', '\t']) {
+                        return Err(ReadError::MalformedLine(
+                            "the request head uses obsolete line folding",
+                        ));
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
@@ -219,6 +262,10 @@ impl ClientConnection {
 
             (method, path, version, headers)
         };
+
+        // ingestd patch: the body's framing, decided once from the whole
+        // head; a head framed ambiguously is refused before its body.
+        let framing = Framing::of(&version, &headers).map_err(ReadError::Framing)?;
 
         // ingestd patch: a body the server reads itself (`buffer_body`) must
         // arrive within `body_timeout` from now.
@@ -238,6 +285,7 @@ impl ClientConnection {
             path,
             version.clone(),
             headers,
+            framing,
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
@@ -308,21 +356,17 @@ impl ClientConnection {
     /// closes, after the response returned if there is one.
     fn buffer_body(&mut self, rq: &mut Request) -> Result<(), Option<ErrorResponse>> {
         let limit = self.limits.buffer_body_bytes;
-        match body_kind(rq.headers()) {
-            BodyKind::Unframed => Ok(()),
-            BodyKind::BadLength => Err(Some(ErrorResponse::bad_request(
-                "the Content-Length header is not a valid number",
-            ))),
-            BodyKind::Length(0) => Ok(()),
-            BodyKind::Length(length) if length <= limit => self.buffer_sized(rq, length),
-            BodyKind::Length(length) => {
+        match rq.framing() {
+            Framing::Empty | Framing::Length(0) => Ok(()),
+            Framing::Length(length) if length <= limit => self.buffer_sized(rq, length),
+            Framing::Length(length) => {
                 let body = rq.replace_reader(Box::new(io::empty()));
                 let body = self.unread_guard(body, Some(length));
                 rq.replace_reader(Box::new(body));
                 Ok(())
             }
-            BodyKind::Chunked if limit > 0 => self.buffer_chunked(rq),
-            BodyKind::Chunked => {
+            Framing::Chunked if limit > 0 => self.buffer_chunked(rq),
+            Framing::Chunked => {
                 let body = rq.replace_reader(Box::new(io::empty()));
                 let body = self.unread_guard(body, None);
                 rq.replace_reader(Box::new(body));
@@ -407,9 +451,10 @@ impl ClientConnection {
     /// ingestd patch: the `HeadCheck`'s answer, for a request with a body.
     fn check_head(&self, rq: &Request) -> Option<ResponseBox> {
         let check = self.limits.head_check.as_ref()?;
-        match body_kind(rq.headers()) {
-            BodyKind::Length(0) | BodyKind::Unframed | BodyKind::BadLength => None,
-            BodyKind::Length(_) | BodyKind::Chunked => check.check(rq),
+        if rq.framing().has_body() {
+            check.check(rq)
+        } else {
+            None
         }
     }
 
@@ -439,41 +484,6 @@ impl ClientConnection {
         } else {
             None
         }
-    }
-}
-
-/// ingestd patch: how a request's body is framed, as `new_request` reads it.
-enum BodyKind {
-    /// no body, or one the request reads as the whole stream (upgrade)
-    Unframed,
-    Length(usize),
-    /// a `Content-Length` that is not a number
-    BadLength,
-    Chunked,
-}
-
-fn body_kind(headers: &[Header]) -> BodyKind {
-    let find = |name: &'static str| {
-        headers
-            .iter()
-            .find(|h| h.field.equiv(name))
-            .map(|h| h.value.as_str())
-    };
-
-    if let Some(connection) = find("Connection") {
-        if connection.to_ascii_lowercase().contains("upgrade") {
-            return BodyKind::Unframed;
-        }
-    }
-    if find("Transfer-Encoding").is_some() {
-        return BodyKind::Chunked;
-    }
-    match find("Content-Length") {
-        None => BodyKind::Unframed,
-        Some(value) => match usize::from_str(value) {
-            Ok(length) => BodyKind::Length(length),
-            Err(_) => BodyKind::BadLength,
-        },
     }
 }
 
@@ -616,6 +626,21 @@ impl Iterator for ClientConnection {
                     return None;
                 }
 
+                Err(ReadError::MalformedLine(detail)) => {
+                    self.refuse(ErrorResponse::bad_request(detail));
+                    return None;
+                }
+
+                Err(ReadError::Framing(FramingError::BadRequest(detail))) => {
+                    self.refuse(ErrorResponse::bad_request(detail));
+                    return None;
+                }
+
+                Err(ReadError::Framing(FramingError::NotImplemented(detail))) => {
+                    self.refuse(ErrorResponse::not_implemented(detail));
+                    return None;
+                }
+
                 Err(ReadError::HeadTooLarge) => {
                     let detail = format!(
                         "the request headers exceed {} bytes",
@@ -682,7 +707,11 @@ impl Iterator for ClientConnection {
                 return None;
             }
 
-            // updating the status of the connection
+            // updating the status of the connection; ingestd patch: an
+            // `Upgrade` is ignored (RFC 9110 §7.8 lets a server do so), so
+            // `Connection: upgrade` keeps the connection as it would be
+            // without it. Upstream ended the connection's requests there and
+            // handed the raw socket to the application as the body.
             let connection_header = rq
                 .headers()
                 .iter()
@@ -693,7 +722,6 @@ impl Iterator for ClientConnection {
 
             match lowercase {
                 Some(ref val) if val.contains("close") => self.no_more_requests = true,
-                Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
                 Some(ref val)
                     if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
                 {
@@ -752,8 +780,15 @@ fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadE
     let mut parts = line.split(' ');
 
     let method = parts.next().and_then(|w| w.parse().ok());
-    let path = parts.next().map(ToOwned::to_owned);
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .map(ToOwned::to_owned);
     let version = parts.next().and_then(|w| parse_http_version(w).ok());
+    // ingestd patch: nothing may follow the version
+    if parts.next().is_some() {
+        return Err(ReadError::WrongRequestLine);
+    }
 
     method
         .and_then(|method| Some((method, path?, version?)))
@@ -772,5 +807,8 @@ mod test {
 
         assert!(super::parse_request_line("GET /hello").is_err());
         assert!(super::parse_request_line("qsd qsd qsd").is_err());
+        assert!(super::parse_request_line("GET /hello HTTP/1.1 x").is_err());
+        assert!(super::parse_request_line("GET  /hello HTTP/1.1").is_err());
+        assert!(super::parse_request_line(" GET /hello HTTP/1.1").is_err());
     }
 }

@@ -227,7 +227,10 @@ impl FromStr for HeaderField {
     type Err = ();
 
     fn from_str(s: &str) -> Result<HeaderField, ()> {
-        if s.contains(char::is_whitespace) {
+        // ingestd patch: a field name is a token (RFC 9110 §5.1), never
+        // empty; upstream took any ASCII but whitespace, `:x` included.
+        let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if s.is_empty() || !s.chars().all(tchar) {
             Err(())
         } else {
             AsciiString::from_ascii(s).map(HeaderField).map_err(|_| ())

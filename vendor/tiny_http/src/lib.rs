@@ -118,6 +118,8 @@ pub use connection::{ConfigListenAddr, ListenAddr, Listener};
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
+// ingestd patch: the framing decision, public so that it can be fuzzed.
+pub use util::{Framing, FramingError};
 
 mod client;
 mod common;

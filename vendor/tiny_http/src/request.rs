@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{ChunkedReader, EqualReader, FusedReader};
+use crate::util::{ChunkedReader, EqualReader, Framing, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 
 /// Represents an HTTP request made by a client.
@@ -76,6 +76,9 @@ pub struct Request {
 
     // ingestd patch: the body is whole in memory, not read from the socket
     body_in_memory: bool,
+
+    // ingestd patch: how the body is delimited
+    framing: Framing,
 }
 
 /// ingestd patch: what a connection's thread learns once its request is
@@ -156,31 +159,21 @@ pub fn new_request<R, W>(
     path: String,
     version: HTTPVersion,
     headers: Vec<Header>,
+    framing: Framing,
     remote_addr: Option<SocketAddr>,
-    mut source_data: R,
+    source_data: R,
     writer: W,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
-    };
+    // ingestd patch: the body is read as `framing` says, decided once by the
+    // caller from the whole head (`Framing::of`), so that every part of the
+    // server frames a request alike. Upstream looked at the first
+    // `Content-Length` and `Transfer-Encoding` headers only, ignored a
+    // malformed length, and read a request with `Connection: upgrade` as the
+    // whole rest of the stream.
 
     // true if the client sent a `Expect: 100-continue` header
     let expects_continue = {
@@ -195,46 +188,22 @@ where
         }
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
-
-    // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
-    // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
-        if content_length == 0 {
+    let reader = match framing {
+        Framing::Empty | Framing::Length(0) => {
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else {
-            // ingestd patch: upstream read a body of up to 1 KiB here, at
-            // once, before anything could look at the head (`HeadCheck`) and
-            // outside the memory budget; the connection buffers bodies
-            // itself (`ClientConnection::buffer_body`).
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
+        }
+        // ingestd patch: upstream read a body of up to 1 KiB here, at
+        // once, before anything could look at the head (`HeadCheck`) and
+        // outside the memory budget; the connection buffers bodies
+        // itself (`ClientConnection::buffer_body`).
+        Framing::Length(content_length) => {
+            let (data_reader, _) = EqualReader::new(source_data, content_length);
             Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
         }
-    } else if transfer_encoding.is_some() {
-        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
-        // over the message (RFC2616 #3.6)
         // ingestd patch: a decoder that bounds the chunk-size lines it reads
         // and passes I/O errors (such as timeouts) on as they are.
-        Box::new(FusedReader::new(ChunkedReader::new(source_data)))
-            as Box<dyn Read + Send + 'static>
-    } else {
-        // if we have neither a Content-Length nor a Transfer-Encoding,
-        // assuming that we have no data
-        // TODO: could also be multipart/byteranges
-        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
+        Framing::Chunked => Box::new(FusedReader::new(ChunkedReader::new(source_data)))
+            as Box<dyn Read + Send + 'static>,
     };
 
     Ok(Request {
@@ -246,7 +215,8 @@ where
         path,
         http_version: version,
         headers,
-        body_length: content_length,
+        body_length: framing.length(),
+        framing,
         must_send_continue: expects_continue,
         notify_when_responded: None,
         body_in_memory: false,
@@ -508,6 +478,11 @@ impl Request {
     }
 
     /// ingestd patch: marks the body as whole in memory (see `Answer`).
+    /// ingestd patch: how the body is delimited.
+    pub(crate) fn framing(&self) -> Framing {
+        self.framing
+    }
+
     pub(crate) fn set_body_in_memory(&mut self) {
         self.body_in_memory = true;
     }

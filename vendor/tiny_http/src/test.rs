@@ -1,3 +1,4 @@
+use crate::util::Framing;
 use crate::{request::new_request, HTTPVersion, Header, HeaderField, Method, Request};
 use ascii::AsciiString;
 use std::net::SocketAddr;
@@ -64,12 +65,14 @@ impl From<TestRequest> for Request {
                 value: AsciiString::from_ascii(mock.body.len().to_string()).unwrap(),
             });
         }
+        let framing = Framing::of(&mock.http_version, &mock.headers).unwrap();
         new_request(
             mock.secure,
             mock.method,
             mock.path,
             mock.http_version,
             mock.headers,
+            framing,
             Some(mock.remote_addr),
             mock.body.as_bytes(),
             std::io::sink(),

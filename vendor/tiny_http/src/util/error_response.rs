@@ -42,6 +42,10 @@ impl ErrorResponse {
         ErrorResponse::new(408, "request_timeout", detail.to_owned())
     }
 
+    pub fn not_implemented(detail: String) -> ErrorResponse {
+        ErrorResponse::new(501, "not_implemented", detail)
+    }
+
     pub fn header_too_large(detail: String) -> ErrorResponse {
         ErrorResponse::new(431, "header_too_large", detail)
     }
