@@ -56,8 +56,8 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "INGEST_HTTP_BUFFER_BYTES",
-        default: "268435456",
-        help: "request bodies held in memory at once, all connections together; beyond it 503",
+        default: "134217728",
+        help: "memory for requests held at once (bodies, parsed events, answers), all connections together; beyond it 503",
     },
     Var {
         name: "INGEST_MAX_BODY_BYTES",

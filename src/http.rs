@@ -18,11 +18,12 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 use log::{error, warn};
 use serde_json::{Value, json};
-use tiny_http::{HeadCheck, Header, Method, Request, Response, Server};
+use tiny_http::{HeadCheck, Header, Method, Request, Reservation, Response, Server};
 use uuid::Uuid;
 
 use crate::auth::{self, ApiKeys};
 use crate::commit::{CommitError, Committer};
+use crate::footprint;
 use crate::health::Health;
 use crate::ingest::{self, Limits};
 use crate::metrics::{Gauges, Metrics};
@@ -105,6 +106,12 @@ pub enum ApiError {
     Unavailable,
     /// Too many events are waiting to be written.
     Busy,
+    /// The memory budget for requests held (`INGEST_HTTP_BUFFER_BYTES`) is
+    /// spent for now.
+    MemoryBusy,
+    /// Parsing the body would take more memory (the value, in bytes) than
+    /// the whole budget for requests held (`.1`).
+    TooManyValues(usize, usize),
     /// A bug: logged in full, answered without detail.
     Internal,
 }
@@ -135,7 +142,7 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
     let mut response = json_response(status, &body);
     match err {
         ApiError::MethodNotAllowed(allow) => response.add_header(header("Allow", allow)),
-        ApiError::Unavailable | ApiError::Busy => {
+        ApiError::Unavailable | ApiError::Busy | ApiError::MemoryBusy => {
             response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string()))
         }
         ApiError::Unauthorized => {
@@ -232,6 +239,19 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
             503,
             "busy",
             "too many events are waiting to be written; retry later".to_string(),
+        ),
+        ApiError::MemoryBusy => (
+            503,
+            "busy",
+            "the server is holding too many requests in memory; retry shortly".to_string(),
+        ),
+        ApiError::TooManyValues(needs, budget) => (
+            413,
+            "body_too_large",
+            format!(
+                "the body holds so many JSON values that parsing it would take about \
+                 {needs} bytes, more than the {budget} bytes the server holds for all requests"
+            ),
         ),
         ApiError::Internal => (500, "internal", "internal error".to_string()),
     }
@@ -508,12 +528,34 @@ impl Api {
     }
 
     /// An ingest whose head [`check_head`] passed.
-    fn ingest(&self, request: &mut Request) -> Result<(Submission, bool), ApiError> {
+    fn ingest(&self, request: &mut Request) -> Result<Ingest, ApiError> {
         let idempotency_key = header_value(request, "Idempotency-Key")
             .map(ingest::idempotency_key)
             .transpose()?;
-        let body = self.read_body(request)?;
+        // The body read whole into memory (always, but for a chunked body
+        // over the limit), taken without a copy with the reservation that
+        // counts it against INGEST_HTTP_BUFFER_BYTES.
+        let (body, mut held) = match request.take_whole_body() {
+            Some((body, reservation)) => (body, Some(reservation)),
+            None => (self.read_body(request)?, None),
+        };
+        // What the parse will take is reserved before it runs, and stays
+        // reserved, in place of the body, until the request is answered.
+        let parsed_bound = footprint::parsed_bound(&body);
+        if let Some(held) = &mut held {
+            let needs = held.bytes().saturating_add(parsed_bound);
+            if needs > held.limit() {
+                return Err(ApiError::TooManyValues(needs, held.limit()));
+            }
+            if !held.grow(parsed_bound) {
+                return Err(ApiError::MemoryBusy);
+            }
+        }
         let parsed = ingest::parse(&body, &self.limits)?;
+        drop(body);
+        if let Some(held) = &mut held {
+            held.shrink_to(parsed_bound);
+        }
         if parsed.batch && idempotency_key.is_some() {
             return Err(ApiError::InvalidBody(
                 "a batch takes no Idempotency-Key header; give each item an \"id\" instead".into(),
@@ -524,7 +566,11 @@ impl Api {
             client_ids: parsed.client_ids,
             idempotency_key,
         };
-        Ok((submission, parsed.batch))
+        Ok(Ingest {
+            submission,
+            batch: parsed.batch,
+            held,
+        })
     }
 
     fn wake_relay(&self) {
@@ -601,9 +647,19 @@ impl Api {
 pub enum Handled {
     /// Answer now with this response.
     Respond(HttpResponse),
-    /// Valid events to commit, and whether the body was a batch; the
-    /// answer comes after the commit.
-    Commit((Submission, bool)),
+    /// Valid events to commit; the answer comes after the commit.
+    Commit(Ingest),
+}
+
+/// A valid ingest on its way to a committer.
+pub struct Ingest {
+    /// The events to write.
+    pub submission: Submission,
+    /// The body was an array.
+    pub batch: bool,
+    /// The memory the parsed events take, counted against the HTTP
+    /// buffer budget until the request is answered.
+    pub held: Option<Reservation>,
 }
 
 impl From<HttpResponse> for Handled {
@@ -656,7 +712,11 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
         let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
         match guarded(|| api.handle(&mut request, matched)) {
             Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
-            Handled::Commit((submission, batch)) => {
+            Handled::Commit(Ingest {
+                submission,
+                batch,
+                held,
+            }) => {
                 // The committer answers after the commit; this thread
                 // goes back to serving.
                 let metrics = api.metrics.clone();
@@ -665,6 +725,7 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
                     Box::new(move |result| {
                         let response = commit_response(batch, result);
                         respond(&metrics, request, response, name, started);
+                        drop(held);
                     }),
                 );
             }

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod commit;
 pub mod config;
 pub mod consumer;
+pub mod footprint;
 pub mod health;
 pub mod http;
 pub mod ingest;

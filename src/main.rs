@@ -25,6 +25,7 @@ Options:
 ";
 
 fn main() -> ExitCode {
+    ingestd::footprint::tune_allocator();
     let arg = std::env::args().nth(1);
     let role = match arg.as_deref() {
         None | Some("all") => Some(Role::All),

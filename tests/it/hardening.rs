@@ -606,6 +606,81 @@ fn buffered_bytes(addr: SocketAddr) -> u64 {
 }
 
 #[test]
+fn a_body_too_costly_to_parse_gets_413_and_writes_nothing() {
+    let env = TestEnv::new("costly");
+    let app = env.start_with(&[
+        ("INGEST_HTTP_BUFFER_BYTES", "2097152"),
+        ("INGEST_MAX_BODY_BYTES", "1048576"),
+    ]);
+    let addr = app.http_addr().unwrap();
+    // 400 kB of text, but 200,000 values: tens of megabytes once parsed.
+    let body = format!("{{\"payload\":[{}0]}}", "0,".repeat(200_000));
+    assert!(ingestd::footprint::parsed_bound(body.as_bytes()) > 2_097_152);
+    let r = post_json(addr, "/v1/events", &body);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"], "body_too_large");
+    let detail = r.json()["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("JSON values"), "{detail}");
+    // The same number of values in long strings fits.
+    let fits = json!({ "payload": vec!["x".repeat(100); 1000] }).to_string();
+    assert_eq!(post_json(addr, "/v1/events", &fits).status, 202);
+    assert_eq!(env.count("SELECT count(*) FROM events"), 1);
+    wait_until(Duration::from_secs(5), "the budget is free again", || {
+        buffered_bytes(addr) == 0
+    });
+    app.shutdown().unwrap();
+}
+
+/// A request's parsed events count against the budget until it is
+/// answered, not only its raw body while it arrives: while a request waits
+/// for its commit (held here by a lock on the events table), it holds its
+/// share, and a second one that would not fit beside it gets `503 busy`.
+#[test]
+fn parsed_events_stay_counted_until_the_answer() {
+    let env = TestEnv::new("heldparsed");
+    let body = json!({ "payload": vec!["x".repeat(50); 2000] }).to_string();
+    let bound = ingestd::footprint::parsed_bound(body.as_bytes());
+    let budget = (bound + bound / 2).to_string();
+    let app = env.start_with(&[
+        ("INGEST_HTTP_BUFFER_BYTES", &budget),
+        ("INGEST_MAX_BODY_BYTES", &(body.len() + 1).to_string()),
+    ]);
+    let addr = app.http_addr().unwrap();
+    let mut sql = env.sql();
+    let mut lock = sql.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let first = {
+        let body = body.clone();
+        thread::spawn(move || post_json(addr, "/v1/events", &body))
+    };
+    // The raw body is gone once parsed; what stays reserved is the parsed
+    // events' bound, while the request waits for its commit.
+    wait_until(
+        Duration::from_secs(10),
+        "the parsed request is held",
+        || buffered_bytes(addr) == bound as u64,
+    );
+    let second = post_json(addr, "/v1/events", &body);
+    assert_eq!(
+        second.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&second.body)
+    );
+    assert_eq!(second.json()["error"], "busy");
+    assert!(second.header("retry-after").is_some());
+    lock.commit().unwrap();
+    assert_eq!(first.join().unwrap().status, 202);
+    wait_until(Duration::from_secs(5), "the budget is free again", || {
+        buffered_bytes(addr) == 0
+    });
+    assert_eq!(post_json(addr, "/v1/events", &body).status, 202);
+    assert_eq!(env.count("SELECT count(*) FROM events"), 2);
+    app.shutdown().unwrap();
+}
+
+#[test]
 fn hostile_requests_do_not_hurt_the_server() {
     let env = TestEnv::new("hostile");
     let app = env.start();
@@ -691,13 +766,15 @@ fn connections_beyond_the_cap_are_refused_at_once() {
 #[test]
 fn bodies_beyond_the_memory_budget_get_503() {
     let env = TestEnv::new("budget");
+    // Room for the slow body and its parsed event, not for another body
+    // of about its size beside it.
     let app = env.start_with(&[
-        ("INGEST_HTTP_BUFFER_BYTES", "10000"),
+        ("INGEST_HTTP_BUFFER_BYTES", "17500"),
         ("INGEST_MAX_BODY_BYTES", "8000"),
     ]);
     let addr = app.http_addr().unwrap();
-    // One client announces 8000 bytes and sends them slowly: its body
-    // holds 8000 bytes of the budget until it is done.
+    // One client announces 7012 bytes and sends them slowly: its body
+    // holds 7012 bytes of the budget until it is done.
     let body = json!({ "payload": "x".repeat(7000) }).to_string();
     let mut slow = TcpStream::connect(addr).unwrap();
     slow.write_all(
@@ -716,7 +793,7 @@ fn bodies_beyond_the_memory_budget_get_503() {
     wait_until(Duration::from_secs(5), "the slow body is held", || {
         buffered_bytes(addr) >= body.len() as u64
     });
-    let other = json!({ "payload": "y".repeat(3000) }).to_string();
+    let other = json!({ "payload": "y".repeat(6000) }).to_string();
     let r = post_json(addr, "/v1/events", &other);
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"], "busy");
@@ -747,7 +824,7 @@ fn bodies_beyond_the_memory_budget_get_503() {
 fn announced_bodies_do_not_take_the_budget_before_they_arrive() {
     let env = TestEnv::new("announced");
     let app = env.start_with(&[
-        ("INGEST_HTTP_BUFFER_BYTES", "1048577"),
+        ("INGEST_HTTP_BUFFER_BYTES", "1400000"),
         ("INGEST_MAX_BODY_BYTES", "1048576"),
     ]);
     let addr = app.http_addr().unwrap();

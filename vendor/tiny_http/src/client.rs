@@ -385,8 +385,7 @@ impl ClientConnection {
         if data.len() < length {
             return Err(self.body_error(ErrorKind::UnexpectedEof.into()));
         }
-        rq.replace_reader(Box::new(BufferedBody::new(data, reservation)));
-        rq.set_body_in_memory();
+        rq.set_whole_body(BufferedBody::new(data, reservation));
         Ok(())
     }
 
@@ -398,8 +397,7 @@ impl ClientConnection {
         let body = BufferedBody::new(data, reservation);
 
         if complete {
-            rq.replace_reader(Box::new(body));
-            rq.set_body_in_memory();
+            rq.set_whole_body(body);
         } else {
             // longer than the limit: what was read, then the rest
             let rest = rq.replace_reader(Box::new(io::empty()));

@@ -120,6 +120,8 @@ pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
 // ingestd patch: the framing decision, public so that it can be fuzzed.
 pub use util::{Framing, FramingError};
+// ingestd patch: a body taken out of a request keeps its reservation.
+pub use util::Reservation;
 
 mod client;
 mod common;

@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
 
-use crate::util::{ChunkedReader, EqualReader, Framing, FusedReader};
+use crate::util::{BufferedBody, ChunkedReader, EqualReader, Framing, FusedReader, Reservation};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 
 /// Represents an HTTP request made by a client.
@@ -79,6 +79,10 @@ pub struct Request {
 
     // ingestd patch: how the body is delimited
     framing: Framing,
+
+    // ingestd patch: the whole body, when the connection read it into
+    // memory; `data_reader` is then empty
+    whole_body: Option<BufferedBody>,
 }
 
 /// ingestd patch: what a connection's thread learns once its request is
@@ -217,6 +221,7 @@ where
         headers,
         body_length: framing.length(),
         framing,
+        whole_body: None,
         must_send_continue: expects_continue,
         notify_when_responded: None,
         body_in_memory: false,
@@ -355,7 +360,22 @@ impl Request {
             self.must_send_continue = false;
         }
 
-        self.data_reader.as_mut().unwrap()
+        match self.whole_body {
+            Some(ref mut body) => body,
+            None => self.data_reader.as_mut().unwrap(),
+        }
+    }
+
+    /// ingestd patch: takes the body out of the request, if the connection
+    /// read it whole into memory, with the reservation that counts it
+    /// against the server's memory budget (`Limits::buffer_budget`). The
+    /// application can then parse it without a copy, and keep counting what
+    /// it holds for the request (grow or shrink the reservation) until it
+    /// drops the reservation. The request's reader is empty afterwards.
+    /// `None` if the body is not whole in memory (none, not buffered, or a
+    /// chunked body longer than `Limits::buffer_body_bytes`).
+    pub fn take_whole_body(&mut self) -> Option<(Vec<u8>, Reservation)> {
+        self.whole_body.take().map(BufferedBody::into_parts)
     }
 
     /// Turns the `Request` into a writer.
@@ -403,6 +423,11 @@ impl Request {
         use std::mem;
 
         assert!(self.data_reader.is_some());
+        // ingestd patch: a body read whole into memory
+        if let Some(body) = self.whole_body.take() {
+            self.data_reader = None;
+            return Box::new(body);
+        }
 
         let mut reader = None;
         mem::swap(&mut self.data_reader, &mut reader);
@@ -477,13 +502,21 @@ impl Request {
         })
     }
 
-    /// ingestd patch: marks the body as whole in memory (see `Answer`).
     /// ingestd patch: how the body is delimited.
     pub(crate) fn framing(&self) -> Framing {
         self.framing
     }
 
+    /// ingestd patch: marks the body as whole in memory (see `Answer`).
     pub(crate) fn set_body_in_memory(&mut self) {
+        self.body_in_memory = true;
+    }
+
+    /// ingestd patch: hands out `body`, read whole into memory, as the
+    /// request's body (see `take_whole_body`).
+    pub(crate) fn set_whole_body(&mut self, body: BufferedBody) {
+        self.data_reader = Some(Box::new(io::empty()));
+        self.whole_body = Some(body);
         self.body_in_memory = true;
     }
 

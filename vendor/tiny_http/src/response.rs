@@ -243,7 +243,11 @@ where
     /// chunked transfer is mutually exclusive with sending a
     /// `Content-Length` header as per the HTTP spec.
     pub fn chunked_threshold(&self) -> usize {
-        self.chunked_threshold.unwrap_or(32768)
+        // ingestd patch: a response of known length is sent with its
+        // `Content-Length` whatever its size (upstream chunked it from 32 KiB
+        // on): it is rendered into memory before it is sent anyway (patch 16),
+        // and simple clients need not decode chunks.
+        self.chunked_threshold.unwrap_or(usize::MAX)
     }
 
     /// Adds a header to the list.

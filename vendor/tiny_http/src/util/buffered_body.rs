@@ -83,6 +83,16 @@ impl Reservation {
         }
     }
 
+    /// Bytes reserved.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The whole budget's limit: a reservation can never grow beyond it.
+    pub fn limit(&self) -> usize {
+        self.budget.limit
+    }
+
     /// Gives back all but `bytes`.
     pub fn shrink_to(&mut self, bytes: usize) {
         if bytes < self.bytes {
@@ -111,6 +121,16 @@ impl BufferedBody {
             data: Cursor::new(data),
             _reservation: reservation,
         }
+    }
+}
+
+impl BufferedBody {
+    /// The bytes not yet read and the reservation that counts them.
+    pub fn into_parts(self) -> (Vec<u8>, Reservation) {
+        let position = self.data.position() as usize;
+        let mut data = self.data.into_inner();
+        data.drain(..position.min(data.len()));
+        (data, self._reservation)
     }
 }
 
