@@ -84,7 +84,18 @@ pub struct AmqpUrl {
     pub password: String,
     /// Virtual host, `/` when absent.
     pub vhost: String,
+    /// Heartbeat interval in seconds, from the `heartbeat` query parameter
+    /// of the RabbitMQ URI spec; [`DEFAULT_HEARTBEAT_SECS`] when absent, 0
+    /// turns heartbeats off. A connection silent for two intervals is
+    /// given up: a broker that vanished without closing it is noticed
+    /// within about twice this.
+    pub heartbeat: u16,
 }
+
+/// The heartbeat interval when the URL sets none: a vanished broker is
+/// noticed within about 20 s (RabbitMQ's own default of 60 s would take
+/// two minutes).
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
 impl AmqpUrl {
     /// Parses an `amqp://` URL following RabbitMQ's URI spec (percent-encoding
@@ -93,7 +104,18 @@ impl AmqpUrl {
         let rest = url
             .strip_prefix("amqp://")
             .ok_or_else(|| "expected an amqp:// URL (TLS is not built in)".to_string())?;
-        let rest = rest.split(['?', '#']).next().unwrap_or("");
+        let (rest, query) = match rest.split('#').next().unwrap_or("").split_once('?') {
+            Some((rest, query)) => (rest, query),
+            None => (rest.split('#').next().unwrap_or(""), ""),
+        };
+        let mut heartbeat = DEFAULT_HEARTBEAT_SECS;
+        for (name, value) in query.split('&').filter_map(|p| p.split_once('=')) {
+            if name == "heartbeat" {
+                heartbeat = value
+                    .parse()
+                    .map_err(|_| format!("bad heartbeat {value:?}: seconds from 0 to 65535"))?;
+            }
+        }
         let (authority, vhost) = match rest.split_once('/') {
             Some((a, v)) => (a, Some(v)),
             None => (rest, None),
@@ -136,6 +158,7 @@ impl AmqpUrl {
             user,
             password,
             vhost,
+            heartbeat,
         })
     }
 
@@ -309,7 +332,7 @@ pub fn connect(url: &AmqpUrl, timeout: Duration) -> Result<Connection, Error> {
                         password: url.password.clone(),
                     })
                     .virtual_host(url.vhost.clone())
-                    .heartbeat(30)
+                    .heartbeat(url.heartbeat)
                     .connection_timeout(Some(timeout))
                     .information(Some(format!("ingestd {}", env!("CARGO_PKG_VERSION"))));
                 return Ok(Connection::insecure_open_stream(
@@ -513,6 +536,14 @@ mod tests {
         let u = AmqpUrl::parse("amqp://a%40b:p%3Ass@h:1234/prod?heartbeat=5").unwrap();
         assert_eq!((u.user.as_str(), u.password.as_str()), ("a@b", "p:ss"));
         assert_eq!((u.port, u.vhost.as_str()), (1234, "prod"));
+        assert_eq!(u.heartbeat, 5);
+        assert_eq!(AmqpUrl::parse("amqp://h").unwrap().heartbeat, 10);
+        assert_eq!(
+            AmqpUrl::parse("amqp://h/?x=1&heartbeat=0")
+                .unwrap()
+                .heartbeat,
+            0
+        );
         let u = AmqpUrl::parse("amqp://[::1]:5673/").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 5673));
     }
@@ -523,6 +554,8 @@ mod tests {
         assert!(AmqpUrl::parse("http://h").is_err());
         assert!(AmqpUrl::parse("amqp://h:port").is_err());
         assert!(AmqpUrl::parse("amqp://h/%zz").is_err());
+        assert!(AmqpUrl::parse("amqp://h/?heartbeat=-1").is_err());
+        assert!(AmqpUrl::parse("amqp://h/?heartbeat=ten").is_err());
     }
 
     #[test]

@@ -122,7 +122,12 @@ pub const VARS: &[Var] = &[
     Var {
         name: "INGEST_DB_TIMEOUT",
         default: "2s",
-        help: "wait for a pooled connection before answering 503",
+        help: "wait for a pooled connection before answering 503; also bounds the connection check and /readyz",
+    },
+    Var {
+        name: "INGEST_DB_STATEMENT_TIMEOUT",
+        default: "30s",
+        help: "statement_timeout of every session; a server silent 5s longer is given up and the connection closed",
     },
     Var {
         name: "INGEST_AMQP_URL",
@@ -249,6 +254,10 @@ pub struct Config {
     pub db_pool_size: u32,
     /// `INGEST_DB_TIMEOUT`: r2d2 `connection_timeout`, also the connect timeout.
     pub db_timeout: Duration,
+    /// `INGEST_DB_STATEMENT_TIMEOUT`: PostgreSQL's `statement_timeout`; the
+    /// client waits for an answer at most this plus
+    /// [`crate::store::RESPONSE_GRACE`].
+    pub db_statement_timeout: Duration,
     /// `INGEST_AMQP_URL`: `amqp://user:pass@host:port/vhost`.
     pub amqp_url: String,
     /// `INGEST_AMQP_PREFIX`: every exchange and queue name starts with it.
@@ -366,6 +375,7 @@ impl Config {
             db_schema: parse_with(get("INGEST_DB_SCHEMA"), identifier)?,
             db_pool_size: positive(get("INGEST_DB_POOL_SIZE"))?,
             db_timeout: nonzero_duration(get("INGEST_DB_TIMEOUT"))?,
+            db_statement_timeout: nonzero_duration(get("INGEST_DB_STATEMENT_TIMEOUT"))?,
             amqp_url: parse_with(get("INGEST_AMQP_URL"), |s| {
                 crate::broker::AmqpUrl::parse(s).map(|_| s.to_string())
             })?,
@@ -560,6 +570,7 @@ mod tests {
         assert_eq!(c.db_schema, "public");
         assert_eq!(c.amqp_prefix, "ingest");
         assert_eq!(c.db_timeout, Duration::from_secs(2));
+        assert_eq!(c.db_statement_timeout, Duration::from_secs(30));
         assert_eq!(c.max_body_bytes, 5 << 20);
         assert_eq!(c.max_batch, 1000);
         assert_eq!(c.idempotency_ttl, Duration::from_secs(86_400));

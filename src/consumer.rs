@@ -9,10 +9,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amiquip::{ConsumerMessage, ConsumerOptions};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, never, select, unbounded};
+use crossbeam_channel::{
+    Receiver, RecvTimeoutError, Sender, after, bounded, never, select, unbounded,
+};
 use log::{info, warn};
 
 use crate::backoff::Backoff;
@@ -128,7 +130,15 @@ impl Consumer {
 
         let mut in_flight = 0usize;
         let mut stopping = false;
+        // Deliveries the workers could not process because the database
+        // was unreachable go back to the queue only after a backoff, not at
+        // once: requeued at once they came straight back, ran into the same
+        // outage and spun (and, on quorum queues, used up their delivery
+        // limit within seconds). Held meanwhile, they fill the prefetch
+        // window, so the broker stops sending more until they are requeued.
+        let mut held = Held::default();
         while !(stopping && in_flight == 0) {
+            let requeue = held.timer();
             let deliveries = if stopping {
                 never()
             } else {
@@ -179,16 +189,19 @@ impl Consumer {
                         continue;
                     }
                     in_flight -= d.results.len();
-                    self.settle(&consumer, &mut retries, d.results)?;
+                    self.settle(&consumer, &mut retries, d.results, &mut held)?;
                 },
+                recv(requeue) -> _ => held.requeue(&consumer)?,
                 recv(stop_rx) -> _ => {
                     stopping = true;
+                    held.requeue(&consumer)?;
                     // Deliveries prefetched but not dispatched go back to the
                     // queue when the channel closes.
                     let _ = consumer.cancel();
                 },
             }
         }
+        held.requeue(&consumer)?;
         drop(consumer);
         retries.close();
         let _ = channel.close();
@@ -204,16 +217,21 @@ impl Consumer {
         consumer: &amiquip::Consumer<'_>,
         retries: &mut ConfirmChannel,
         results: Vec<(amiquip::Delivery, Outcome)>,
+        held: &mut Held,
     ) -> Result<(), broker::Error> {
         let mut copies: BTreeMap<usize, Vec<(amiquip::Delivery, Message)>> = BTreeMap::new();
         for (delivery, outcome) in results {
+            if !matches!(outcome, Outcome::Requeue) {
+                // The database answered for this one.
+                held.backoff.reset();
+            }
             match outcome {
                 Outcome::Ack => consumer.ack(delivery)?,
                 Outcome::Reject => {
                     consumer.reject(delivery, false)?;
                     self.worker.metrics.dead_lettered.inc();
                 }
-                Outcome::Requeue => consumer.nack(delivery, true)?,
+                Outcome::Requeue => held.hold(delivery),
                 Outcome::Retry { step, attempt } => {
                     let copy = Message {
                         id: delivery.properties.message_id().clone().unwrap_or_default(),
@@ -233,6 +251,50 @@ impl Consumer {
                 consumer.ack(delivery)?;
                 self.worker.metrics.retries.inc();
             }
+        }
+        Ok(())
+    }
+}
+
+/// Deliveries waiting to be requeued, and when.
+struct Held {
+    deliveries: Vec<amiquip::Delivery>,
+    at: Option<Instant>,
+    /// From 100 ms, doubling to 5 s while the database stays unreachable.
+    backoff: Backoff,
+}
+
+impl Default for Held {
+    fn default() -> Held {
+        Held {
+            deliveries: Vec::new(),
+            at: None,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Held {
+    fn hold(&mut self, delivery: amiquip::Delivery) {
+        self.deliveries.push(delivery);
+        if self.at.is_none() {
+            self.at = Some(Instant::now() + self.backoff.next_delay());
+        }
+    }
+
+    /// Fires when the held deliveries are due.
+    fn timer(&self) -> Receiver<Instant> {
+        match self.at {
+            Some(at) => after(at.saturating_duration_since(Instant::now())),
+            None => never(),
+        }
+    }
+
+    /// Requeues every held delivery now.
+    fn requeue(&mut self, consumer: &amiquip::Consumer<'_>) -> Result<(), broker::Error> {
+        self.at = None;
+        for delivery in self.deliveries.drain(..) {
+            consumer.nack(delivery, true)?;
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod ingest;
 pub mod logging;
 pub mod metrics;
+pub mod pool;
 pub mod relay;
 pub mod retention;
 pub mod signals;

@@ -6,12 +6,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 use r2d2::PooledConnection;
-use r2d2_postgres::PostgresConnectionManager;
+
+pub use crate::pool::{Manager, Outage, RESPONSE_GRACE};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -29,7 +31,7 @@ pub fn schema_fingerprint() -> String {
 }
 
 /// A pooled connection.
-pub type Conn = PooledConnection<PostgresConnectionManager<NoTls>>;
+pub type Conn = PooledConnection<Manager>;
 
 /// Failures reaching or using PostgreSQL.
 #[derive(Debug)]
@@ -42,6 +44,9 @@ pub enum Error {
     Db(postgres::Error),
     /// Rows a write depended on kept changing under it.
     Contended,
+    /// The database is known to be unreachable: not tried again until a
+    /// probe finds it back (see [`Outage`]).
+    Down,
 }
 
 impl Error {
@@ -50,7 +55,7 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Url(_) => false,
-            Error::Pool(_) | Error::Contended => true,
+            Error::Pool(_) | Error::Contended | Error::Down => true,
             Error::Db(e) => match e.code() {
                 // No SQLSTATE: an I/O error or a closed connection.
                 None => true,
@@ -71,6 +76,10 @@ impl fmt::Display for Error {
             Error::Url(e) => write!(f, "bad database URL: {e}"),
             Error::Pool(e) => write!(f, "no database connection available: {e}"),
             Error::Contended => write!(f, "the write kept conflicting with concurrent ones"),
+            Error::Down => write!(
+                f,
+                "the database is unreachable (waiting for a probe to succeed)"
+            ),
             Error::Db(e) => match e.as_db_error() {
                 // postgres::Error's own text is just "db error".
                 Some(db) => write!(f, "database error {}: {}", db.code().code(), db.message()),
@@ -85,7 +94,7 @@ impl std::error::Error for Error {
         match self {
             Error::Url(e) | Error::Db(e) => Some(e),
             Error::Pool(e) => Some(e),
-            Error::Contended => None,
+            Error::Contended | Error::Down => None,
         }
     }
 }
@@ -282,9 +291,13 @@ macro_rules! rfc3339 {
 /// The connection pool, bound to one schema.
 #[derive(Clone)]
 pub struct Store {
-    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    pool: r2d2::Pool<Manager>,
     schema: String,
     pg_config: postgres::Config,
+    /// The longest wait for a connection check or a ping.
+    check_timeout: Duration,
+    /// Whether the database is known to be unreachable.
+    outage: Arc<Outage>,
 }
 
 impl Store {
@@ -296,16 +309,29 @@ impl Store {
     /// Like [`Store::open`] with an explicit pool size.
     pub fn open_sized(config: &Config, size: u32) -> Result<Store, Error> {
         let mut pg: postgres::Config = config.database_url.parse().map_err(Error::Url)?;
-        // A statement that runs this long is stuck (a lost network, a
-        // lock held by a forgotten session); failing it frees the thread.
+        // Every wait on the server is bounded. A statement that runs longer
+        // than statement_timeout is stuck (a lock held by a forgotten
+        // session); the server fails it and frees the thread. A server that
+        // says nothing for RESPONSE_GRACE longer is gone: the client gives
+        // the connection up (a proxy that holds bytes, a host that
+        // vanished). The kernel gives up sooner on a host that stopped
+        // acknowledging: unacknowledged data after 10 s, an idle connection
+        // after 10 s + 3 probes 2 s apart.
+        let statement_timeout = config.db_statement_timeout;
         pg.options(&format!(
-            "-c search_path={} -c statement_timeout=30s",
-            config.db_schema
+            "-c search_path={} -c statement_timeout={}ms",
+            config.db_schema,
+            statement_timeout.as_millis()
         ))
         .connect_timeout(config.db_timeout)
-        .keepalives_idle(Duration::from_secs(30))
+        .tcp_user_timeout(Duration::from_secs(10))
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
+        .response_timeout(statement_timeout + RESPONSE_GRACE)
         .application_name("ingestd");
-        let manager = PostgresConnectionManager::new(pg.clone(), NoTls);
+        let outage = Arc::new(Outage::default());
+        let manager = Manager::new(pg.clone(), config.db_timeout, outage.clone());
         let pool = r2d2::Pool::builder()
             .max_size(size)
             .min_idle(Some(1))
@@ -315,12 +341,28 @@ impl Store {
             pool,
             schema: config.db_schema.clone(),
             pg_config: pg,
+            check_timeout: config.db_timeout,
+            outage,
         })
     }
 
     /// A pooled connection, or an error after the pool timeout.
     pub fn conn(&self) -> Result<Conn, Error> {
-        Ok(self.pool.get()?)
+        if !self.outage.admits() {
+            return Err(Error::Down);
+        }
+        let conn = self.pool.get();
+        if conn.is_err() {
+            // No connection within the pool timeout: every one the pool
+            // tried, or is still opening, failed or is still waiting.
+            self.outage.observe(false);
+        }
+        Ok(conn?)
+    }
+
+    /// True while the database is known to be unreachable.
+    pub fn is_down(&self) -> bool {
+        self.outage.is_down()
     }
 
     /// A dedicated connection outside the pool (for `LISTEN`).
@@ -496,7 +538,8 @@ impl Store {
 
     /// Answers whether PostgreSQL responds.
     pub fn ping(&self) -> Result<(), Error> {
-        self.conn()?.simple_query("SELECT 1")?;
+        // Within INGEST_DB_TIMEOUT even if the server stopped answering.
+        self.conn()?.is_valid(self.check_timeout)?;
         Ok(())
     }
 

@@ -7,12 +7,9 @@ use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{Load, Proxy, TestEnv, db_url, get, ingest, post_json, wait_until};
-
-fn amqp_host_port() -> String {
-    let url = ingestd::broker::AmqpUrl::parse(&crate::util::amqp_url()).unwrap();
-    format!("{}:{}", url.host, url.port)
-}
+use crate::util::{
+    Load, Proxy, TestEnv, amqp_host_port, db_proxy, get, ingest, post_json, wait_until,
+};
 
 #[test]
 fn broker_down_at_ingest_still_accepts_and_delivers_later() {
@@ -166,20 +163,6 @@ fn shutdown_with_the_broker_down_keeps_events_in_the_outbox() {
 
 fn ingest_status(addr: std::net::SocketAddr) -> u16 {
     post_json(addr, "/v1/events", r#"{"payload":"probe"}"#).status
-}
-
-/// A proxy in front of PostgreSQL and the URL that goes through it.
-fn db_proxy() -> (Proxy, String) {
-    let pg: postgres::Config = db_url().parse().unwrap();
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let proxy = Proxy::start(&format!("127.0.0.1:{port}"), true);
-    let url = format!(
-        "postgres://{}@{}/{}",
-        pg.get_user().unwrap_or("postgres"),
-        proxy.addr(),
-        pg.get_dbname().unwrap_or("test")
-    );
-    (proxy, url)
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! isolates itself in its own schema and AMQP prefix (see `util`).
 
 mod api;
+mod blackhole;
 mod faults;
 mod framing;
 mod hardening;

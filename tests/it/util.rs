@@ -604,9 +604,40 @@ pub fn ingest(addr: SocketAddr, payload: &Value) -> Uuid {
     Uuid::parse_str(resp.json()["id"].as_str().unwrap()).unwrap()
 }
 
+/// The broker's `host:port`, for a proxy in front of it.
+pub fn amqp_host_port() -> String {
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    format!("{}:{}", url.host, url.port)
+}
+
+/// A proxy in front of the broker, up, and the URL that goes through it,
+/// with `query` (such as `heartbeat=1`) added.
+pub fn amqp_proxy(query: &str) -> (Proxy, String) {
+    let proxy = Proxy::start(&amqp_host_port(), true);
+    let url = format!("amqp://guest:guest@{}/%2f?{query}", proxy.addr());
+    (proxy, url)
+}
+
+/// A proxy in front of PostgreSQL, up, and the URL that goes through it.
+pub fn db_proxy() -> (Proxy, String) {
+    let pg: postgres::Config = db_url().parse().unwrap();
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let proxy = Proxy::start(&format!("127.0.0.1:{port}"), true);
+    let url = format!(
+        "postgres://{}@{}/{}",
+        pg.get_user().unwrap_or("postgres"),
+        proxy.addr(),
+        pg.get_dbname().unwrap_or("test")
+    );
+    (proxy, url)
+}
+
 /// A TCP proxy in front of one service. Taking it down closes every
 /// connection through it and refuses new ones, which cuts exactly the test
-/// instance that uses it off the service while others carry on.
+/// instance that uses it off the service while others carry on. A
+/// blackhole is nastier, as a host that vanished: every connection stays
+/// open and its bytes are taken and never delivered, and new connections
+/// are accepted and held the same way.
 pub struct Proxy {
     addr: SocketAddr,
     state: Arc<ProxyState>,
@@ -615,7 +646,33 @@ pub struct Proxy {
 struct ProxyState {
     up: AtomicBool,
     closed: AtomicBool,
+    /// Connections forward only while their generation is the current one
+    /// and no blackhole is on: a connection caught in a blackhole stays
+    /// dead after it ends, as its peer's would.
+    generation: AtomicUsize,
+    blackholed: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
+}
+
+impl ProxyState {
+    fn forwards(&self, generation: usize) -> bool {
+        !self.blackholed.load(Ordering::SeqCst)
+            && self.generation.load(Ordering::SeqCst) == generation
+    }
+
+    /// Keeps `stream` open and takes whatever it sends, for ever.
+    fn hold(self: &Arc<Self>, stream: TcpStream) {
+        self.conns.lock().unwrap().push(stream.try_clone().unwrap());
+        let mut stream = stream;
+        thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 impl Proxy {
@@ -627,6 +684,8 @@ impl Proxy {
         let state = Arc::new(ProxyState {
             up: AtomicBool::new(up),
             closed: AtomicBool::new(false),
+            generation: AtomicUsize::new(0),
+            blackholed: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
         let st = state.clone();
@@ -636,6 +695,10 @@ impl Proxy {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                if st.blackholed.load(Ordering::SeqCst) {
+                    st.hold(client);
+                    continue;
+                }
                 if !st.up.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
@@ -650,8 +713,14 @@ impl Proxy {
                     conns.push(client.try_clone().unwrap());
                     conns.push(server.try_clone().unwrap());
                 }
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
+                let generation = st.generation.load(Ordering::SeqCst);
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    &st,
+                    generation,
+                );
+                pipe(server, client, &st, generation);
             }
         });
         Proxy { addr, state }
@@ -665,13 +734,24 @@ impl Proxy {
     /// Cuts every connection and refuses new ones.
     pub fn down(&self) {
         self.state.up.store(false, Ordering::SeqCst);
+        self.state.blackholed.store(false, Ordering::SeqCst);
         for c in self.state.conns.lock().unwrap().drain(..) {
             let _ = c.shutdown(Shutdown::Both);
         }
     }
 
-    /// Lets connections through again.
+    /// Stops delivering anything, closing nothing: bytes sent on open
+    /// connections are taken and held, and new connections are accepted
+    /// and held the same way.
+    pub fn blackhole(&self) {
+        self.state.generation.fetch_add(1, Ordering::SeqCst);
+        self.state.blackholed.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets new connections through again. Those caught in a blackhole
+    /// stay dead, still open.
     pub fn up(&self) {
+        self.state.blackholed.store(false, Ordering::SeqCst);
         self.state.up.store(true, Ordering::SeqCst);
     }
 }
@@ -684,12 +764,16 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Forwards what `from` sends to `to` while the proxy forwards for
+/// `generation`; after that, takes and drops it.
+fn pipe(mut from: TcpStream, mut to: TcpStream, state: &Arc<ProxyState>, generation: usize) {
+    let state = state.clone();
     thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
+                Ok(_) if !state.forwards(generation) => continue,
                 Ok(n) => {
                     if to.write_all(&buf[..n]).is_err() {
                         break;
@@ -697,7 +781,10 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
                 }
             }
         }
-        let _ = to.shutdown(Shutdown::Both);
-        let _ = from.shutdown(Shutdown::Both);
+        // A connection ended by a blackhole is closed only by its peer.
+        if state.forwards(generation) {
+            let _ = to.shutdown(Shutdown::Both);
+            let _ = from.shutdown(Shutdown::Both);
+        }
     });
 }
