@@ -5,7 +5,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 export INGEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 STATIC_TARGET ?= $(shell rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && echo x86_64-unknown-linux-musl || echo x86_64-unknown-linux-gnu)
 
-.PHONY: build run migrate test lint static up down logs bench bench-smoke stress chaos fuzz clean
+.PHONY: build run migrate test lint static up down logs docker-check bench bench-smoke stress stress-smoke chaos chaos-smoke fuzz clean
 
 build:
 	$(CARGO) build --release --locked
@@ -46,19 +46,33 @@ down:
 logs:
 	$(COMPOSE) logs -f
 
+# What `make up` builds, checked without a Docker engine: every COPY source
+# exists and the crate made of them alone compiles.
+docker-check:
+	tests/dockerfile_check.sh
+
 bench:
 	tests/bench.sh
 
 bench-smoke:
 	BENCH_SMOKE=1 BENCH_OUT=target/bench-smoke.json tests/bench.sh
 
+# Load test of a running ingestd; the script builds the load generator.
 stress:
-	$(CARGO) build --release --locked --bin loadgen
 	./stress_test.sh $(ARGS)
+
+# stress_test.sh with 2,000 events against an all-in-one ingestd started on
+# a free port, with its own schema and queues, and removed afterwards.
+stress-smoke:
+	tests/stress_smoke.sh
 
 # Restarts the shared PostgreSQL and RabbitMQ: run it alone.
 chaos:
 	tests/chaos.sh
+
+# The same faults in about a quarter of the time, for CI; run it alone too.
+chaos-smoke:
+	CHAOS_SMOKE=1 tests/chaos.sh
 
 # Fuzzes request parsing and validation (nightly and cargo-fuzz required).
 FUZZ_SECONDS ?= 60

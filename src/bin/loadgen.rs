@@ -1,4 +1,5 @@
-//! `loadgen`: sends ingest requests to one `ingestd` and reports what it did.
+//! `loadgen`: sends ingest requests to one `ingestd` and reports what it did,
+//! or checks what became of the events it sent.
 //!
 //! It owns the command line, the two ways of pacing requests and the
 //! summary. In a closed loop every client thread sends back-to-back, which
@@ -6,10 +7,12 @@
 //! each latency is measured from the instant the request was due, not the
 //! instant it went out: a stalled server delays the client threads too, and
 //! measuring from the actual send would hide the stall (coordinated
-//! omission). The HTTP exchange lives in `client` and the latency bookkeeping
-//! in `histogram`. Traffic goes only to the URL given, and every run is
+//! omission). The HTTP exchange lives in `client`, the latency bookkeeping
+//! in `histogram` and the `--check-ids` polling in `check`. Traffic goes only to the URL given, and every run is
 //! bounded by a request count or a duration.
 
+#[path = "loadgen/check.rs"]
+mod check;
 #[path = "loadgen/client.rs"]
 mod client;
 #[path = "loadgen/histogram.rs"]
@@ -29,14 +32,21 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use check::CheckError;
 use client::{Client, RequestError, Target};
 use histogram::Histogram;
 
 const USAGE: &str = "\
 Usage: loadgen [OPTIONS]
+       loadgen --check-ids FILE [--deadline D] [OPTIONS]
 
 Posts JSON events to an ingestd server over keep-alive HTTP/1.1 connections,
 one per client thread, and reports status counts and latency percentiles.
+
+With --check-ids it posts nothing: it asks GET /v1/events/<id> about every
+id in FILE (one a line, as --ids-out writes them), again and again for those
+still pending, until each is processed, failed or unknown to the server
+(404: lost), or the deadline passes.
 
 Options:
   --url URL           server base URL, http only [default: http://127.0.0.1:5001]
@@ -53,15 +63,22 @@ Options:
   --batch N           events per request, sent as a JSON array when above 1
                       (use --path /v1/events) [default: 1]
   --ids-out FILE      write the id of every 202 response to FILE, one a line
+  --check-ids FILE    check the events in FILE instead of sending any
+  --deadline D        with --check-ids: give up on events still pending after
+                      D [default: 120s]
+  --api-key KEY       send Authorization: Bearer KEY; LOADGEN_API_KEY in the
+                      environment does the same out of sight of ps
   --json              print one JSON object instead of the summary line
   --timeout D         limit on each request, connecting included [default: 10s]
   -h, --help          print this help
 
 With both --duration and --requests the first limit reached ends the run.
-Exit status: 0; 1 when no request got a 2xx answer; 2 on a bad argument.
+Exit status: 0; 1 when no request got a 2xx answer, when a 202 held no id
+for --ids-out, or with --check-ids when an event is still pending, lost or
+unanswered; 2 on a bad argument.
 ";
 
-const FLAGS: [&str; 11] = [
+const FLAGS: [&str; 14] = [
     "--url",
     "--path",
     "--concurrency",
@@ -71,15 +88,31 @@ const FLAGS: [&str; 11] = [
     "--payload-bytes",
     "--batch",
     "--ids-out",
+    "--check-ids",
+    "--deadline",
+    "--api-key",
     "--timeout",
     "--json",
 ];
+/// The flags that shape what is sent, which --check-ids does not send.
+const SEND_FLAGS: [&str; 7] = [
+    "--path",
+    "--duration",
+    "--requests",
+    "--rate",
+    "--payload-bytes",
+    "--batch",
+    "--ids-out",
+];
+/// Where the API key may come from, besides --api-key.
+const API_KEY_VAR: &str = "LOADGEN_API_KEY";
 const DEFAULT_URL: &str = "http://127.0.0.1:5001";
 const DEFAULT_PATH: &str = "/Ingestion/ingest";
 const DEFAULT_CONCURRENCY: usize = 32;
 const DEFAULT_REQUESTS: u64 = 10_000;
 const DEFAULT_PAYLOAD_BYTES: usize = 100;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
 const MAX_CONCURRENCY: usize = 10_000;
 const MAX_PAYLOAD_BYTES: usize = 64 * 1024 * 1024;
 const MAX_BATCH: u64 = 100_000;
@@ -105,8 +138,19 @@ struct Args {
     /// Events per request; above 1 the body is an array.
     batch: usize,
     ids_out: Option<PathBuf>,
+    /// `--check-ids`: check these events instead of sending.
+    check: Option<Check>,
+    /// Presented as a bearer token on every request.
+    api_key: Option<String>,
     json: bool,
     timeout: Duration,
+}
+
+/// What `--check-ids` asks for.
+#[derive(Debug, PartialEq, Eq)]
+struct Check {
+    ids: PathBuf,
+    deadline: Duration,
 }
 
 /// A command line that cannot be run.
@@ -124,6 +168,12 @@ enum ArgError {
         value: String,
         reason: String,
     },
+    /// A flag that only means something with `--check-ids`, or nothing
+    /// with it.
+    Conflict {
+        flag: &'static str,
+        with_check: bool,
+    },
     /// An argument that is not valid UTF-8.
     NotUnicode(String),
 }
@@ -135,6 +185,12 @@ enum RunError {
     CreateIds(PathBuf, io::Error),
     /// The `--ids-out` file could not be written.
     WriteIds(PathBuf, io::Error),
+    /// The `--check-ids` file could not be read.
+    ReadIds(PathBuf, io::Error),
+    /// The `--check-ids` file holds something that is not an id.
+    BadIds(PathBuf, String),
+    /// The check stopped early.
+    Check(CheckError),
     /// Not even the first connection could be opened.
     Unreachable(String, RequestError),
     /// A client thread could not be started.
@@ -168,6 +224,14 @@ impl fmt::Display for ArgError {
                 value,
                 reason,
             } => write!(f, "invalid value {value:?} for {flag}: {reason}"),
+            ArgError::Conflict {
+                flag,
+                with_check: true,
+            } => write!(f, "{flag} sends events; --check-ids sends none"),
+            ArgError::Conflict {
+                flag,
+                with_check: false,
+            } => write!(f, "{flag} is used only with --check-ids"),
             ArgError::NotUnicode(arg) => write!(f, "argument {arg:?} is not valid UTF-8"),
         }
     }
@@ -179,7 +243,7 @@ impl RunError {
     fn exit_code(&self) -> u8 {
         match self {
             // The file is named on the command line: a usage error.
-            RunError::CreateIds(..) => 2,
+            RunError::CreateIds(..) | RunError::ReadIds(..) | RunError::BadIds(..) => 2,
             _ => 1,
         }
     }
@@ -194,6 +258,13 @@ impl fmt::Display for RunError {
             RunError::WriteIds(path, e) => {
                 write!(f, "cannot write --ids-out file {}: {e}", path.display())
             }
+            RunError::ReadIds(path, e) => {
+                write!(f, "cannot read --check-ids file {}: {e}", path.display())
+            }
+            RunError::BadIds(path, e) => {
+                write!(f, "bad --check-ids file {}: {e}", path.display())
+            }
+            RunError::Check(e) => e.fmt(f),
             RunError::Unreachable(url, e) => write!(f, "no server answers at {url}: {e}"),
             RunError::Spawn(e) => write!(f, "cannot start a client thread: {e}"),
             RunError::Panicked => f.write_str("a client thread panicked"),
@@ -204,9 +275,13 @@ impl fmt::Display for RunError {
 impl Error for RunError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {
-            RunError::CreateIds(_, e) | RunError::WriteIds(_, e) | RunError::Spawn(e) => Some(e),
+            RunError::CreateIds(_, e)
+            | RunError::WriteIds(_, e)
+            | RunError::ReadIds(_, e)
+            | RunError::Spawn(e) => Some(e),
             RunError::Unreachable(_, e) => Some(e),
-            RunError::Panicked => None,
+            RunError::Check(e) => Some(e),
+            RunError::BadIds(..) | RunError::Panicked => None,
         }
     }
 }
@@ -219,7 +294,8 @@ fn main() -> ExitCode {
                 .map_err(|a| ArgError::NotUnicode(a.to_string_lossy().into_owned()))
         })
         .collect::<Result<Vec<String>, ArgError>>()
-        .and_then(parse_args);
+        .and_then(parse_args)
+        .and_then(|args| args.map(api_key_from_env).transpose());
     let args = match args {
         Ok(Some(args)) => args,
         Ok(None) => {
@@ -277,6 +353,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Args>, ArgError> {
         }
     }
 
+    let given: Vec<&'static str> = values.keys().copied().collect();
     let mut take = |flag: &'static str| values.remove(flag).map(|value| (flag, value));
     let url = take("--url").unwrap_or(("--url", DEFAULT_URL.to_string()));
     let target = check(url, Target::parse)?;
@@ -304,10 +381,35 @@ fn parse_args(args: Vec<String>) -> Result<Option<Args>, ArgError> {
         None => 1,
     };
     let ids_out = take("--ids-out").map(|(_, file)| PathBuf::from(file));
+    let api_key = take("--api-key").map(check_api_key).transpose()?;
     let timeout = match take("--timeout") {
         Some(t) => check(t, parse_duration)?,
         None => DEFAULT_TIMEOUT,
     };
+    let deadline = take("--deadline")
+        .map(|d| check(d, parse_duration))
+        .transpose()?;
+    let check_ids = match (take("--check-ids"), deadline) {
+        (Some((_, ids)), deadline) => Some(Check {
+            ids: PathBuf::from(ids),
+            deadline: deadline.unwrap_or(DEFAULT_DEADLINE),
+        }),
+        (None, Some(_)) => {
+            return Err(ArgError::Conflict {
+                flag: "--deadline",
+                with_check: false,
+            });
+        }
+        (None, None) => None,
+    };
+    if check_ids.is_some()
+        && let Some(flag) = SEND_FLAGS.into_iter().find(|f| given.contains(f))
+    {
+        return Err(ArgError::Conflict {
+            flag,
+            with_check: true,
+        });
+    }
     let requests = match (duration, requests) {
         (None, None) => Some(DEFAULT_REQUESTS),
         (_, requests) => requests,
@@ -322,9 +424,24 @@ fn parse_args(args: Vec<String>) -> Result<Option<Args>, ArgError> {
         payload_bytes,
         batch,
         ids_out,
+        check: check_ids,
+        api_key,
         json,
         timeout,
     }))
+}
+
+/// Takes the API key from `LOADGEN_API_KEY` when `--api-key` gave none.
+fn api_key_from_env(mut args: Args) -> Result<Args, ArgError> {
+    if args.api_key.is_none()
+        && let Some(key) = std::env::var_os(API_KEY_VAR)
+    {
+        let key = key
+            .into_string()
+            .map_err(|k| ArgError::NotUnicode(k.to_string_lossy().into_owned()))?;
+        args.api_key = Some(check_api_key((API_KEY_VAR, key))?);
+    }
+    Ok(args)
 }
 
 /// Runs a value parser, naming the flag and the value if it fails.
@@ -349,6 +466,23 @@ fn parse_path(value: &str) -> Result<String, String> {
         .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
     {
         return Err("the path must not contain spaces or control characters".into());
+    }
+    Ok(value.to_string())
+}
+
+/// Like `check` with `parse_api_key`, but an error does not repeat the key.
+fn check_api_key((flag, value): (&'static str, String)) -> Result<String, ArgError> {
+    parse_api_key(&value).map_err(|reason| ArgError::Invalid {
+        flag,
+        value: "(not shown)".into(),
+        reason,
+    })
+}
+
+fn parse_api_key(value: &str) -> Result<String, String> {
+    // The key goes into a header verbatim.
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the key must be visible ASCII characters, without spaces".into());
     }
     Ok(value.to_string())
 }
@@ -398,6 +532,79 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
 }
 
 fn run(args: &Args) -> Result<ExitCode, RunError> {
+    match &args.check {
+        Some(spec) => run_check(args, spec),
+        None => run_send(args),
+    }
+}
+
+/// Connects `args.concurrency` clients; only the first failure is fatal,
+/// later ones are retried on first use.
+fn connect_clients(args: &Args, path: &str) -> Result<Vec<Client>, RunError> {
+    let mut clients = Vec::with_capacity(args.concurrency);
+    for i in 0..args.concurrency {
+        let mut client =
+            Client::new(args.target.clone(), path, args.timeout).with_api_key(args.api_key.clone());
+        if let Err(e) = client.connect()
+            && i == 0
+        {
+            return Err(RunError::Unreachable(args.target.to_string(), e));
+        }
+        clients.push(client);
+    }
+    Ok(clients)
+}
+
+/// Checks the events of an id file and reports their states.
+fn run_check(args: &Args, spec: &Check) -> Result<ExitCode, RunError> {
+    let text =
+        std::fs::read_to_string(&spec.ids).map_err(|e| RunError::ReadIds(spec.ids.clone(), e))?;
+    let ids = check::parse_ids(&text).map_err(|e| RunError::BadIds(spec.ids.clone(), e))?;
+    let mut clients = connect_clients(args, "/")?;
+    let report = check::poll(&ids, &mut clients, spec.deadline).map_err(RunError::Check)?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    let examples = |ids: &[Uuid]| {
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        ids.join(" ")
+    };
+    if report.pending > 0 {
+        eprintln!(
+            "loadgen: still pending at the {:.0}s deadline: {} (e.g. {})",
+            spec.deadline.as_secs_f64(),
+            report.pending,
+            examples(&report.pending_examples)
+        );
+    }
+    if report.lost > 0 {
+        eprintln!(
+            "loadgen: unknown to the server (404, lost): {} (e.g. {})",
+            report.lost,
+            examples(&report.lost_examples)
+        );
+    }
+    if report.unanswered > 0 {
+        eprintln!(
+            "loadgen: no usable answer before the deadline: {} (e.g. {})",
+            report.unanswered,
+            examples(&report.unanswered_examples)
+        );
+    }
+    if let Some(problem) = &report.first_problem {
+        eprintln!("loadgen: first problem: {problem}");
+    }
+    Ok(if report.all_settled_and_found() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Sends events and reports how the server answered.
+fn run_send(args: &Args) -> Result<ExitCode, RunError> {
     // Create the file first: a typo in its path should not cost a whole run.
     let ids_file = args
         .ids_out
@@ -406,18 +613,8 @@ fn run(args: &Args) -> Result<ExitCode, RunError> {
         .transpose()?;
 
     // Connect every client before the clock starts, so that the first
-    // requests measure the server rather than the handshakes. Only the first
-    // failure is fatal: later ones are retried by the threads themselves.
-    let mut clients = Vec::with_capacity(args.concurrency);
-    for i in 0..args.concurrency {
-        let mut client = Client::new(args.target.clone(), &args.path, args.timeout);
-        if let Err(e) = client.connect()
-            && i == 0
-        {
-            return Err(RunError::Unreachable(args.target.to_string(), e));
-        }
-        clients.push(client);
-    }
+    // requests measure the server rather than the handshakes.
+    let clients = connect_clients(args, &args.path)?;
 
     let next_seq = AtomicU64::new(0);
     let start = Instant::now();
@@ -471,7 +668,9 @@ fn run(args: &Args) -> Result<ExitCode, RunError> {
             total.missing_ids
         );
     }
-    Ok(if report.accepted == 0 {
+    // An id file that lacks accepted events would make a later check
+    // vouch for less than was sent.
+    Ok(if report.accepted == 0 || total.missing_ids > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -773,9 +972,9 @@ impl fmt::Display for Report {
             self.throughput
         )?;
         match self.latency_ms {
-            Some([p50, p90, _, p99, p99_9, max]) => write!(
+            Some([p50, p90, p95, p99, p99_9, max]) => write!(
                 f,
-                "p50 {p50:.2} p90 {p90:.2} p99 {p99:.2} p99.9 {p99_9:.2} max {max:.2}"
+                "p50 {p50:.2} p90 {p90:.2} p95 {p95:.2} p99 {p99:.2} p99.9 {p99_9:.2} max {max:.2}"
             ),
             None => f.write_str("n/a"),
         }
@@ -865,6 +1064,76 @@ mod tests {
             message.starts_with("invalid value \"10\" for --duration"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn check_ids_takes_only_its_own_flags() {
+        let args = parse("--check-ids ids.txt --concurrency 8 --json")
+            .expect("valid")
+            .expect("not help");
+        let expected = Check {
+            ids: PathBuf::from("ids.txt"),
+            deadline: Duration::from_secs(120),
+        };
+        assert_eq!(args.check, Some(expected));
+        assert_eq!(args.concurrency, 8);
+        let args = parse("--check-ids ids.txt --deadline 30s")
+            .expect("valid")
+            .expect("not help");
+        assert_eq!(
+            args.check.map(|c| c.deadline),
+            Some(Duration::from_secs(30))
+        );
+        assert!(
+            parse("--requests 5")
+                .expect("valid")
+                .expect("args")
+                .check
+                .is_none()
+        );
+        for flag in [
+            "--rate 5",
+            "--requests 5",
+            "--ids-out x",
+            "--path /v1/events",
+        ] {
+            let line = format!("--check-ids ids.txt {flag}");
+            assert!(
+                matches!(
+                    parse(&line),
+                    Err(ArgError::Conflict {
+                        with_check: true,
+                        ..
+                    })
+                ),
+                "{line}"
+            );
+        }
+        assert_eq!(
+            parse("--deadline 5s").err(),
+            Some(ArgError::Conflict {
+                flag: "--deadline",
+                with_check: false
+            })
+        );
+        assert_eq!(invalid_flag("--check-ids x --deadline 5"), "--deadline");
+    }
+
+    #[test]
+    fn api_keys_go_into_a_header_verbatim() {
+        let args = parse("--api-key s3cret-key-0123456789")
+            .expect("valid")
+            .expect("not help");
+        assert_eq!(args.api_key.as_deref(), Some("s3cret-key-0123456789"));
+        assert_eq!(parse("").expect("valid").expect("args").api_key, None);
+        assert_eq!(invalid_flag("--api-key=a\u{7f}b"), "--api-key");
+        assert_eq!(invalid_flag("--api-key="), "--api-key");
+        let message = parse("--api-key=a\u{7f}b")
+            .expect_err("refused")
+            .to_string();
+        assert!(!message.contains('\u{7f}'), "{message}");
+        assert!(parse_api_key("two words").is_err());
+        assert!(parse_api_key("line\r\nX-Evil: 1").is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! One keep-alive HTTP/1.1 connection that posts a JSON body and reads the
-//! answer.
+//! One keep-alive HTTP/1.1 connection that posts a JSON body, or gets a
+//! path, and reads the answer.
 //!
 //! It speaks just enough HTTP for `tiny_http`: requests and responses framed
 //! by `Content-Length`. It deliberately does not retry: a POST that failed
@@ -56,6 +56,8 @@ pub struct Client {
     target: Target,
     path: String,
     timeout: Duration,
+    /// Sent as `Authorization: Bearer <key>` on every request.
+    api_key: Option<String>,
     stream: Option<TcpStream>,
     /// The request being sent, reused so a request costs no allocation.
     out: Vec<u8>,
@@ -178,16 +180,23 @@ struct Head {
 }
 
 impl Client {
-    /// A client that connects on first use.
+    /// A client that posts to `path` and connects on first use.
     pub fn new(target: Target, path: &str, timeout: Duration) -> Client {
         Client {
             target,
             path: path.to_string(),
             timeout,
+            api_key: None,
             stream: None,
             out: Vec::with_capacity(1024),
             buf: Vec::with_capacity(1024),
         }
+    }
+
+    /// Presents `key` as a bearer token on every request.
+    pub fn with_api_key(mut self, key: Option<String>) -> Client {
+        self.api_key = key;
+        self
     }
 
     /// Opens the connection now, if it is not open, rather than on the
@@ -202,8 +211,24 @@ impl Client {
     /// Sends `POST <path>` with a JSON body and reads the whole response,
     /// all within the timeout, connecting first if needed.
     pub fn post(&mut self, body: &[u8]) -> Result<Response<'_>, RequestError> {
+        self.request("POST", None, Some(body))
+    }
+
+    /// Sends `GET <path>`, without a body, and reads the whole response,
+    /// all within the timeout, connecting first if needed.
+    pub fn get(&mut self, path: &str) -> Result<Response<'_>, RequestError> {
+        self.request("GET", Some(path), None)
+    }
+
+    /// Sends one request to `path`, or to the client's own path.
+    fn request(
+        &mut self,
+        method: &str,
+        path: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Result<Response<'_>, RequestError> {
         let deadline = Instant::now() + self.timeout;
-        match self.exchange(body, deadline) {
+        match self.exchange(method, path, body, deadline) {
             Ok((head, range)) => {
                 if !head.keep_alive {
                     self.stream = None;
@@ -224,7 +249,9 @@ impl Client {
 
     fn exchange(
         &mut self,
-        body: &[u8],
+        method: &str,
+        path: Option<&str>,
+        body: Option<&[u8]>,
         deadline: Instant,
     ) -> Result<(Head, Range<usize>), RequestError> {
         let stream = match &mut self.stream {
@@ -232,21 +259,45 @@ impl Client {
             None => self.stream.insert(open(&self.target, deadline)?),
         };
         self.out.clear();
-        write!(
-            self.out,
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.path,
-            self.target.host,
-            body.len()
+        write_head(
+            &mut self.out,
+            method,
+            path.unwrap_or(&self.path),
+            &self.target.host,
+            self.api_key.as_deref(),
+            body.map(<[u8]>::len),
         )
         .map_err(RequestError::Io)?;
-        self.out.extend_from_slice(body);
+        self.out.extend_from_slice(body.unwrap_or_default());
         stream
             .set_write_timeout(Some(time_left(deadline)?))
             .map_err(RequestError::Io)?;
         stream.write_all(&self.out).map_err(RequestError::from_io)?;
         read_response(stream, &mut self.buf, deadline)
     }
+}
+
+/// Writes a request head; a request without a body gets no
+/// `Content-Length`, as the server refuses a body on its GET routes.
+fn write_head(
+    out: &mut Vec<u8>,
+    method: &str,
+    path: &str,
+    host: &str,
+    api_key: Option<&str>,
+    body_len: Option<usize>,
+) -> io::Result<()> {
+    write!(out, "{method} {path} HTTP/1.1\r\nHost: {host}\r\n")?;
+    if let Some(key) = api_key {
+        write!(out, "Authorization: Bearer {key}\r\n")?;
+    }
+    if let Some(len) = body_len {
+        write!(
+            out,
+            "Content-Type: application/json\r\nContent-Length: {len}\r\n"
+        )?;
+    }
+    out.write_all(b"\r\n")
 }
 
 fn open(target: &Target, deadline: Instant) -> Result<TcpStream, RequestError> {
@@ -439,6 +490,20 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn writes_request_heads() {
+        let mut out = Vec::new();
+        write_head(&mut out, "GET", "/v1/events/x", "h:1", None, None).expect("write");
+        assert_eq!(out, b"GET /v1/events/x HTTP/1.1\r\nHost: h:1\r\n\r\n");
+        out.clear();
+        write_head(&mut out, "POST", "/ingest", "h:1", Some("k"), Some(2)).expect("write");
+        assert_eq!(
+            String::from_utf8(out).expect("text"),
+            "POST /ingest HTTP/1.1\r\nHost: h:1\r\nAuthorization: Bearer k\r\n\
+             Content-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+        );
     }
 
     /// A server on a loopback port that answers each request on one
