@@ -169,7 +169,7 @@ fn ingest_status(addr: std::net::SocketAddr) -> u16 {
 }
 
 /// A proxy in front of PostgreSQL and the URL that goes through it.
-fn db_proxy() -> (Proxy, String) {
+pub(crate) fn db_proxy() -> (Proxy, String) {
     let pg: postgres::Config = db_url().parse().unwrap();
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let proxy = Proxy::start(&format!("127.0.0.1:{port}"), true);
