@@ -39,6 +39,11 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS attempted_at timestamptz;
 CREATE INDEX IF NOT EXISTS events_pending_idx ON events (created_at)
     WHERE status = 'pending';
 
+-- Failed events by age: the status page lists the latest and counts them
+-- (up to a cap) without scanning the table.
+CREATE INDEX IF NOT EXISTS events_failed_idx ON events (created_at)
+    WHERE status = 'failed';
+
 -- What the client says the event is, and a key for the consumer's own use
 -- (ordering, partitioning); both optional and both travel in the message.
 ALTER TABLE events ADD COLUMN IF NOT EXISTS type text;

@@ -228,6 +228,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             // large, no such route) is never read.
             head_check: Some(http::head_check(
                 config.api_keys.clone(),
+                config.metrics_auth,
                 config.max_body_bytes,
                 metrics.clone(),
             )),
@@ -252,7 +253,22 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         let wake = role.relay().then(|| wake_tx.clone());
         let (committer, committers) = Committer::start(store.clone(), settings, wake);
         app.committers = committers;
-        let stats = Arc::new(Stats::new(metrics.clone(), health.clone(), store.clone()));
+        let stats = Arc::new(Stats::new(
+            metrics.clone(),
+            health.clone(),
+            store.clone(),
+            config.stats_interval,
+        ));
+        // The first read of the database figures happens before the port
+        // serves, so no request sees the figures missing while the database
+        // is up; after it, only the refresher thread reads them, and request
+        // threads copy its last result.
+        stats.refresh();
+        {
+            let (stats, stop) = (stats.clone(), stop_rx.clone());
+            app.background
+                .push(spawn("stats-db", move || stats.run_refresher(stop)));
+        }
         {
             let (stats, url, topology, stop) = (
                 stats.clone(),
@@ -274,6 +290,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
                 max_depth: config.max_json_depth,
             },
             keys: config.api_keys.clone(),
+            metrics_auth: config.metrics_auth,
             wake: role.relay().then_some(wake_tx),
             notify: !role.relay(),
             health,

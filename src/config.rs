@@ -90,6 +90,11 @@ pub const VARS: &[Var] = &[
         help: "comma-separated API keys (16+ characters each) required on ingest and query routes; empty: open",
     },
     Var {
+        name: "INGEST_METRICS_AUTH",
+        default: "open",
+        help: "open, or key to require one of INGEST_API_KEYS on /metrics too (Prometheus sends it as a bearer token)",
+    },
+    Var {
         name: "INGEST_COMMITTERS",
         default: "2",
         help: "threads writing accepted events, each one transaction per batch",
@@ -190,6 +195,11 @@ pub const VARS: &[Var] = &[
         help: "delete processed events older than this (for example 7d), in small batches",
     },
     Var {
+        name: "INGEST_STATS_INTERVAL",
+        default: "2s",
+        help: "how often one background thread reads the database figures that /metrics and the status page show",
+    },
+    Var {
         name: "INGEST_SIMULATED_WORK",
         default: "0ms",
         help: "time the default processor spends per event (for load tests)",
@@ -244,6 +254,8 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// `INGEST_API_KEYS`: the keys clients must present; none: open.
     pub api_keys: ApiKeys,
+    /// `INGEST_METRICS_AUTH`: whether `/metrics` needs a key as well.
+    pub metrics_auth: MetricsAuth,
     /// `INGEST_COMMIT_QUEUE`: capacity of the hand-off to committers.
     pub commit_queue: usize,
     /// `INGEST_DATABASE_URL`: PostgreSQL URL or key=value string.
@@ -284,6 +296,9 @@ pub struct Config {
     pub quorum_queues: bool,
     /// `INGEST_RETENTION`: age after which processed events are deleted.
     pub retention: Option<Duration>,
+    /// `INGEST_STATS_INTERVAL`: pause between two reads of the database
+    /// figures behind `/metrics` and the status page.
+    pub stats_interval: Duration,
     /// `INGEST_SIMULATED_WORK`: sleep per event in the default processor.
     pub simulated_work: Duration,
     /// `INGEST_SHUTDOWN_TIMEOUT`: bound on a graceful shutdown.
@@ -301,6 +316,15 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Who may read `/metrics` when API keys are configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAuth {
+    /// Anyone, like the probes.
+    Open,
+    /// Only a request with one of the API keys, like the query routes.
+    Key,
 }
 
 /// A configuration variable that could not be used.
@@ -368,6 +392,11 @@ impl Config {
             })?,
             idempotency_ttl: nonzero_duration(get("INGEST_IDEMPOTENCY_TTL"))?,
             api_keys: parse_with(get("INGEST_API_KEYS"), ApiKeys::parse)?,
+            metrics_auth: parse_with(get("INGEST_METRICS_AUTH"), |s| match s {
+                "open" => Ok(MetricsAuth::Open),
+                "key" => Ok(MetricsAuth::Key),
+                _ => Err(format!("{s:?} is neither open nor key")),
+            })?,
             committers: positive(get("INGEST_COMMITTERS"))?,
             commit_batch: positive(get("INGEST_COMMIT_BATCH"))?,
             commit_queue: positive(get("INGEST_COMMIT_QUEUE"))?,
@@ -407,6 +436,7 @@ impl Config {
                     d => Ok(Some(d)),
                 },
             })?,
+            stats_interval: nonzero_duration(get("INGEST_STATS_INTERVAL"))?,
             simulated_work: parse_with(get("INGEST_SIMULATED_WORK"), parse_duration)?,
             shutdown_timeout: nonzero_duration(get("INGEST_SHUTDOWN_TIMEOUT"))?,
             log_level: parse_with(get("INGEST_LOG"), |s| {
@@ -444,6 +474,15 @@ impl Config {
                      body could never be taken in",
                     self.max_body_bytes
                 ),
+            });
+        }
+        // Asking for a key that no request can present would leave the
+        // metrics open while the operator believes them closed.
+        if self.metrics_auth == MetricsAuth::Key && self.api_keys.is_open() {
+            return Err(Error {
+                var: "INGEST_METRICS_AUTH",
+                reason: "is key, but INGEST_API_KEYS is empty, so there is no key to require"
+                    .into(),
             });
         }
         Ok(self)
@@ -653,6 +692,28 @@ mod tests {
             ("INGEST_MAX_BODY_BYTES", "1000000"),
         ];
         assert!(with(&larger).is_ok());
+    }
+
+    #[test]
+    fn metrics_auth_and_stats_interval() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.metrics_auth, MetricsAuth::Open);
+        assert_eq!(c.stats_interval, Duration::from_secs(2));
+        let key = ("INGEST_API_KEYS", "metrics-key-0123456789");
+        let c = with(&[key, ("INGEST_METRICS_AUTH", "key")]).unwrap();
+        assert_eq!(c.metrics_auth, MetricsAuth::Key);
+        let e = with(&[("INGEST_METRICS_AUTH", "key")]).unwrap_err();
+        assert_eq!(e.var, "INGEST_METRICS_AUTH", "no key to require");
+        assert_eq!(
+            with(&[key, ("INGEST_METRICS_AUTH", "bearer")])
+                .unwrap_err()
+                .var,
+            "INGEST_METRICS_AUTH"
+        );
+        assert_eq!(
+            with(&[("INGEST_STATS_INTERVAL", "0s")]).unwrap_err().var,
+            "INGEST_STATS_INTERVAL"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, ApiKeys};
 use crate::commit::{CommitError, Committer};
+use crate::config::MetricsAuth;
 use crate::footprint;
 use crate::health::Health;
 use crate::ingest::{self, Limits};
@@ -45,6 +46,8 @@ pub struct Api {
     pub limits: Limits,
     /// Keys required on ingest and query routes; empty: open.
     pub keys: ApiKeys,
+    /// Whether `/metrics` needs a key too.
+    pub metrics_auth: MetricsAuth,
     /// Wakes the relay in this process after a commit.
     pub wake: Option<Sender<()>>,
     /// Wake relays in other processes with `NOTIFY` (API-only role).
@@ -325,13 +328,15 @@ pub enum Route {
 
 impl Route {
     /// True for routes that need an API key when keys are configured:
-    /// everything but the probes, the metrics and the status page's shell
-    /// (whose figures come from the protected `/v1/stats`).
-    pub fn is_protected(&self) -> bool {
-        !matches!(
-            self,
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::StatusPage
-        )
+    /// everything but the probes, the status page's shell (whose figures
+    /// come from the protected `/v1/stats`) and, unless `metrics` asks for
+    /// a key, the metrics.
+    pub fn is_protected(&self, metrics: MetricsAuth) -> bool {
+        match self {
+            Route::Healthz | Route::Readyz | Route::StatusPage => false,
+            Route::Metrics => metrics == MetricsAuth::Key,
+            _ => true,
+        }
     }
 
     /// True for the routes that read a body: ingest, and retry (which
@@ -366,17 +371,19 @@ fn header_value<'r>(request: &'r Request, name: &'static str) -> Option<&'r str>
 }
 
 /// What a request's head alone decides, in the order the handler checks it:
-/// the route, the API key on protected routes when keys are configured, no
-/// body on a route that takes none, and for an ingest its media type, its
-/// `Idempotency-Key` and its announced length (`max_body_bytes` at most).
+/// the route, the API key on protected routes when keys are configured
+/// (`metrics` says whether `/metrics` is one), no body on a route that
+/// takes none, and for an ingest its media type, its `Idempotency-Key` and
+/// its announced length (`max_body_bytes` at most).
 pub fn check_head(
     keys: &ApiKeys,
+    metrics: MetricsAuth,
     max_body_bytes: usize,
     request: &Request,
     route: Result<Route, ApiError>,
 ) -> Result<Route, ApiError> {
     let route = route?;
-    if route.is_protected() && !keys.is_open() {
+    if route.is_protected(metrics) && !keys.is_open() {
         let presented = auth::presented_key(
             header_value(request, "Authorization"),
             header_value(request, "X-Api-Key"),
@@ -411,11 +418,16 @@ pub fn check_head(
 /// [`check_head`] for the server's connection threads: a request with a
 /// body that its head alone refuses is answered there, before the body is
 /// read or buffered, and counted in the metrics as the handler would.
-pub fn head_check(keys: ApiKeys, max_body_bytes: usize, metrics: Arc<Metrics>) -> HeadCheck {
+pub fn head_check(
+    keys: ApiKeys,
+    metrics_auth: MetricsAuth,
+    max_body_bytes: usize,
+    metrics: Arc<Metrics>,
+) -> HeadCheck {
     HeadCheck::new(move |request| {
         let matched = route(request.method(), request.url());
         let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
-        let err = check_head(&keys, max_body_bytes, request, matched).err()?;
+        let err = check_head(&keys, metrics_auth, max_body_bytes, request, matched).err()?;
         let response = error_response(&err);
         metrics.request(name, response.status_code().0);
         Some(response.boxed())
@@ -492,7 +504,13 @@ impl Api {
         request: &mut Request,
         route: Result<Route, ApiError>,
     ) -> Result<Handled, ApiError> {
-        let route = check_head(&self.keys, self.max_body_bytes, request, route)?;
+        let route = check_head(
+            &self.keys,
+            self.metrics_auth,
+            self.max_body_bytes,
+            request,
+            route,
+        )?;
         let response = match route {
             Route::Ingest => return self.ingest(request).map(Handled::Commit),
             Route::GetEvent(id) => {
@@ -596,18 +614,14 @@ impl Api {
         Ok(body)
     }
 
+    /// The metrics; the database figures are the stats refresher's last
+    /// read, so a scrape never queries or waits for PostgreSQL.
     fn metrics(&self) -> HttpResponse {
-        let (outbox_rows, outbox_oldest_seconds) = match self.store.outbox_backlog() {
-            Ok((rows, age)) => (Some(rows), Some(age.unwrap_or(0.0))),
-            Err(e) => {
-                warn!("metrics: outbox backlog unavailable: {e}");
-                (None, None)
-            }
-        };
+        let db = self.stats.db();
         let (pool_in_use, pool_idle) = self.store.pool_state();
         let text = self.metrics.render(&Gauges {
-            outbox_rows,
-            outbox_oldest_seconds,
+            outbox: db.figures.map(|f| f.outbox),
+            stats_age_seconds: db.age.map(|a| a.as_secs_f64()),
             pool_in_use,
             pool_idle,
             http_connections: self.server.num_connections(),
@@ -790,6 +804,23 @@ mod tests {
             route(&Method::Delete, &format!("/v1/events/{id}")),
             Err(ApiError::MethodNotAllowed("GET"))
         );
+    }
+
+    #[test]
+    fn metrics_need_a_key_only_when_asked() {
+        let id = Uuid::new_v4();
+        for (route, open, key) in [
+            (Route::Metrics, false, true),
+            (Route::Healthz, false, false),
+            (Route::Readyz, false, false),
+            (Route::StatusPage, false, false),
+            (Route::Stats, true, true),
+            (Route::Ingest, true, true),
+            (Route::GetEvent(id), true, true),
+        ] {
+            assert_eq!(route.is_protected(MetricsAuth::Open), open, "{route:?}");
+            assert_eq!(route.is_protected(MetricsAuth::Key), key, "{route:?}");
+        }
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //!
 //! Every thread updates plain atomics; nothing here blocks a request for
 //! longer than an atomic add (the per-route request counts take a short
-//! mutex). Figures that live in PostgreSQL (the outbox backlog) are read at
-//! scrape time by the HTTP module, not here.
+//! mutex). Figures that live in PostgreSQL (the outbox backlog) are not
+//! read at scrape time: the stats refresher thread reads them once per
+//! interval, and a scrape renders its last result, with its age.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::store::{EXACT_UP_TO, OutboxFigures};
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -134,6 +137,12 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Broker connections (re)established by the relay and the consumer.
     pub broker_connects: Counter,
+    /// Reads of the database figures behind `/metrics` and the status page.
+    pub stats_refreshes: Counter,
+    /// Those reads that failed (the previous figures were kept).
+    pub stats_refresh_failures: Counter,
+    /// Time one read of the database figures took.
+    pub stats_refresh_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -154,6 +163,9 @@ impl Default for Metrics {
             dead_lettered: Counter::default(),
             duplicates: Counter::default(),
             broker_connects: Counter::default(),
+            stats_refreshes: Counter::default(),
+            stats_refresh_failures: Counter::default(),
+            stats_refresh_seconds: Histogram::new(SECONDS),
         }
     }
 }
@@ -161,10 +173,10 @@ impl Default for Metrics {
 /// Figures read at scrape time from elsewhere.
 #[derive(Debug, Clone, Default)]
 pub struct Gauges {
-    /// Outbox rows waiting, when the database answered.
-    pub outbox_rows: Option<i64>,
-    /// Age of the oldest outbox row in seconds.
-    pub outbox_oldest_seconds: Option<f64>,
+    /// The outbox as last read from the database, if it ever was.
+    pub outbox: Option<OutboxFigures>,
+    /// Seconds since the database figures were last read successfully.
+    pub stats_age_seconds: Option<f64>,
     /// Pooled connections in use and idle.
     pub pool_in_use: u32,
     /// Idle pooled connections.
@@ -257,6 +269,16 @@ impl Metrics {
                 "ingestd_broker_connects_total",
                 "Broker connections established, including reconnects.",
             ),
+            (
+                &self.stats_refreshes,
+                "ingestd_stats_refreshes_total",
+                "Reads of the database figures (outbox, events by status), at most one per INGEST_STATS_INTERVAL.",
+            ),
+            (
+                &self.stats_refresh_failures,
+                "ingestd_stats_refresh_failures_total",
+                "Reads of the database figures that failed; the previous figures stay.",
+            ),
         ];
         for (counter, name, help) in counters {
             let _ = writeln!(
@@ -280,25 +302,46 @@ impl Metrics {
             "ingestd_ingest_to_processed_seconds",
             "Time from an event's acceptance to its processing.",
         );
+        self.stats_refresh_seconds.render(
+            &mut out,
+            "ingestd_stats_refresh_duration_seconds",
+            "Time one read of the database figures took.",
+        );
         let gauge = |out: &mut String, name: &str, help: &str, value: String| {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         };
-        if let Some(rows) = gauges.outbox_rows {
+        if let Some(outbox) = &gauges.outbox {
             gauge(
                 &mut out,
                 "ingestd_outbox_rows",
-                "Outbox rows waiting to be published.",
-                rows.to_string(),
+                &format!(
+                    "Outbox rows waiting to be published, as of ingestd_stats_age_seconds ago: \
+                     exact up to {EXACT_UP_TO}, above that PostgreSQL's live-row estimate \
+                     (see ingestd_outbox_rows_estimated)."
+                ),
+                outbox.rows.value.to_string(),
             );
-        }
-        if let Some(age) = gauges.outbox_oldest_seconds {
+            gauge(
+                &mut out,
+                "ingestd_outbox_rows_estimated",
+                "1 when ingestd_outbox_rows is an estimate, 0 when it is exact.",
+                u8::from(outbox.rows.estimated).to_string(),
+            );
             gauge(
                 &mut out,
                 "ingestd_outbox_oldest_age_seconds",
-                "Age of the oldest outbox row.",
+                "Age of the oldest outbox row (the lowest id), as of ingestd_stats_age_seconds ago; 0 when empty.",
+                outbox.oldest_age.unwrap_or(0.0).to_string(),
+            );
+        }
+        if let Some(age) = gauges.stats_age_seconds {
+            gauge(
+                &mut out,
+                "ingestd_stats_age_seconds",
+                "Seconds since the database figures were last read successfully.",
                 age.to_string(),
             );
         }
@@ -355,14 +398,26 @@ mod tests {
         m.request("ingest", 202);
         m.request("ingest", 400);
         m.published.add(7);
+        let text = m.render(&Gauges::default());
+        assert!(
+            !text.contains("ingestd_outbox_oldest_age_seconds"),
+            "no outbox figures before the database was read"
+        );
+        assert!(!text.contains("ingestd_stats_age_seconds"));
         let text = m.render(&Gauges {
-            outbox_rows: Some(3),
+            outbox: Some(OutboxFigures {
+                rows: crate::store::Count::exact(3),
+                oldest_age: None,
+            }),
+            stats_age_seconds: Some(0.5),
             ..Gauges::default()
         });
         assert!(text.contains("ingestd_http_requests_total{route=\"ingest\",status=\"202\"} 2\n"));
         assert!(text.contains("ingestd_relay_published_total 7\n"));
         assert!(text.contains("ingestd_outbox_rows 3\n"));
-        assert!(!text.contains("ingestd_outbox_oldest_age_seconds"));
+        assert!(text.contains("ingestd_outbox_rows_estimated 0\n"));
+        assert!(text.contains("ingestd_outbox_oldest_age_seconds 0\n"));
+        assert!(text.contains("ingestd_stats_age_seconds 0.5\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("ingestd_"), "{line}");

@@ -4,21 +4,25 @@
 //! five-minute ring, from which rates and latency percentiles over any recent
 //! window are computed; it also asks the broker for queue depths. Figures
 //! that live in PostgreSQL (events by status, the outbox, recent failures)
-//! are read when a page asks, at most once a second. This module computes
-//! and renders; it does not serve HTTP.
+//! are read by a refresher thread of their own, once per
+//! `INGEST_STATS_INTERVAL`, with one pooled connection; requests for
+//! `/metrics`, `/v1/stats` and the page only copy its last result, so no
+//! number of scrapers or viewers adds a query or holds a connection, and a
+//! slow or absent database never holds up their answers. This module
+//! computes and renders; it does not serve HTTP.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use log::debug;
+use log::{debug, info, warn};
 use serde_json::{Value, json};
 
 use crate::broker::{self, AmqpUrl, Topology};
 use crate::health::Health;
 use crate::metrics::{Metrics, SECONDS};
-use crate::store::{self, Store};
+use crate::store::{self, Count, EXACT_UP_TO, OutboxFigures, StatusCounts, Store};
 
 /// Samples kept: five minutes at one a second.
 pub const HISTORY: usize = 300;
@@ -109,15 +113,38 @@ pub fn quantile(bounds: &[f64], old: &[u64], new: &[u64], q: f64) -> Option<f64>
     bounds.last().copied()
 }
 
-/// Figures read from PostgreSQL for one page view.
+/// Failed events the page lists.
+const RECENT_FAILED: i64 = 10;
+
+/// Figures read from PostgreSQL by one refresh.
 #[derive(Debug, Clone, Default)]
-struct DbFigures {
-    pending: i64,
-    processed: i64,
-    failed: i64,
-    outbox_rows: i64,
-    outbox_age: f64,
-    recent_failed: Vec<store::FailedEvent>,
+pub struct DbFigures {
+    /// Events by status.
+    pub counts: StatusCounts,
+    /// The outbox backlog.
+    pub outbox: OutboxFigures,
+    /// The latest failed events.
+    pub recent_failed: Vec<store::FailedEvent>,
+}
+
+/// The database figures as the refresher last left them.
+#[derive(Debug, Clone, Default)]
+pub struct DbView {
+    /// The figures of the last successful read, if there was one.
+    pub figures: Option<Arc<DbFigures>>,
+    /// Time since that read.
+    pub age: Option<Duration>,
+    /// True when the last read succeeded.
+    pub up: bool,
+}
+
+/// What the refresher thread writes and requests read.
+#[derive(Default)]
+struct DbState {
+    figures: Option<Arc<DbFigures>>,
+    read_at: Option<Instant>,
+    /// The outcome of the last read; `None` before the first.
+    last_ok: Option<bool>,
 }
 
 /// The live figures of this process.
@@ -126,22 +153,30 @@ pub struct Stats {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     store: Store,
+    interval: Duration,
     samples: Mutex<VecDeque<Sample>>,
     queues: Mutex<(Option<u32>, Option<u32>)>,
-    db: Mutex<Option<(Instant, Option<DbFigures>)>>,
+    db: Mutex<DbState>,
 }
 
 impl Stats {
-    /// Figures over `metrics` and `health`, with the database behind `store`.
-    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>, store: Store) -> Stats {
+    /// Figures over `metrics` and `health`, with the database behind
+    /// `store` read once per `interval` by [`Stats::run_refresher`].
+    pub fn new(
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        store: Store,
+        interval: Duration,
+    ) -> Stats {
         Stats {
             started: Instant::now(),
             metrics,
             health,
             store,
+            interval,
             samples: Mutex::new(VecDeque::with_capacity(HISTORY + 1)),
             queues: Mutex::new((None, None)),
-            db: Mutex::new(None),
+            db: Mutex::new(DbState::default()),
         }
     }
 
@@ -194,33 +229,64 @@ impl Stats {
         }
     }
 
-    fn db_figures(&self) -> Option<DbFigures> {
-        // The lock is not held during the queries, so a slow database
-        // cannot queue every page view behind one; a failure is cached as
-        // well, so that viewers do not retry it many times a second.
-        if let Some((at, figures)) = self.db.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-            && at.elapsed() < Duration::from_secs(1)
-        {
-            return figures.clone();
-        }
+    /// Reads the database figures once, with one pooled connection, and
+    /// keeps them for requests to copy. A failure keeps the previous
+    /// figures (their age tells how old they are) and marks PostgreSQL
+    /// down; it is logged once per outage.
+    pub fn refresh(&self) {
+        let started = Instant::now();
+        self.metrics.stats_refreshes.inc();
         let read = || -> Result<DbFigures, store::Error> {
-            let counts = self.store.count_by_status()?;
-            let (outbox_rows, age) = self.store.outbox_backlog()?;
             Ok(DbFigures {
-                pending: counts.pending,
-                processed: counts.processed,
-                failed: counts.failed,
-                outbox_rows,
-                outbox_age: age.unwrap_or(0.0),
-                recent_failed: self.store.recent_failed(10)?,
+                counts: self.store.count_by_status()?,
+                outbox: self.store.outbox_figures()?,
+                recent_failed: self.store.recent_failed(RECENT_FAILED)?,
             })
         };
-        let figures = read()
-            .map_err(|e| debug!("stats: database figures unavailable: {e}"))
-            .ok();
-        *self.db.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((Instant::now(), figures.clone()));
-        figures
+        let result = read();
+        self.metrics
+            .stats_refresh_seconds
+            .observe_duration(started.elapsed());
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(figures) => {
+                if db.last_ok == Some(false) {
+                    info!("stats: database figures available again");
+                }
+                db.figures = Some(Arc::new(figures));
+                db.read_at = Some(Instant::now());
+                db.last_ok = Some(true);
+            }
+            Err(e) => {
+                self.metrics.stats_refresh_failures.inc();
+                if db.last_ok == Some(false) {
+                    debug!("stats: database figures still unavailable: {e}");
+                } else {
+                    warn!("stats: database figures unavailable, keeping the last ones: {e}");
+                }
+                db.last_ok = Some(false);
+            }
+        }
+    }
+
+    /// Refreshes the database figures every interval until `stop`
+    /// disconnects. The interval runs from the end of one read to the start
+    /// of the next, so a slow database gets no more than one read in
+    /// flight and a pause after it. The caller did the first read.
+    pub fn run_refresher(&self, stop: Receiver<()>) {
+        while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(self.interval) {
+            self.refresh();
+        }
+    }
+
+    /// The database figures as last read; never touches the database.
+    pub fn db(&self) -> DbView {
+        let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        DbView {
+            figures: db.figures.clone(),
+            age: db.read_at.map(|at| at.elapsed()),
+            up: db.last_ok == Some(true),
+        }
     }
 
     /// The `GET /v1/stats` document.
@@ -272,13 +338,10 @@ impl Stats {
                 }
             }
         }
-        let db = self.db_figures();
+        let db = self.db();
         let (queue_depth, dead_depth) = *self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let mut health = serde_json::Map::new();
-        health.insert(
-            "postgres".into(),
-            if db.is_some() { "up" } else { "down" }.into(),
-        );
+        health.insert("postgres".into(), if db.up { "up" } else { "down" }.into());
         let checks = self.health.broker_checks();
         for name in ["broker_relay", "broker_consumer"] {
             let state = match checks.iter().find(|(n, _)| *n == name) {
@@ -288,13 +351,48 @@ impl Stats {
             };
             health.insert(name.into(), state.into());
         }
-        let db = db.unwrap_or_default();
+        // Before the first successful read there are no figures to show,
+        // which is not the same as zeros.
+        let (events, outbox, recent_failed) = match &db.figures {
+            Some(f) => {
+                let c = &f.counts;
+                let o = &f.outbox;
+                (
+                    json!({
+                        "pending": c.pending.value,
+                        "processed": c.processed.value,
+                        "failed": c.failed.value,
+                        "estimated": estimated(&[
+                            ("pending", c.pending),
+                            ("processed", c.processed),
+                            ("failed", c.failed),
+                        ]),
+                    }),
+                    json!({
+                        "rows": o.rows.value,
+                        "oldest_age_s": round(o.oldest_age.unwrap_or(0.0), 1),
+                        "estimated": estimated(&[("rows", o.rows)]),
+                    }),
+                    f.recent_failed.as_slice(),
+                )
+            }
+            None => (
+                json!({ "pending": null, "processed": null, "failed": null, "estimated": [] }),
+                json!({ "rows": null, "oldest_age_s": null, "estimated": [] }),
+                &[][..],
+            ),
+        };
         json!({
             "version": crate::version(),
             "uptime_s": round(now.at, 1),
             "health": health,
-            "events": { "pending": db.pending, "processed": db.processed, "failed": db.failed },
-            "outbox": { "rows": db.outbox_rows, "oldest_age_s": round(db.outbox_age, 1) },
+            "events": events,
+            "outbox": outbox,
+            "db_figures": {
+                "age_s": db.age.map(|a| round(a.as_secs_f64(), 1)),
+                "interval_s": self.interval.as_secs_f64(),
+                "exact_up_to": EXACT_UP_TO,
+            },
             "queue": { "depth": queue_depth, "dead": dead_depth },
             "rates": {
                 "ingested": round(r.ingested, 1),
@@ -306,7 +404,7 @@ impl Stats {
             },
             "latency_ms": { "p50": q(0.5), "p99": q(0.99) },
             "history": history,
-            "recent_failed": db.recent_failed.iter().map(|f| json!({
+            "recent_failed": recent_failed.iter().map(|f| json!({
                 "id": f.id.to_string(), "created_at": f.created_at, "last_error": f.last_error,
             })).collect::<Vec<_>>(),
             // The retry route is always served; the field lets the page
@@ -324,6 +422,15 @@ impl Stats {
     }
 }
 
+/// The names of the counts that are estimates.
+fn estimated(counts: &[(&'static str, Count)]) -> Vec<&'static str> {
+    counts
+        .iter()
+        .filter(|(_, c)| c.estimated)
+        .map(|(name, _)| *name)
+        .collect()
+}
+
 /// Fills the page's placeholders from a stats document; `null` leaves
 /// every figure blank and shows the API key form.
 pub fn render_page(s: &Value) -> String {
@@ -331,6 +438,14 @@ pub fn render_page(s: &Value) -> String {
         Value::Null => "-".to_string(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    };
+    // An estimated count reads "~12345", as the page's script writes it.
+    let count = |group: &str, key: &str| {
+        let marked = s[group]["estimated"]
+            .as_array()
+            .is_some_and(|names| names.iter().any(|n| n == key));
+        let value = text(&s[group][key]);
+        if marked { format!("~{value}") } else { value }
     };
     let or_unknown = |v: &Value| {
         if v.is_null() {
@@ -360,10 +475,10 @@ pub fn render_page(s: &Value) -> String {
         ("postgres", text(&s["health"]["postgres"])),
         ("broker_relay", text(&s["health"]["broker_relay"])),
         ("broker_consumer", text(&s["health"]["broker_consumer"])),
-        ("pending", text(&s["events"]["pending"])),
-        ("processed", text(&s["events"]["processed"])),
-        ("failed", text(&s["events"]["failed"])),
-        ("outbox_rows", text(&s["outbox"]["rows"])),
+        ("pending", count("events", "pending")),
+        ("processed", count("events", "processed")),
+        ("failed", count("events", "failed")),
+        ("outbox_rows", count("outbox", "rows")),
         ("outbox_age", text(&s["outbox"]["oldest_age_s"])),
         ("queue_depth", or_unknown(&s["queue"]["depth"])),
         ("dead_depth", or_unknown(&s["queue"]["dead"])),
@@ -492,8 +607,8 @@ mod tests {
         let doc = json!({
             "version": "ingestd 1", "uptime_s": 3.5,
             "health": {"postgres": "up", "broker_relay": "down", "broker_consumer": "not run here"},
-            "events": {"pending": 1, "processed": 2, "failed": 3},
-            "outbox": {"rows": 4, "oldest_age_s": 0.5},
+            "events": {"pending": 1, "processed": 20001, "failed": 3, "estimated": ["processed"]},
+            "outbox": {"rows": 4, "oldest_age_s": 0.5, "estimated": []},
             "queue": {"depth": null, "dead": 0},
             "rates": {"ingested": 1.5, "published": 1.0, "processed": 1.0, "failed": 0.0,
                       "retries": 0.0, "dead_lettered": 0.0},
@@ -505,6 +620,8 @@ mod tests {
         assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(!page.contains("<script>alert(1)"));
         assert!(page.contains("data-id=\"x\""));
+        assert!(page.contains(">~20001<"), "an estimate is marked");
+        assert!(page.contains(">4<"), "an exact count is not");
         assert!(page.len() < 50 * 1024, "the page is {} bytes", page.len());
     }
 }

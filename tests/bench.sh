@@ -11,6 +11,9 @@
 #   4. latency ingest -> processed at fixed rates: p50, p99, p99.9.
 #   5. relay: rows published per second, against a raw publish loop.
 #   6. peak RSS of ingestd and the size of the stripped binary.
+#   7. open endpoints over a large outbox (a broker outage): /metrics and
+#      /v1/stats answer times, and ingest latency alone and beside 8
+#      scrapers of /metrics.
 #
 # BENCH_SMOKE=1 runs every step for a second or two, to keep the harness
 # working in CI; its figures mean nothing.
@@ -25,10 +28,13 @@ BATCH_CONC=${BENCH_BATCH_CONCURRENCY:-16}
 NAME=bench_$(date +%s)_$$
 OUT=${BENCH_OUT:-target/bench.json}
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
-  T=2; E2E_T=3; RATES="300"; LAT_RATES="200"; LAT_T=2; RELAY_N=2000
+  T=2; E2E_T=3; RATES="300"; LAT_RATES="200"; LAT_T=2; RELAY_N=2000; OPEN_ROWS=20000
 else
   T=10; E2E_T=20; RATES="1000 2000 3000 4000 5000 6000 8000 10000"; LAT_RATES="1000 5000"; LAT_T=15; RELAY_N=50000
+  OPEN_ROWS=1000000
 fi
+# Each of the 8 scrapers of step 7 asks this often per second.
+SCRAPE_RATE=${BENCH_SCRAPE_RATE:-4}
 WORK=$(mktemp -d)
 PID=
 
@@ -174,6 +180,56 @@ cp "$BIN/ingestd" "$WORK/ingestd.stripped"
 strip "$WORK/ingestd.stripped"
 SIZE=$(python3 -c "import os; print(round(os.path.getsize('$WORK/ingestd.stripped') / 1048576, 2))")
 
+# 7. Open endpoints over $OPEN_ROWS outbox rows, as a broker outage leaves
+#    them (the API role alone: nothing drains the outbox).
+cat >"$WORK/scrape.py" <<'PY'
+"""scrape.py PORT THREADS SECONDS PATH RATE: THREADS keep-alive clients GET
+PATH, each at most RATE times a second, for SECONDS; with THREADS 0, times
+SECONDS sequential requests on fresh connections. Prints JSON."""
+import http.client, json, statistics, sys, threading, time
+port, threads, seconds, path, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+def get(conn):
+    t0 = time.perf_counter()
+    conn.request("GET", path)
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+    return (time.perf_counter() - t0) * 1000
+if threads == 0:
+    ms = []
+    for _ in range(int(seconds)):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        ms.append(get(c))
+        c.close()
+    print(json.dumps({"median_ms": round(statistics.median(ms), 2), "max_ms": round(max(ms), 2)}))
+    sys.exit(0)
+stop, lat = time.time() + seconds, [[] for _ in range(threads)]
+def run(i):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    while time.time() < stop:
+        lat[i].append(get(c))
+        time.sleep(max(0.0, 1 / rate - lat[i][-1] / 1000))
+ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+for t in ts: t.start()
+for t in ts: t.join()
+ms = sorted(x for l in lat for x in l)
+print(json.dumps({"per_s": round(len(ms) / seconds, 1), "median_ms": round(statistics.median(ms), 2),
+                  "p99_ms": round(ms[int(len(ms) * 0.99)], 2)}))
+PY
+reset
+log "open endpoints: $OPEN_ROWS outbox rows"
+sql "INSERT INTO events (id, payload) SELECT gen_random_uuid(), '{\"n\":1}' FROM generate_series(1, $OPEN_ROWS);
+     INSERT INTO outbox (event_id) SELECT id FROM events; ANALYZE events; ANALYZE outbox;"
+start api
+python3 "$WORK/scrape.py" "$PORT" 0 15 /metrics 0 >"$WORK/scrape-metrics.json"
+python3 "$WORK/scrape.py" "$PORT" 0 15 /v1/stats 0 >"$WORK/scrape-stats.json"
+load "$WORK/open-alone.json" --path /v1/events --concurrency "$CONC" --duration "${T}s"
+python3 "$WORK/scrape.py" "$PORT" 8 "$((T + 1))" /metrics "$SCRAPE_RATE" >"$WORK/scrapers.json" &
+SCRAPERS=$!
+load "$WORK/open-beside.json" --path /v1/events --concurrency "$CONC" --duration "${T}s"
+wait "$SCRAPERS"
+stop
+
 mkdir -p "$(dirname "$OUT")"
 python3 - "$OUT" "$WORK" <<PY
 import json, sys, platform, os
@@ -206,6 +262,14 @@ res = {
     "relay_ratio_to_raw": round($RELAY / $RAW, 2),
     "peak_rss_mb": $RSS,
     "stripped_binary_mb": $SIZE,
+    "open_endpoints": {
+        "outbox_rows": $OPEN_ROWS,
+        "metrics_scrape_ms": json.load(open(f"{work}/scrape-metrics.json")),
+        "stats_ms": json.load(open(f"{work}/scrape-stats.json")),
+        "ingest_alone": {k: json.load(open(f"{work}/open-alone.json"))[k] for k in ("throughput_per_s", "latency_ms")},
+        "ingest_beside_scrapers": {k: json.load(open(f"{work}/open-beside.json"))[k] for k in ("throughput_per_s", "latency_ms")},
+        "scrapers": dict(json.load(open(f"{work}/scrapers.json")), threads=8, rate_each_per_s=$SCRAPE_RATE),
+    },
 }
 json.dump(res, open(out, "w"), indent=2)
 rows = [
@@ -226,6 +290,13 @@ rows += [
     ("raw publish loop (confirm per 500)", "%.0f/s (relay %.2fx)" % (res["raw_publish_per_s"], res["relay_ratio_to_raw"])),
     ("peak RSS of ingestd", "%.1f MB" % res["peak_rss_mb"]),
     ("stripped binary", "%.2f MB" % res["stripped_binary_mb"]),
+]
+o = res["open_endpoints"]
+rows += [
+    ("/metrics over %d outbox rows, median of 15" % o["outbox_rows"], "%.2f ms" % o["metrics_scrape_ms"]["median_ms"]),
+    ("/v1/stats over the same, median of 15", "%.2f ms" % o["stats_ms"]["median_ms"]),
+    ("ingest p50 / p99 there, alone", "%.2f / %.2f ms (%.0f/s)" % (o["ingest_alone"]["latency_ms"]["p50"], o["ingest_alone"]["latency_ms"]["p99"], o["ingest_alone"]["throughput_per_s"])),
+    ("  beside 8 scrapers at %s/s each" % o["scrapers"]["rate_each_per_s"], "%.2f / %.2f ms (%.0f/s; %.1f scrapes/s, p99 %.2f ms)" % (o["ingest_beside_scrapers"]["latency_ms"]["p50"], o["ingest_beside_scrapers"]["latency_ms"]["p99"], o["ingest_beside_scrapers"]["throughput_per_s"], o["scrapers"]["per_s"], o["scrapers"]["p99_ms"])),
 ]
 w = max(len(r[0]) for r in rows)
 print("| %s | %s |" % ("measure".ljust(w), "result"))

@@ -6,6 +6,7 @@
 #![no_main]
 
 use ingestd::auth::{self, ApiKeys};
+use ingestd::config::MetricsAuth;
 use ingestd::http::{self, ApiError};
 use ingestd::ingest::{self, Limits};
 use libfuzzer_sys::fuzz_target;
@@ -87,9 +88,10 @@ fn check_head(line: &str, seed: usize) {
         }
         let content_length = Header::from_bytes("Content-Length", length.to_string()).unwrap();
         let request: Request = test.with_header(content_length).into();
-        match http::check_head(&keys, MAX_BODY, &request, http::route(&method, path)) {
+        let route = http::route(&method, path);
+        match http::check_head(&keys, MetricsAuth::Key, MAX_BODY, &request, route) {
             Ok(route) => {
-                if route.is_protected() {
+                if route.is_protected(MetricsAuth::Key) {
                     assert!(line.contains(KEY), "{route:?} let through without the key");
                 }
                 if route == http::Route::Ingest {

@@ -259,6 +259,7 @@ fn responses_match_openapi_yaml() {
     let env = TestEnv::new("openapi");
     let config = env.config_with(&[
         ("INGEST_API_KEYS", KEY),
+        ("INGEST_METRICS_AUTH", "key"),
         ("INGEST_MAX_BODY_BYTES", "4096"),
         ("INGEST_HTTP_MAX_HEADER_BYTES", "2048"),
         ("INGEST_HTTP_BODY_TIMEOUT", "1s"),
@@ -389,6 +390,7 @@ fn responses_match_openapi_yaml() {
         assert_eq!(p.call("GET", path, &[json_ct], b"{}").status, 413, "{path}");
     }
     assert_eq!(p.send("GET", "/v1/stats", &[], b"").status, 401);
+    assert_eq!(p.send("GET", "/metrics", &[], b"").status, 401);
     assert_eq!(p.call("GET", "/v2/events", &[], b"").status, 404);
 
     // Every documented operation and status was provoked, except these.

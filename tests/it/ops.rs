@@ -1,11 +1,28 @@
-//! Operating it: several processes per role, quorum queues, retention.
+//! Operating it: several processes per role, quorum queues, retention,
+//! and `/metrics` (its key, and its answers while the database is away).
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
+use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{Load, TestEnv, ingest, wait_until};
+use crate::util::db_proxy;
+use crate::util::{Load, TestEnv, get, ingest, request, wait_until};
+
+/// The value of an unlabelled sample in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// One scrape of `/metrics`, without a key.
+pub fn scrape(addr: SocketAddr) -> String {
+    let resp = get(addr, "/metrics");
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    String::from_utf8(resp.body).unwrap()
+}
 
 #[test]
 fn two_apis_two_relays_three_workers_lose_nothing_and_process_once() {
@@ -97,5 +114,119 @@ fn retention_deletes_old_processed_events_only() {
         Some("failed"),
         "failed events are kept"
     );
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn metrics_can_require_an_api_key() {
+    let env = TestEnv::new("metricsauth");
+    let key = "metrics-key-0123456789";
+    let app = env.start_with(&[("INGEST_API_KEYS", key), ("INGEST_METRICS_AUTH", "key")]);
+    let addr = app.http_addr().unwrap();
+
+    let refused = get(addr, "/metrics");
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.json()["error"], "unauthorized");
+    assert!(refused.header("www-authenticate").is_some());
+    let wrong = [("Authorization", "Bearer not-the-key-0123456789")];
+    assert_eq!(
+        request(addr, "GET", "/metrics", &wrong, b"")
+            .unwrap()
+            .status,
+        401
+    );
+    // Prometheus sends the key as a bearer token.
+    let bearer = format!("Bearer {key}");
+    let resp = request(addr, "GET", "/metrics", &[("Authorization", &bearer)], b"").unwrap();
+    assert_eq!(resp.status, 200);
+    let text = String::from_utf8(resp.body).unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "ingestd_http_requests_total{route=\"metrics\",status=\"401\"}"
+        ),
+        Some(2.0),
+        "the refusals are counted:\n{text}"
+    );
+    let resp = request(addr, "GET", "/metrics", &[("X-Api-Key", key)], b"").unwrap();
+    assert_eq!(resp.status, 200);
+    // The probes and the page's shell stay open.
+    for open in ["/healthz", "/"] {
+        assert_eq!(get(addr, open).status, 200, "{open}");
+    }
+    app.shutdown().unwrap();
+
+    // By default the metrics stay open beside keys.
+    let app = env.start_with(&[("INGEST_API_KEYS", key)]);
+    let addr = app.http_addr().unwrap();
+    assert_eq!(get(addr, "/metrics").status, 200);
+    assert_eq!(get(addr, "/v1/stats").status, 401);
+    app.shutdown().unwrap();
+}
+
+/// With PostgreSQL cut off, `/metrics`, `/v1/stats` and the page answer at
+/// once from the refresher's last read, saying how old it is, instead of
+/// waiting `INGEST_DB_TIMEOUT` for a pooled connection; once the database
+/// is back, the figures are fresh again.
+#[test]
+fn metrics_and_stats_answer_from_the_last_read_while_the_database_is_down() {
+    let env = TestEnv::new("statsdbdown");
+    let (proxy, url) = db_proxy();
+    let db_timeout = Duration::from_secs(5);
+    let config = env.config_with(&[
+        ("INGEST_DATABASE_URL", &url),
+        ("INGEST_DB_TIMEOUT", "5s"),
+        ("INGEST_STATS_INTERVAL", "200ms"),
+    ]);
+    // The API alone: no relay drains the outbox.
+    let app = env.start_role(&config, Role::Api);
+    let addr = app.http_addr().unwrap();
+    for i in 0..3 {
+        ingest(addr, &json!(i));
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the figures show the 3 rows",
+        || metric(&scrape(addr), "ingestd_outbox_rows") == Some(3.0),
+    );
+
+    proxy.down();
+    wait_until(
+        Duration::from_secs(20),
+        "the refresher notices the outage",
+        || metric(&scrape(addr), "ingestd_stats_refresh_failures_total") >= Some(1.0),
+    );
+    let mut last_age = 0.0;
+    for _ in 0..3 {
+        for path in ["/metrics", "/v1/stats", "/"] {
+            let started = Instant::now();
+            let resp = get(addr, path);
+            let took = started.elapsed();
+            assert_eq!(resp.status, 200, "{path}");
+            // A wait for a pooled connection would take the whole timeout.
+            assert!(took < db_timeout / 2, "{path} took {took:?}");
+        }
+        let text = scrape(addr);
+        assert_eq!(metric(&text, "ingestd_outbox_rows"), Some(3.0), "{text}");
+        let age = metric(&text, "ingestd_stats_age_seconds").unwrap();
+        assert!(age > last_age, "the age grows: {age} after {last_age}");
+        last_age = age;
+        let stats = get(addr, "/v1/stats").json();
+        assert_eq!(stats["health"]["postgres"], "down");
+        assert_eq!(stats["events"]["pending"], 3);
+        assert!(
+            stats["db_figures"]["age_s"].as_f64().unwrap() > 0.0,
+            "{stats}"
+        );
+    }
+
+    proxy.up();
+    wait_until(Duration::from_secs(30), "fresh figures again", || {
+        let stats = get(addr, "/v1/stats").json();
+        stats["health"]["postgres"] == "up"
+            && stats["db_figures"]["age_s"]
+                .as_f64()
+                .is_some_and(|age| age < 1.0)
+    });
     app.shutdown().unwrap();
 }

@@ -2,11 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
+use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::ops::{metric, scrape};
 use crate::util::{Load, TestEnv, get, ingest, request, wait_until};
 
 /// Loads `url` in headless Chromium, lets its scripts run for a few
@@ -190,5 +193,116 @@ fn with_api_keys_the_status_page_asks_for_one_and_shows_nothing() {
         "{}",
         text_of(&dom, "conn")
     );
+    app.shutdown().unwrap();
+}
+
+/// Scrapers and viewers from many threads at once add no database reads:
+/// the figures are read by one thread, at most once per interval, however
+/// many requests ask for them.
+#[test]
+fn many_scrapers_and_viewers_cause_one_database_read_per_interval() {
+    let env = TestEnv::new("statsflight");
+    let interval = Duration::from_millis(300);
+    let app = env.start_with(&[("INGEST_STATS_INTERVAL", "300ms")]);
+    let addr = app.http_addr().unwrap();
+    let reads = || metric(&scrape(addr), "ingestd_stats_refreshes_total").unwrap();
+
+    let started = Instant::now();
+    let before = reads();
+    let (threads, per_thread) = (16, 40);
+    let clients: Vec<_> = (0..threads)
+        .map(|t| {
+            thread::spawn(move || {
+                for i in 0..per_thread {
+                    let path = ["/metrics", "/v1/stats", "/", "/status"][(t + i) % 4];
+                    assert_eq!(get(addr, path).status, 200, "{path}");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let after = reads();
+    let elapsed = started.elapsed();
+    // The refresher pauses a whole interval between two reads, so this
+    // long a time holds at most this many.
+    let most = (elapsed.as_secs_f64() / interval.as_secs_f64()).floor() + 1.0;
+    assert!(
+        after - before <= most,
+        "{} reads in {elapsed:?} for {} requests; at most {most}",
+        after - before,
+        threads * per_thread
+    );
+    // The reads go on by themselves, and follow the database.
+    let id = ingest(addr, &json!("counted"));
+    env.wait_processed(&[id], Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "the refresher reads on", || {
+        get(addr, "/v1/stats").json()["events"]["processed"] == 1
+    });
+    assert!(reads() > after);
+    app.shutdown().unwrap();
+}
+
+/// Counts stay cheap however large the tables: exact up to the cap, an
+/// estimate above it, marked as one in `/v1/stats`, `/metrics` and the page.
+#[test]
+fn large_tables_are_counted_up_to_a_cap_and_estimated_above() {
+    let env = TestEnv::new("estimates");
+    let config = env.config_with(&[("INGEST_STATS_INTERVAL", "200ms")]);
+    // The API alone, as during a broker outage: the outbox only grows.
+    let app = env.start_role(&config, Role::Api);
+    let addr = app.http_addr().unwrap();
+    ingest(addr, &json!(1));
+    ingest(addr, &json!(2));
+    wait_until(Duration::from_secs(10), "exact small counts", || {
+        let s = get(addr, "/v1/stats").json();
+        s["outbox"]["rows"] == 2
+            && s["events"]["pending"] == 2
+            && s["outbox"]["estimated"] == json!([])
+            && s["events"]["estimated"] == json!([])
+    });
+    let s = get(addr, "/v1/stats").json();
+    assert_eq!(s["db_figures"]["exact_up_to"], 10_000);
+
+    env.sql()
+        .batch_execute(
+            "INSERT INTO events (id, payload) \
+             SELECT gen_random_uuid(), '1' FROM generate_series(1, 12000); \
+             INSERT INTO outbox (event_id) SELECT id FROM events \
+             WHERE id NOT IN (SELECT event_id FROM outbox)",
+        )
+        .unwrap();
+    // PostgreSQL's live-row counts catch up within a second or so.
+    let total = 12_002;
+    wait_until(Duration::from_secs(20), "estimates near the truth", || {
+        let s = get(addr, "/v1/stats").json();
+        let near = |v: &serde_json::Value| v.as_i64().is_some_and(|n| n >= 12_000);
+        s["outbox"]["estimated"] == json!(["rows"])
+            && s["events"]["estimated"] == json!(["pending"])
+            && near(&s["outbox"]["rows"])
+            && near(&s["events"]["pending"])
+    });
+    let s = get(addr, "/v1/stats").json();
+    assert!(s["outbox"]["rows"].as_i64().unwrap() <= total, "{s}");
+    assert!(s["events"]["pending"].as_i64().unwrap() <= total, "{s}");
+    assert_eq!(s["events"]["processed"], 0, "small counts stay exact");
+
+    let text = scrape(addr);
+    assert_eq!(metric(&text, "ingestd_outbox_rows_estimated"), Some(1.0));
+    assert!(metric(&text, "ingestd_outbox_rows").unwrap() >= 12_000.0);
+    let help = text
+        .lines()
+        .find(|l| l.starts_with("# HELP ingestd_outbox_rows "))
+        .unwrap();
+    assert!(
+        help.contains("exact up to 10000") && help.contains("estimate"),
+        "{help}"
+    );
+    // The page marks the estimates.
+    let plain = String::from_utf8(get(addr, "/status").body).unwrap();
+    assert!(text_of(&plain, "count-pending").starts_with('~'));
+    assert!(text_of(&plain, "outbox-rows").starts_with('~'));
+    assert_eq!(text_of(&plain, "count-processed"), "0");
     app.shutdown().unwrap();
 }
