@@ -84,7 +84,7 @@ pub enum ApiError {
     EventNotFound(Uuid),
     /// The request conflicts with the event's state.
     Conflict(String),
-    /// The `Idempotency-Key` was used for a different event.
+    /// The `Idempotency-Key` was used for a different body.
     IdempotencyConflict,
     /// A client id already used for different content; in a batch, the
     /// item's index.
@@ -176,7 +176,7 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
         ApiError::IdempotencyConflict => (
             409,
             "idempotency_conflict",
-            "this Idempotency-Key was already used for a different event".to_string(),
+            "this Idempotency-Key was already used for a different request body".to_string(),
         ),
         ApiError::IdConflict(index, id) => (
             409,
@@ -507,24 +507,19 @@ impl Api {
         Ok(Handled::Respond(response))
     }
 
-    /// An ingest whose head [`check_head`] passed.
-    fn ingest(&self, request: &mut Request) -> Result<(Submission, bool), ApiError> {
+    /// An ingest whose head [`check_head`] passed. An `Idempotency-Key`
+    /// covers the whole body, one event or a batch.
+    fn ingest(&self, request: &mut Request) -> Result<Submission, ApiError> {
         let idempotency_key = header_value(request, "Idempotency-Key")
             .map(ingest::idempotency_key)
             .transpose()?;
         let body = self.read_body(request)?;
         let parsed = ingest::parse(&body, &self.limits)?;
-        if parsed.batch && idempotency_key.is_some() {
-            return Err(ApiError::InvalidBody(
-                "a batch takes no Idempotency-Key header; give each item an \"id\" instead".into(),
-            ));
-        }
-        let submission = Submission {
+        Ok(Submission {
             events: parsed.events,
-            client_ids: parsed.client_ids,
+            batch: parsed.batch,
             idempotency_key,
-        };
-        Ok((submission, parsed.batch))
+        })
     }
 
     fn wake_relay(&self) {
@@ -601,9 +596,8 @@ impl Api {
 pub enum Handled {
     /// Answer now with this response.
     Respond(HttpResponse),
-    /// Valid events to commit, and whether the body was a batch; the
-    /// answer comes after the commit.
-    Commit((Submission, bool)),
+    /// Valid events to commit; the answer comes after the commit.
+    Commit(Submission),
 }
 
 impl From<HttpResponse> for Handled {
@@ -656,10 +650,10 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
         let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
         match guarded(|| api.handle(&mut request, matched)) {
             Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
-            Handled::Commit((submission, batch)) => {
+            Handled::Commit(submission) => {
                 // The committer answers after the commit; this thread
                 // goes back to serving.
-                let metrics = api.metrics.clone();
+                let (metrics, batch) = (api.metrics.clone(), submission.batch);
                 api.committer.submit(
                     submission,
                     Box::new(move |result| {

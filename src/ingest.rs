@@ -38,8 +38,6 @@ pub struct Parsed {
     pub events: Vec<NewEvent>,
     /// The body was an array.
     pub batch: bool,
-    /// At least one event carries a client-chosen id.
-    pub client_ids: bool,
 }
 
 /// Parses and validates an ingest body.
@@ -57,14 +55,10 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     match value {
-        Value::Object(object) => {
-            let event = parse_event(object, limits)?;
-            Ok(Parsed {
-                client_ids: event.1,
-                events: vec![event.0],
-                batch: false,
-            })
-        }
+        Value::Object(object) => Ok(Parsed {
+            events: vec![parse_event(object, limits)?],
+            batch: false,
+        }),
         Value::Array(items) => parse_batch(items, limits),
         _ => Err(ApiError::InvalidBody(
             "the body must be a JSON object with a \"payload\" field, or an array of them".into(),
@@ -88,8 +82,8 @@ fn parse_batch(items: Vec<Value>, limits: &Limits) -> Result<Parsed, ApiError> {
                 "each item must be a JSON object with a \"payload\" field".into(),
             )));
         };
-        let (event, client_id) = parse_event(object, limits).map_err(in_item)?;
-        if client_id && !client_ids.insert(event.id) {
+        let event = parse_event(object, limits).map_err(in_item)?;
+        if event.client_id && !client_ids.insert(event.id) {
             return Err(in_item(ApiError::InvalidBody(format!(
                 "the id {} appears twice in the batch",
                 event.id
@@ -100,15 +94,11 @@ fn parse_batch(items: Vec<Value>, limits: &Limits) -> Result<Parsed, ApiError> {
     Ok(Parsed {
         events,
         batch: true,
-        client_ids: !client_ids.is_empty(),
     })
 }
 
-/// One event object; the flag tells whether the client chose its id.
-fn parse_event(
-    mut object: Map<String, Value>,
-    limits: &Limits,
-) -> Result<(NewEvent, bool), ApiError> {
+/// One event object.
+fn parse_event(mut object: Map<String, Value>, limits: &Limits) -> Result<NewEvent, ApiError> {
     let payload = match object.remove("payload") {
         None => {
             return Err(ApiError::InvalidBody(
@@ -150,15 +140,13 @@ fn parse_event(
             ));
         }
     };
-    Ok((
-        NewEvent {
-            id,
-            payload,
-            event_type,
-            key,
-        },
+    Ok(NewEvent {
+        id,
+        payload,
+        event_type,
+        key,
         client_id,
-    ))
+    })
 }
 
 /// An optional string field of 1 to [`MAX_NAME_BYTES`] bytes without
@@ -280,7 +268,7 @@ mod tests {
             &LIMITS,
         )
         .unwrap();
-        assert!(parsed.client_ids);
+        assert!(parsed.events[0].client_id);
         assert_eq!(parsed.events[0].id, id);
     }
 
@@ -325,7 +313,7 @@ mod tests {
     #[test]
     fn batches() {
         let parsed = parse(br#"[{"payload":1},{"payload":2,"type":"t"}]"#, &LIMITS).unwrap();
-        assert!(parsed.batch && !parsed.client_ids);
+        assert!(parsed.batch && !parsed.events.iter().any(|e| e.client_id));
         assert_eq!(parsed.events.len(), 2);
         assert_eq!(parsed.events[1].payload, json!(2));
         assert!(matches!(
