@@ -17,8 +17,12 @@ use uuid::Uuid;
 use crate::http::ApiError;
 use crate::store::NewEvent;
 
-/// Longest `type`, `key` or `Idempotency-Key`, in bytes.
+/// Longest `Idempotency-Key`, in bytes (it is ASCII).
 pub const MAX_NAME_BYTES: usize = 255;
+
+/// Longest `type` or `key`, in characters: the unit of JSON Schema's
+/// `maxLength`, so that what the OpenAPI contract allows is accepted.
+pub const MAX_NAME_CHARS: usize = 255;
 
 /// Limits on what one body may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,11 +130,13 @@ fn parse_event(mut object: Map<String, Value>, limits: &Limits) -> Result<NewEve
     let key = name_field(&mut object, "key")?;
     let (id, client_id) = match object.remove("id") {
         None | Some(Value::Null) => (Uuid::new_v4(), false),
+        // Only the hyphenated form (36 characters), which is what the
+        // contract's `format: uuid` means; `Uuid` would also take others.
         Some(Value::String(s)) => match Uuid::parse_str(&s) {
-            Ok(id) if !id.is_nil() => (id, true),
+            Ok(id) if s.len() == 36 && !id.is_nil() => (id, true),
             _ => {
                 return Err(ApiError::InvalidBody(format!(
-                    "the \"id\" field {s:?} is not a UUID"
+                    "the \"id\" field {s:?} is not a hyphenated UUID other than the nil one"
                 )));
             }
         },
@@ -149,14 +155,14 @@ fn parse_event(mut object: Map<String, Value>, limits: &Limits) -> Result<NewEve
     })
 }
 
-/// An optional string field of 1 to [`MAX_NAME_BYTES`] bytes without
+/// An optional string field of 1 to [`MAX_NAME_CHARS`] characters without
 /// control characters.
 fn name_field(object: &mut Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
     match object.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if valid_name(&s) => Ok(Some(s)),
         Some(Value::String(_)) => Err(ApiError::InvalidBody(format!(
-            "the {field:?} field must be 1 to {MAX_NAME_BYTES} bytes without control characters"
+            "the {field:?} field must be 1 to {MAX_NAME_CHARS} characters without control characters"
         ))),
         Some(_) => Err(ApiError::InvalidBody(format!(
             "the {field:?} field must be a string"
@@ -165,7 +171,7 @@ fn name_field(object: &mut Map<String, Value>, field: &str) -> Result<Option<Str
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_NAME_BYTES && !s.chars().any(char::is_control)
+    !s.is_empty() && s.chars().count() <= MAX_NAME_CHARS && !s.chars().any(char::is_control)
 }
 
 /// Validates an `Idempotency-Key` header: 1 to [`MAX_NAME_BYTES`] visible
@@ -270,6 +276,9 @@ mod tests {
         .unwrap();
         assert!(parsed.events[0].client_id);
         assert_eq!(parsed.events[0].id, id);
+        // Null is the same as leaving a field out.
+        let e = one(r#"{"payload":1,"type":null,"key":null,"id":null}"#).unwrap();
+        assert_eq!((e.event_type, e.key, e.client_id), (None, None, false));
     }
 
     #[test]
@@ -291,6 +300,9 @@ mod tests {
             r#"{"payload":1,"key":"a\nb"}"#,
             r#"{"payload":1,"id":"nope"}"#,
             r#"{"payload":1,"id":"00000000-0000-0000-0000-000000000000"}"#,
+            r#"{"payload":1,"id":"4e866db4be48401ca6c21101f2dfd759"}"#,
+            r#"{"payload":1,"id":"{4e866db4-be48-401c-a6c2-1101f2dfd759}"}"#,
+            r#"{"payload":1,"id":"urn:uuid:4e866db4-be48-401c-a6c2-1101f2dfd759"}"#,
             r#"{"payload":1,"id":5}"#,
         ];
         for body in invalid_body {
@@ -298,6 +310,16 @@ mod tests {
         }
         let long = format!(r#"{{"payload":1,"key":"{}"}}"#, "k".repeat(256));
         assert!(matches!(one(&long), Err(ApiError::InvalidBody(_))));
+        // The limit counts characters, as the contract's maxLength does.
+        let wide = format!(r#"{{"payload":1,"type":"{}"}}"#, "é".repeat(255));
+        assert_eq!(one(&wide).unwrap().event_type, Some("é".repeat(255)));
+        let wider = format!(r#"{{"payload":1,"type":"{}"}}"#, "é".repeat(256));
+        assert!(matches!(one(&wider), Err(ApiError::InvalidBody(_))));
+        // Control characters include C1 (U+0080 to U+009F).
+        assert!(matches!(
+            one(r#"{"payload":1,"type":"a\u0085b"}"#),
+            Err(ApiError::InvalidBody(_))
+        ));
         let big = format!(r#"{{"payload":"{}"}}"#, "x".repeat(63));
         assert_eq!(one(&big), Err(ApiError::PayloadTooLarge(64)));
         assert_eq!(

@@ -89,6 +89,32 @@ fn a_batch_is_written_all_or_nothing_in_order() {
     app.shutdown().unwrap();
 }
 
+/// PostgreSQL's `jsonb` writes numbers out in full (`1.7976931348623157e308`
+/// as 309 digits); what the API accepted must read back as it was sent,
+/// both from the event route and in the worker's message.
+#[test]
+fn numbers_at_the_edges_of_f64_read_back_as_sent() {
+    let env = TestEnv::new("bignum");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    let body = r#"{"payload":[1.7976931348623157e308,-1.7976931348623157e308,5e-324,
+        2.2250738585072014e-308,-3.2675064205661847e+252,12345678901234567890123,0.1]}"#;
+    let resp = post_json(addr, "/v1/events", body);
+    assert_eq!(resp.status, 202, "{:?}", resp.json());
+    let id = id_of(&resp);
+    env.wait_processed(&[id], Duration::from_secs(10));
+    let event = get(addr, &format!("/v1/events/{id}"));
+    assert_eq!(
+        event.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&event.body)
+    );
+    let sent: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(event.json()["payload"], sent["payload"]);
+    app.shutdown().unwrap();
+}
+
 #[test]
 fn type_and_key_travel_in_the_message() {
     let env = TestEnv::new("typekey");
