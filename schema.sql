@@ -51,7 +51,7 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS key text;
 
 -- Idempotency-Key headers seen within INGEST_IDEMPOTENCY_TTL. The primary
 -- key makes concurrent replays race-safe: one insert wins, the others wait
--- for it and then find its row. The fingerprint (SHA-256 of the event's
+-- for it and then find its row. The fingerprint (SHA-256 of the body's
 -- normalised content) tells a replay from a different request reusing the
 -- key. Expired rows are replaced on conflict and purged in the background.
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -63,3 +63,9 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 
 CREATE INDEX IF NOT EXISTS idempotency_keys_created_at_idx
     ON idempotency_keys (created_at);
+
+-- A batch sent with an Idempotency-Key: its event ids in the request's
+-- order, which a replay answers with (event_id holds the first). NULL for a
+-- single event, whose id is event_id. Added in place, so a deployment's
+-- existing keys stay valid.
+ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS event_ids uuid[];

@@ -88,7 +88,7 @@ pub enum ApiError {
     EventNotFound(Uuid),
     /// The request conflicts with the event's state.
     Conflict(String),
-    /// The `Idempotency-Key` was used for a different event.
+    /// The `Idempotency-Key` was used for a different body.
     IdempotencyConflict,
     /// A client id already used for different content; in a batch, the
     /// item's index.
@@ -186,7 +186,7 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
         ApiError::IdempotencyConflict => (
             409,
             "idempotency_conflict",
-            "this Idempotency-Key was already used for a different event".to_string(),
+            "this Idempotency-Key was already used for a different request body".to_string(),
         ),
         ApiError::IdConflict(index, id) => (
             409,
@@ -545,7 +545,8 @@ impl Api {
         Ok(Handled::Respond(response))
     }
 
-    /// An ingest whose head [`check_head`] passed.
+    /// An ingest whose head [`check_head`] passed. An `Idempotency-Key`
+    /// covers the whole body, one event or a batch.
     fn ingest(&self, request: &mut Request) -> Result<Ingest, ApiError> {
         let idempotency_key = header_value(request, "Idempotency-Key")
             .map(ingest::idempotency_key)
@@ -574,21 +575,12 @@ impl Api {
         if let Some(held) = &mut held {
             held.shrink_to(parsed_bound);
         }
-        if parsed.batch && idempotency_key.is_some() {
-            return Err(ApiError::InvalidBody(
-                "a batch takes no Idempotency-Key header; give each item an \"id\" instead".into(),
-            ));
-        }
         let submission = Submission {
             events: parsed.events,
-            client_ids: parsed.client_ids,
+            batch: parsed.batch,
             idempotency_key,
         };
-        Ok(Ingest {
-            submission,
-            batch: parsed.batch,
-            held,
-        })
+        Ok(Ingest { submission, held })
     }
 
     fn wake_relay(&self) {
@@ -669,8 +661,6 @@ pub enum Handled {
 pub struct Ingest {
     /// The events to write.
     pub submission: Submission,
-    /// The body was an array.
-    pub batch: bool,
     /// The memory the parsed events take, counted against the HTTP
     /// buffer budget until the request is answered.
     pub held: Option<Reservation>,
@@ -726,14 +716,10 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
         let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
         match guarded(|| api.handle(&mut request, matched)) {
             Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
-            Handled::Commit(Ingest {
-                submission,
-                batch,
-                held,
-            }) => {
+            Handled::Commit(Ingest { submission, held }) => {
                 // The committer answers after the commit; this thread
                 // goes back to serving.
-                let metrics = api.metrics.clone();
+                let (metrics, batch) = (api.metrics.clone(), submission.batch);
                 api.committer.submit(
                     submission,
                     Box::new(move |result| {

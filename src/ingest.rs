@@ -17,8 +17,12 @@ use uuid::Uuid;
 use crate::http::ApiError;
 use crate::store::NewEvent;
 
-/// Longest `type`, `key` or `Idempotency-Key`, in bytes.
+/// Longest `Idempotency-Key`, in bytes (it is ASCII).
 pub const MAX_NAME_BYTES: usize = 255;
+
+/// Longest `type` or `key`, in characters: the unit of JSON Schema's
+/// `maxLength`, so that what the OpenAPI contract allows is accepted.
+pub const MAX_NAME_CHARS: usize = 255;
 
 /// Limits on what one body may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +42,6 @@ pub struct Parsed {
     pub events: Vec<NewEvent>,
     /// The body was an array.
     pub batch: bool,
-    /// At least one event carries a client-chosen id.
-    pub client_ids: bool,
 }
 
 /// Parses and validates an ingest body.
@@ -57,14 +59,10 @@ pub fn parse(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     match value {
-        Value::Object(object) => {
-            let event = parse_event(object, limits)?;
-            Ok(Parsed {
-                client_ids: event.1,
-                events: vec![event.0],
-                batch: false,
-            })
-        }
+        Value::Object(object) => Ok(Parsed {
+            events: vec![parse_event(object, limits)?],
+            batch: false,
+        }),
         Value::Array(items) => parse_batch(items, limits),
         _ => Err(ApiError::InvalidBody(
             "the body must be a JSON object with a \"payload\" field, or an array of them".into(),
@@ -88,8 +86,8 @@ fn parse_batch(items: Vec<Value>, limits: &Limits) -> Result<Parsed, ApiError> {
                 "each item must be a JSON object with a \"payload\" field".into(),
             )));
         };
-        let (event, client_id) = parse_event(object, limits).map_err(in_item)?;
-        if client_id && !client_ids.insert(event.id) {
+        let event = parse_event(object, limits).map_err(in_item)?;
+        if event.client_id && !client_ids.insert(event.id) {
             return Err(in_item(ApiError::InvalidBody(format!(
                 "the id {} appears twice in the batch",
                 event.id
@@ -100,15 +98,11 @@ fn parse_batch(items: Vec<Value>, limits: &Limits) -> Result<Parsed, ApiError> {
     Ok(Parsed {
         events,
         batch: true,
-        client_ids: !client_ids.is_empty(),
     })
 }
 
-/// One event object; the flag tells whether the client chose its id.
-fn parse_event(
-    mut object: Map<String, Value>,
-    limits: &Limits,
-) -> Result<(NewEvent, bool), ApiError> {
+/// One event object.
+fn parse_event(mut object: Map<String, Value>, limits: &Limits) -> Result<NewEvent, ApiError> {
     let payload = match object.remove("payload") {
         None => {
             return Err(ApiError::InvalidBody(
@@ -136,11 +130,13 @@ fn parse_event(
     let key = name_field(&mut object, "key")?;
     let (id, client_id) = match object.remove("id") {
         None | Some(Value::Null) => (Uuid::new_v4(), false),
+        // Only the hyphenated form (36 characters), which is what the
+        // contract's `format: uuid` means; `Uuid` would also take others.
         Some(Value::String(s)) => match Uuid::parse_str(&s) {
-            Ok(id) if !id.is_nil() => (id, true),
+            Ok(id) if s.len() == 36 && !id.is_nil() => (id, true),
             _ => {
                 return Err(ApiError::InvalidBody(format!(
-                    "the \"id\" field {s:?} is not a UUID"
+                    "the \"id\" field {s:?} is not a hyphenated UUID other than the nil one"
                 )));
             }
         },
@@ -150,25 +146,23 @@ fn parse_event(
             ));
         }
     };
-    Ok((
-        NewEvent {
-            id,
-            payload,
-            event_type,
-            key,
-        },
+    Ok(NewEvent {
+        id,
+        payload,
+        event_type,
+        key,
         client_id,
-    ))
+    })
 }
 
-/// An optional string field of 1 to [`MAX_NAME_BYTES`] bytes without
+/// An optional string field of 1 to [`MAX_NAME_CHARS`] characters without
 /// control characters.
 fn name_field(object: &mut Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
     match object.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if valid_name(&s) => Ok(Some(s)),
         Some(Value::String(_)) => Err(ApiError::InvalidBody(format!(
-            "the {field:?} field must be 1 to {MAX_NAME_BYTES} bytes without control characters"
+            "the {field:?} field must be 1 to {MAX_NAME_CHARS} characters without control characters"
         ))),
         Some(_) => Err(ApiError::InvalidBody(format!(
             "the {field:?} field must be a string"
@@ -177,7 +171,7 @@ fn name_field(object: &mut Map<String, Value>, field: &str) -> Result<Option<Str
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_NAME_BYTES && !s.chars().any(char::is_control)
+    !s.is_empty() && s.chars().count() <= MAX_NAME_CHARS && !s.chars().any(char::is_control)
 }
 
 /// Validates an `Idempotency-Key` header: 1 to [`MAX_NAME_BYTES`] visible
@@ -280,8 +274,11 @@ mod tests {
             &LIMITS,
         )
         .unwrap();
-        assert!(parsed.client_ids);
+        assert!(parsed.events[0].client_id);
         assert_eq!(parsed.events[0].id, id);
+        // Null is the same as leaving a field out.
+        let e = one(r#"{"payload":1,"type":null,"key":null,"id":null}"#).unwrap();
+        assert_eq!((e.event_type, e.key, e.client_id), (None, None, false));
     }
 
     #[test]
@@ -303,6 +300,9 @@ mod tests {
             r#"{"payload":1,"key":"a\nb"}"#,
             r#"{"payload":1,"id":"nope"}"#,
             r#"{"payload":1,"id":"00000000-0000-0000-0000-000000000000"}"#,
+            r#"{"payload":1,"id":"4e866db4be48401ca6c21101f2dfd759"}"#,
+            r#"{"payload":1,"id":"{4e866db4-be48-401c-a6c2-1101f2dfd759}"}"#,
+            r#"{"payload":1,"id":"urn:uuid:4e866db4-be48-401c-a6c2-1101f2dfd759"}"#,
             r#"{"payload":1,"id":5}"#,
         ];
         for body in invalid_body {
@@ -310,6 +310,16 @@ mod tests {
         }
         let long = format!(r#"{{"payload":1,"key":"{}"}}"#, "k".repeat(256));
         assert!(matches!(one(&long), Err(ApiError::InvalidBody(_))));
+        // The limit counts characters, as the contract's maxLength does.
+        let wide = format!(r#"{{"payload":1,"type":"{}"}}"#, "é".repeat(255));
+        assert_eq!(one(&wide).unwrap().event_type, Some("é".repeat(255)));
+        let wider = format!(r#"{{"payload":1,"type":"{}"}}"#, "é".repeat(256));
+        assert!(matches!(one(&wider), Err(ApiError::InvalidBody(_))));
+        // Control characters include C1 (U+0080 to U+009F).
+        assert!(matches!(
+            one(r#"{"payload":1,"type":"a\u0085b"}"#),
+            Err(ApiError::InvalidBody(_))
+        ));
         let big = format!(r#"{{"payload":"{}"}}"#, "x".repeat(63));
         assert_eq!(one(&big), Err(ApiError::PayloadTooLarge(64)));
         assert_eq!(
@@ -325,7 +335,7 @@ mod tests {
     #[test]
     fn batches() {
         let parsed = parse(br#"[{"payload":1},{"payload":2,"type":"t"}]"#, &LIMITS).unwrap();
-        assert!(parsed.batch && !parsed.client_ids);
+        assert!(parsed.batch && !parsed.events.iter().any(|e| e.client_id));
         assert_eq!(parsed.events.len(), 2);
         assert_eq!(parsed.events[1].payload, json!(2));
         assert!(matches!(

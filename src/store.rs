@@ -122,6 +122,9 @@ pub struct NewEvent {
     pub event_type: Option<String>,
     /// A key for the consumer's use (ordering, partitioning).
     pub key: Option<String>,
+    /// The client chose `id`: if it is already stored, this is a replay
+    /// (same content) or a conflict (different content), not an error.
+    pub client_id: bool,
 }
 
 /// One ingest request, written all or nothing.
@@ -129,18 +132,23 @@ pub struct NewEvent {
 pub struct Submission {
     /// The events, in the request's order.
     pub events: Vec<NewEvent>,
-    /// Some ids were chosen by the client: an id already stored is a replay
-    /// (same content) or a conflict (different content), not an error.
-    pub client_ids: bool,
-    /// The request's `Idempotency-Key` (single events only).
+    /// The body was an array, even of one event: its answer is a batch's,
+    /// and its `Idempotency-Key` stands for the whole list.
+    pub batch: bool,
+    /// The request's `Idempotency-Key`.
     pub idempotency_key: Option<String>,
 }
 
 impl Submission {
+    /// True when some event's id was chosen by the client.
+    pub fn has_client_ids(&self) -> bool {
+        self.events.iter().any(|e| e.client_id)
+    }
+
     /// True when the submission must be checked against earlier ones, in a
     /// transaction of its own; otherwise it may share a group commit.
     pub fn is_idempotent(&self) -> bool {
-        self.client_ids || self.idempotency_key.is_some()
+        self.idempotency_key.is_some() || self.has_client_ids()
     }
 }
 
@@ -155,7 +163,7 @@ pub enum Written {
         /// Which ones this request created.
         created: Vec<bool>,
     },
-    /// The `Idempotency-Key` was used before for a different event.
+    /// The `Idempotency-Key` was used before for a different body.
     KeyConflict,
     /// The event at this index has a client id (the `Uuid`) already used
     /// for different content.
@@ -660,6 +668,7 @@ impl Store {
             payload: payload.clone(),
             event_type: None,
             key: None,
+            client_id: false,
         };
         self.insert_events(&[&event], notify)?;
         Ok(event.id)
@@ -692,10 +701,16 @@ impl Store {
     /// Writes a submission that carries client ids or an idempotency key,
     /// all or nothing, in a transaction of its own. A key younger than
     /// `key_ttl`, or a client id already stored, with the same content is a
-    /// replay: nothing is written and the stored id is returned. The same
+    /// replay: nothing is written and the stored ids are returned. The same
     /// key or id with different content is a conflict and writes nothing.
-    /// Unique constraints decide every race: a concurrent replay waits for
-    /// the first writer's transaction and then sees its rows.
+    ///
+    /// The key is checked first and stands for the whole body: a live key
+    /// answers for every event, whatever their ids. A new key is claimed,
+    /// and the events are then written as without one (client ids replayed
+    /// or refused), in the same transaction, so a refused request does not
+    /// use its key up. Unique constraints decide every race: a concurrent
+    /// replay waits for the first writer's transaction and then sees its
+    /// rows.
     pub fn insert_idempotent(
         &self,
         submission: &Submission,
@@ -727,10 +742,10 @@ impl Store {
         notify: bool,
     ) -> Result<Option<Written>, Error> {
         let mut tx = conn.transaction()?;
-        if let Some(written) = claim_key(&mut tx, submission, key_ttl)? {
+        let columns = Columns::of(submission.events.iter());
+        if let Some(written) = claim_key(&mut tx, submission, &columns, key_ttl)? {
             return Ok(Some(written));
         }
-        let columns = Columns::of(submission.events.iter());
         // Rows go in id order, so that two batches sharing ids lock them in
         // the same order and one waits for the other instead of deadlocking.
         let inserted: Vec<Uuid> = tx
@@ -897,6 +912,9 @@ struct Columns<'a> {
     payloads: Vec<&'a Value>,
     types: Vec<Option<&'a str>>,
     keys: Vec<Option<&'a str>>,
+    /// The ids the client chose, `None` for generated ones: part of what
+    /// an idempotency key's fingerprint covers.
+    client_ids: Vec<Option<Uuid>>,
 }
 
 impl<'a> Columns<'a> {
@@ -906,67 +924,91 @@ impl<'a> Columns<'a> {
             payloads: Vec::new(),
             types: Vec::new(),
             keys: Vec::new(),
+            client_ids: Vec::new(),
         };
         for e in events {
             c.ids.push(e.id);
             c.payloads.push(&e.payload);
             c.types.push(e.event_type.as_deref());
             c.keys.push(e.key.as_deref());
+            c.client_ids.push(e.client_id.then_some(e.id));
         }
         c
     }
 }
 
-// SHA-256 of an event's normalised content (jsonb sorts keys and drops
-// insignificant whitespace), and of its id when the client chose it.
-const FINGERPRINT: &str = "sha256(convert_to(jsonb_build_array($2::jsonb, $3::text, $4::text, \
-                           $5::uuid)::text, 'UTF8'))";
+// SHA-256 of a body's normalised content (jsonb sorts keys and drops
+// insignificant whitespace), over $2 to $5: the payloads, types, keys and
+// client-chosen ids (NULL for generated ones) in the request's order. One
+// event hashes `[payload, type, key, id]`, as keys stored by earlier
+// versions did; a batch hashes `{"batch": [[payload, type, key, id], ...]}`,
+// so order matters, and a body of one event and a batch of that event
+// differ.
+const FINGERPRINT_ONE: &str = "sha256(convert_to(jsonb_build_array(($2::jsonb[])[1], \
+                               ($3::text[])[1], ($4::text[])[1], ($5::uuid[])[1])::text, 'UTF8'))";
+const FINGERPRINT_BATCH: &str = "sha256(convert_to(jsonb_build_object('batch', \
+                                 (SELECT jsonb_agg(jsonb_build_array(p, t, k, i) ORDER BY o) \
+                                 FROM unnest($2::jsonb[], $3::text[], $4::text[], $5::uuid[]) \
+                                 WITH ORDINALITY AS m(p, t, k, i, o)))::text, 'UTF8'))";
 
-/// Claims the submission's `Idempotency-Key`, if it has one, for its first
-/// event. `None`: there is no key, or it is now ours (new or expired), and
+/// Claims the submission's `Idempotency-Key`, if it has one, for its
+/// events. `None`: there is no key, or it is now ours (new or expired), and
 /// the caller writes the events. `Some`: the key is live, and this is a
-/// replay or a conflict; nothing was written.
+/// replay of the whole original answer or a conflict; nothing was written.
 fn claim_key(
     tx: &mut Transaction<'_>,
     submission: &Submission,
+    columns: &Columns<'_>,
     key_ttl: Duration,
 ) -> Result<Option<Written>, Error> {
-    let (Some(key), [event]) = (&submission.idempotency_key, submission.events.as_slice()) else {
+    let (Some(key), Some(first)) = (&submission.idempotency_key, columns.ids.first()) else {
         return Ok(None);
     };
-    let client_id = submission.client_ids.then_some(event.id);
+    let fingerprint = if submission.batch {
+        FINGERPRINT_BATCH
+    } else {
+        FINGERPRINT_ONE
+    };
     let content: [&(dyn postgres::types::ToSql + Sync); 5] = [
         key,
-        &event.payload,
-        &event.event_type,
-        &event.key,
-        &client_id,
+        &columns.payloads,
+        &columns.types,
+        &columns.keys,
+        &columns.client_ids,
     ];
+    // A batch's row keeps every id in `event_ids`; `event_id` holds the
+    // first, so that a row always names an event (and a process of an
+    // earlier version, which reads only `event_id`, sees a conflict).
+    let event_ids = submission.batch.then_some(&columns.ids);
     // On conflict the existing row is locked even when the WHERE fails, so
     // it cannot be purged before it is read below.
     let claimed = tx.query_opt(
         &format!(
-            "INSERT INTO idempotency_keys (key, event_id, fingerprint) VALUES ($1, $6, {FINGERPRINT}) \
+            "INSERT INTO idempotency_keys (key, event_id, event_ids, fingerprint) \
+             VALUES ($1, $6, $7, {fingerprint}) \
              ON CONFLICT (key) DO UPDATE SET event_id = EXCLUDED.event_id, \
-                 fingerprint = EXCLUDED.fingerprint, created_at = now() \
-             WHERE idempotency_keys.created_at < now() - make_interval(secs => $7) \
+                 event_ids = EXCLUDED.event_ids, fingerprint = EXCLUDED.fingerprint, \
+                 created_at = now() \
+             WHERE idempotency_keys.created_at < now() - make_interval(secs => $8) \
              RETURNING 1"
         ),
-        &[&content[..], &[&event.id, &key_ttl.as_secs_f64()]].concat(),
+        &[&content[..], &[first, &event_ids, &key_ttl.as_secs_f64()]].concat(),
     )?;
     if claimed.is_some() {
         return Ok(None);
     }
     let row = tx.query_one(
         &format!(
-            "SELECT event_id, fingerprint = {FINGERPRINT} FROM idempotency_keys WHERE key = $1"
+            "SELECT coalesce(event_ids, ARRAY[event_id]), fingerprint = {fingerprint} \
+             FROM idempotency_keys WHERE key = $1"
         ),
         &content,
     )?;
     Ok(Some(if row.get::<_, bool>(1) {
+        let ids: Vec<Uuid> = row.get(0);
         Written::Stored {
-            ids: vec![row.get(0)],
-            created: vec![false],
+            created: vec![false; ids.len()],
+            ids,
         }
     } else {
         Written::KeyConflict

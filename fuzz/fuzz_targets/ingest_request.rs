@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
                 );
                 assert!(!event.payload.to_string().contains("\\u0000"));
                 for name in [&event.event_type, &event.key].into_iter().flatten() {
-                    assert!(!name.is_empty() && name.len() <= ingest::MAX_NAME_BYTES);
+                    assert!(!name.is_empty() && name.chars().count() <= ingest::MAX_NAME_CHARS);
                 }
             }
         }

@@ -223,13 +223,6 @@ fn bad_input_is_refused_clearly_and_writes_nothing() {
             "invalid_body",
         ),
         post(
-            "batch with an Idempotency-Key",
-            &[json_ct, ("Idempotency-Key", "k1")],
-            b"[{\"payload\":1}]",
-            400,
-            "invalid_body",
-        ),
-        post(
             "invalid Idempotency-Key",
             &[json_ct, ("Idempotency-Key", "has space")],
             b"{\"payload\":1}",

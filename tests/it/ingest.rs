@@ -1,4 +1,5 @@
-//! Batches, `type` and `key`, idempotency keys and client ids, API keys.
+//! Batches, `type` and `key`, idempotency keys (for one event or a whole
+//! batch) and client ids, API keys.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Barrier};
@@ -85,6 +86,32 @@ fn a_batch_is_written_all_or_nothing_in_order() {
     assert_eq!(resp.status, 413);
     assert_eq!(resp.json()["error"], "batch_too_large");
     assert_eq!(env.count("SELECT count(*) FROM events"), 3);
+    app.shutdown().unwrap();
+}
+
+/// PostgreSQL's `jsonb` writes numbers out in full (`1.7976931348623157e308`
+/// as 309 digits); what the API accepted must read back as it was sent,
+/// both from the event route and in the worker's message.
+#[test]
+fn numbers_at_the_edges_of_f64_read_back_as_sent() {
+    let env = TestEnv::new("bignum");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    let body = r#"{"payload":[1.7976931348623157e308,-1.7976931348623157e308,5e-324,
+        2.2250738585072014e-308,-3.2675064205661847e+252,12345678901234567890123,0.1]}"#;
+    let resp = post_json(addr, "/v1/events", body);
+    assert_eq!(resp.status, 202, "{:?}", resp.json());
+    let id = id_of(&resp);
+    env.wait_processed(&[id], Duration::from_secs(10));
+    let event = get(addr, &format!("/v1/events/{id}"));
+    assert_eq!(
+        event.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&event.body)
+    );
+    let sent: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(event.json()["payload"], sent["payload"]);
     app.shutdown().unwrap();
 }
 
@@ -217,6 +244,249 @@ fn sixteen_concurrent_replays_of_one_key_make_one_event() {
     app.shutdown().unwrap();
 }
 
+/// Events, outbox rows and idempotency keys stored. With no relay running,
+/// outbox rows stay, so every write shows in these counts.
+fn rows(env: &TestEnv) -> (i64, i64, i64) {
+    (
+        env.count("SELECT count(*) FROM events"),
+        env.count("SELECT count(*) FROM outbox"),
+        env.count("SELECT count(*) FROM idempotency_keys"),
+    )
+}
+
+#[test]
+fn an_idempotency_key_makes_a_whole_batch_idempotent() {
+    let env = TestEnv::new("idembatch");
+    let app = env.start_role(&env.config(), Role::Api);
+    let addr = app.http_addr().unwrap();
+    let key = ("Idempotency-Key", "batch-42");
+    let batch = r#"[{"payload":{"a":1,"b":[1,2]},"type":"t"},{"payload":"two","key":"k"}]"#;
+
+    let first = post_with(addr, &[key], batch);
+    assert_eq!(first.status, 202, "{:?}", first.json());
+    assert_eq!(first.json()["duplicates"], json!([]));
+    let ids = ids_of(&first);
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1]);
+    assert_eq!(rows(&env), (2, 2, 1));
+
+    // The same batch, written differently, replays the first answer on
+    // either route: the same ids in the same order, every item a duplicate.
+    let same =
+        r#"[ {"type": "t", "payload": {"b": [1, 2], "a": 1}}, {"key": "k", "payload": "two"} ]"#;
+    for path in ["/v1/events", "/Ingestion/ingest"] {
+        let again = request(addr, "POST", path, &[JSON, key], same.as_bytes()).unwrap();
+        assert_eq!(again.status, 200, "{path}: {:?}", again.json());
+        assert_eq!(ids_of(&again), ids, "{path}");
+        assert_eq!(again.json()["duplicates"], json!([0, 1]), "{path}");
+    }
+    assert_eq!(rows(&env), (2, 2, 1));
+
+    // Any other body under the key is a conflict and writes nothing.
+    let id = Uuid::new_v4();
+    for other in [
+        // Another payload.
+        r#"[{"payload":{"a":2,"b":[1,2]},"type":"t"},{"payload":"two","key":"k"}]"#.to_string(),
+        // The same events in another order.
+        r#"[{"payload":"two","key":"k"},{"payload":{"a":1,"b":[1,2]},"type":"t"}]"#.to_string(),
+        // One event fewer, or one more.
+        r#"[{"payload":{"a":1,"b":[1,2]},"type":"t"}]"#.to_string(),
+        r#"[{"payload":{"a":1,"b":[1,2]},"type":"t"},{"payload":"two","key":"k"},{"payload":3}]"#
+            .to_string(),
+        // A number written otherwise: 1 and 1.0 differ, as for one event.
+        r#"[{"payload":{"a":1.0,"b":[1,2]},"type":"t"},{"payload":"two","key":"k"}]"#.to_string(),
+        // An id of the client's own on an item.
+        format!(
+            r#"[{{"payload":{{"a":1,"b":[1,2]}},"type":"t","id":"{id}"}},{{"payload":"two","key":"k"}}]"#
+        ),
+    ] {
+        let resp = post_with(addr, &[key], &other);
+        assert_eq!(resp.status, 409, "{other}");
+        assert_eq!(resp.json()["error"], "idempotency_conflict", "{other}");
+    }
+    assert_eq!(rows(&env), (2, 2, 1));
+
+    // Another key is another request.
+    let other = post_with(addr, &[("Idempotency-Key", "batch-43")], batch);
+    assert_eq!(other.status, 202);
+    assert!(ids_of(&other).iter().all(|id| !ids.contains(id)));
+    assert_eq!(rows(&env), (4, 4, 2));
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn one_idempotency_key_for_an_event_and_a_batch_conflicts() {
+    let env = TestEnv::new("idemshape");
+    let app = env.start_role(&env.config(), Role::Api);
+    let addr = app.http_addr().unwrap();
+    let event = r#"{"payload":{"order":7},"type":"t"}"#;
+    let batch = format!("[{event}]");
+
+    // First one event, then a batch of that same event.
+    let single_key = ("Idempotency-Key", "first-single");
+    assert_eq!(post_with(addr, &[single_key], event).status, 202);
+    let resp = post_with(addr, &[single_key], &batch);
+    assert_eq!(resp.status, 409, "{:?}", resp.json());
+    assert_eq!(resp.json()["error"], "idempotency_conflict");
+    assert_eq!(rows(&env), (1, 1, 1));
+
+    // First the batch, then the event alone.
+    let batch_key = ("Idempotency-Key", "first-batch");
+    let first = post_with(addr, &[batch_key], &batch);
+    assert_eq!(first.status, 202);
+    let resp = post_with(addr, &[batch_key], event);
+    assert_eq!(resp.status, 409, "{:?}", resp.json());
+    assert_eq!(resp.json()["error"], "idempotency_conflict");
+    assert_eq!(rows(&env), (2, 2, 2));
+
+    // Each key still replays its own first answer, in its own shape.
+    let again = post_with(addr, &[single_key], event);
+    assert_eq!(
+        (again.status, &again.json()["duplicate"]),
+        (200, &json!(true))
+    );
+    let again = post_with(addr, &[batch_key], &batch);
+    assert_eq!(again.status, 200);
+    assert_eq!(ids_of(&again), ids_of(&first));
+    assert_eq!(rows(&env), (2, 2, 2));
+    app.shutdown().unwrap();
+}
+
+#[test]
+fn concurrent_batches_with_one_key_create_once() {
+    let env = TestEnv::new("idembatchrace");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    let start = Arc::new(Barrier::new(16));
+    let answers: Vec<Resp> = (0..16)
+        .map(|_| {
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                post_with(
+                    addr,
+                    &[("Idempotency-Key", "race-batch")],
+                    r#"[{"payload":1},{"payload":2},{"payload":3}]"#,
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let mut statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [vec![200; 15], vec![202]].concat());
+    let ids = ids_of(&answers[0]);
+    assert_eq!(ids.len(), 3);
+    assert!(answers.iter().all(|r| ids_of(r) == ids));
+    for replay in answers.iter().filter(|r| r.status == 200) {
+        assert_eq!(replay.json()["duplicates"], json!([0, 1, 2]));
+    }
+    assert_eq!(env.count("SELECT count(*) FROM events"), 3);
+    assert_eq!(env.count("SELECT count(*) FROM idempotency_keys"), 1);
+    env.wait_processed(&ids, Duration::from_secs(10));
+    assert!(ids.iter().all(|id| env.runs(*id) == 1));
+    assert_eq!(env.processed_twice(), 0);
+    app.shutdown().unwrap();
+}
+
+/// The key is checked first and covers the whole body; under a new key,
+/// item ids are replayed or refused as without one, in the same
+/// transaction, so a refused batch leaves its key unused.
+#[test]
+fn a_batch_key_and_item_ids_work_together() {
+    let env = TestEnv::new("idembatchids");
+    let app = env.start_role(&env.config(), Role::Api);
+    let addr = app.http_addr().unwrap();
+    let known = Uuid::new_v4();
+    let stored = json!([{ "id": known.to_string(), "payload": 0 }]).to_string();
+    assert_eq!(post_json(addr, "/v1/events", &stored).status, 202);
+
+    // A new key: the known item is a duplicate, the other is created.
+    let k1 = ("Idempotency-Key", "with-ids-1");
+    let body = json!([{ "id": known.to_string(), "payload": 0 }, { "payload": 1 }]).to_string();
+    let first = post_with(addr, &[k1], &body);
+    assert_eq!(first.status, 202, "{:?}", first.json());
+    assert_eq!(first.json()["duplicates"], json!([0]));
+    let ids = ids_of(&first);
+    assert_eq!(ids[0], known);
+    assert_eq!(rows(&env), (2, 2, 1));
+    // Its replay answers with the same ids, all of them duplicates now.
+    let again = post_with(addr, &[k1], &body);
+    assert_eq!(again.status, 200);
+    assert_eq!(ids_of(&again), ids);
+    assert_eq!(again.json()["duplicates"], json!([0, 1]));
+    // The item's id is part of the body the key stands for.
+    let without_id = json!([{ "payload": 0 }, { "payload": 1 }]).to_string();
+    let resp = post_with(addr, &[k1], &without_id);
+    assert_eq!(resp.status, 409);
+    assert_eq!(resp.json()["error"], "idempotency_conflict");
+    assert_eq!(rows(&env), (2, 2, 1));
+
+    // A new key with an item id used for other content: the item's
+    // conflict, nothing written, and the key is not used up.
+    let k2 = ("Idempotency-Key", "with-ids-2");
+    let changed = json!([{ "payload": 2 }, { "id": known.to_string(), "payload": "changed" }]);
+    let resp = post_with(addr, &[k2], &changed.to_string());
+    assert_eq!(resp.status, 409, "{:?}", resp.json());
+    assert_eq!(resp.json()["error"], "id_conflict");
+    assert_eq!(resp.json()["index"], 1);
+    assert_eq!(rows(&env), (2, 2, 1));
+    let resp = post_with(addr, &[k2], r#"[{"payload":2}]"#);
+    assert_eq!(resp.status, 202, "{:?}", resp.json());
+    assert_eq!(rows(&env), (3, 3, 2));
+
+    // Without the key, the ids alone still replay their items.
+    let resp = post_json(addr, "/v1/events", &stored);
+    assert_eq!(resp.status, 200);
+    assert_eq!(ids_of(&resp), vec![known]);
+    assert_eq!(rows(&env), (3, 3, 2));
+    app.shutdown().unwrap();
+}
+
+/// A schema from before batch keys (no `idempotency_keys.event_ids`, an
+/// older fingerprint) upgrades in place, and the keys it holds still
+/// replay.
+#[test]
+fn a_schema_without_batch_keys_upgrades_in_place() {
+    let env = TestEnv::new("idemupgrade");
+    let old = Uuid::new_v4();
+    // The earlier version's tables and its way of storing a key.
+    env.sql()
+        .batch_execute(&format!(
+            "ALTER TABLE idempotency_keys DROP COLUMN event_ids;
+             DELETE FROM ingestd_schema;
+             INSERT INTO ingestd_schema (fingerprint) VALUES ('0123456789abcdef');
+             INSERT INTO events (id, payload) VALUES ('{old}', '{{\"n\": 1}}');
+             INSERT INTO idempotency_keys (key, event_id, fingerprint) VALUES ('old-key', '{old}',
+                 sha256(convert_to(jsonb_build_array('{{\"n\": 1}}'::jsonb, NULL::text,
+                     NULL::text, NULL::uuid)::text, 'UTF8')));"
+        ))
+        .unwrap();
+    let app = env.start_role(&env.config(), Role::Api);
+    let addr = app.http_addr().unwrap();
+
+    let replay = post_with(
+        addr,
+        &[("Idempotency-Key", "old-key")],
+        r#"{"payload":{"n":1}}"#,
+    );
+    assert_eq!(replay.status, 200, "{:?}", replay.json());
+    assert_eq!(id_of(&replay), old);
+    let key = ("Idempotency-Key", "new-batch");
+    let first = post_with(addr, &[key], r#"[{"payload":1},{"payload":2}]"#);
+    assert_eq!(first.status, 202, "{:?}", first.json());
+    let again = post_with(addr, &[key], r#"[{"payload":1},{"payload":2}]"#);
+    assert_eq!((again.status, ids_of(&again)), (200, ids_of(&first)));
+    assert_eq!(env.count("SELECT count(*) FROM events"), 3);
+    assert_eq!(
+        env.count("SELECT count(*) FROM ingestd_schema WHERE fingerprint <> '0123456789abcdef'"),
+        1
+    );
+    app.shutdown().unwrap();
+}
+
 #[test]
 fn client_ids_make_batch_items_idempotent() {
     let env = TestEnv::new("clientids");
@@ -312,6 +582,7 @@ fn concurrent_batches_sharing_ids_do_not_deadlock() {
             payload: json!(n),
             event_type: None,
             key: None,
+            client_id: true,
         })
         .collect();
     let start = Arc::new(Barrier::new(8));
@@ -325,7 +596,7 @@ fn concurrent_batches_sharing_ids_do_not_deadlock() {
             }
             let submission = Submission {
                 events,
-                client_ids: true,
+                batch: true,
                 idempotency_key: None,
             };
             thread::spawn(move || {
@@ -460,8 +731,9 @@ fn a_panic_in_a_commit_batch_spares_the_committer() {
             payload: json!(n),
             event_type: None,
             key: None,
+            client_id: false,
         }],
-        client_ids: false,
+        batch: false,
         idempotency_key: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();

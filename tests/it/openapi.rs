@@ -298,6 +298,19 @@ fn responses_match_openapi_yaml() {
         );
         let batch = br#"[{"payload":1,"type":"t","key":"k"},{"payload":2}]"#;
         assert_eq!(p.call("POST", path, &[json_ct], batch).status, 202);
+        // A key on a batch: created, replayed, then reused for other events.
+        let batch_key = format!("b-{path}");
+        let bidem = ("Idempotency-Key", batch_key.as_str());
+        let created = p.call("POST", path, &[json_ct, bidem], batch);
+        assert_eq!(created.status, 202);
+        let replayed = p.call("POST", path, &[json_ct, bidem], batch);
+        assert_eq!(replayed.status, 200);
+        assert_eq!(replayed.json()["ids"], created.json()["ids"]);
+        assert_eq!(
+            p.call("POST", path, &[json_ct, bidem], br#"[{"payload":2}]"#)
+                .status,
+            409
+        );
         let id = Uuid::new_v4();
         let fixed = json!([{ "id": id.to_string(), "payload": 1 }]).to_string();
         assert_eq!(
