@@ -5,7 +5,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 export INGEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 STATIC_TARGET ?= $(shell rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && echo x86_64-unknown-linux-musl || echo x86_64-unknown-linux-gnu)
 
-.PHONY: build run migrate test lint static up down logs docker-check bench bench-smoke stress stress-smoke chaos chaos-smoke fuzz clean
+.PHONY: build run migrate test lint static up down logs docker-check bench bench-smoke stress stress-smoke chaos chaos-smoke fuzz clean fuzz-smoke schemathesis
 
 build:
 	$(CARGO) build --release --locked
@@ -74,10 +74,20 @@ chaos:
 chaos-smoke:
 	CHAOS_SMOKE=1 tests/chaos.sh
 
-# Fuzzes request parsing and validation (nightly and cargo-fuzz required).
+# Fuzzes request parsing and validation, and the framing decision, for
+# FUZZ_SECONDS each (nightly and cargo-fuzz required).
 FUZZ_SECONDS ?= 60
 fuzz:
 	cd fuzz && $(CARGO) +nightly fuzz run ingest_request -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536
+	cd fuzz && $(CARGO) +nightly fuzz run http_framing -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
+
+# The fuzzers for a few seconds each, so that they keep building and running.
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=10
+
+# openapi.yaml against a live server with schemathesis (--checks all).
+schemathesis:
+	tests/schemathesis.sh
 
 clean:
 	$(CARGO) clean

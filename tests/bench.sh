@@ -14,6 +14,9 @@
 #   7. open endpoints over a large outbox (a broker outage): /metrics and
 #      /v1/stats answer times, and ingest latency alone and beside 8
 #      scrapers of /metrics.
+#   8. memory: peak RSS of `ingestd api` with its default memory budget
+#      while 64 clients post maximum-size batches (1,000 events of 5 KB,
+#      about 5 MB each) back to back.
 #
 # BENCH_SMOKE=1 runs every step for a second or two, to keep the harness
 # working in CI; its figures mean nothing.
@@ -29,9 +32,11 @@ NAME=bench_$(date +%s)_$$
 OUT=${BENCH_OUT:-target/bench.json}
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   T=2; E2E_T=3; RATES="300"; LAT_RATES="200"; LAT_T=2; RELAY_N=2000; OPEN_ROWS=20000
+  MEM_REQUESTS=16
 else
   T=10; E2E_T=20; RATES="1000 2000 3000 4000 5000 6000 8000 10000"; LAT_RATES="1000 5000"; LAT_T=15; RELAY_N=50000
   OPEN_ROWS=1000000
+  MEM_REQUESTS=384
 fi
 # Each of the 8 scrapers of step 7 asks this often per second.
 SCRAPE_RATE=${BENCH_SCRAPE_RATE:-4}
@@ -230,6 +235,15 @@ load "$WORK/open-beside.json" --path /v1/events --concurrency "$CONC" --duration
 wait "$SCRAPERS"
 stop
 
+# 8. Peak RSS under maximum-size batches, with the default memory budget.
+reset
+log "memory: 64 clients posting 5 MB batches"
+start api
+load "$WORK/mem.json" --path /v1/events --concurrency 64 --requests "$MEM_REQUESTS" \
+  --batch 1000 --payload-bytes 5000 --timeout 60s
+MEM_RSS=$(peak_rss_mb)
+stop
+
 mkdir -p "$(dirname "$OUT")"
 python3 - "$OUT" "$WORK" <<PY
 import json, sys, platform, os
@@ -261,6 +275,7 @@ res = {
     "raw_publish_per_s": $RAW,
     "relay_ratio_to_raw": round($RELAY / $RAW, 2),
     "peak_rss_mb": $RSS,
+    "big_batches": dict({k: json.load(open(f"{work}/mem.json"))[k] for k in ("statuses", "errors")}, peak_rss_mb=$MEM_RSS, clients=64, batch=1000, payload_bytes=5000),
     "stripped_binary_mb": $SIZE,
     "open_endpoints": {
         "outbox_rows": $OPEN_ROWS,
@@ -295,6 +310,7 @@ o = res["open_endpoints"]
 rows += [
     ("/metrics over %d outbox rows, median of 15" % o["outbox_rows"], "%.2f ms" % o["metrics_scrape_ms"]["median_ms"]),
     ("/v1/stats over the same, median of 15", "%.2f ms" % o["stats_ms"]["median_ms"]),
+    ("peak RSS, api, default budget, 64 clients x 5 MB batches", "%.1f MB (answers %s)" % (res["big_batches"]["peak_rss_mb"], res["big_batches"]["statuses"])),
     ("ingest p50 / p99 there, alone", "%.2f / %.2f ms (%.0f/s)" % (o["ingest_alone"]["latency_ms"]["p50"], o["ingest_alone"]["latency_ms"]["p99"], o["ingest_alone"]["throughput_per_s"])),
     ("  beside 8 scrapers at %s/s each" % o["scrapers"]["rate_each_per_s"], "%.2f / %.2f ms (%.0f/s; %.1f scrapes/s, p99 %.2f ms)" % (o["ingest_beside_scrapers"]["latency_ms"]["p50"], o["ingest_beside_scrapers"]["latency_ms"]["p99"], o["ingest_beside_scrapers"]["throughput_per_s"], o["scrapers"]["per_s"], o["scrapers"]["p99_ms"])),
 ]
