@@ -92,8 +92,8 @@ impl Committer {
     pub fn submit(&self, submission: Submission, reply: Reply) {
         match self.queue.try_send(Pending { submission, reply }) {
             Ok(()) => {}
-            Err(TrySendError::Full(p)) => (p.reply)(Err(CommitError::Busy)),
-            Err(TrySendError::Disconnected(p)) => (p.reply)(Err(CommitError::Unavailable)),
+            Err(TrySendError::Full(p)) => deliver(p.reply, Err(CommitError::Busy)),
+            Err(TrySendError::Disconnected(p)) => deliver(p.reply, Err(CommitError::Unavailable)),
         }
     }
 }
@@ -158,7 +158,7 @@ fn commit_idempotent(store: &Store, p: Pending, settings: &Settings) {
             Err(CommitError::Failed)
         }
     };
-    (p.reply)(result);
+    deliver(p.reply, result);
 }
 
 fn commit(store: &Store, batch: Vec<Pending>, settings: &Settings) {
@@ -173,7 +173,7 @@ fn commit(store: &Store, batch: Vec<Pending>, settings: &Settings) {
             for p in batch {
                 let ids = p.submission.events.iter().map(|e| e.id).collect();
                 let created = vec![true; p.submission.events.len()];
-                (p.reply)(Ok(Written::Stored { ids, created }));
+                deliver(p.reply, Ok(Written::Stored { ids, created }));
             }
         }
         Err(e) if e.is_unavailable() => {
@@ -203,6 +203,15 @@ fn commit(store: &Store, batch: Vec<Pending>, settings: &Settings) {
 
 fn answer(batch: Vec<Pending>, result: Result<Written, CommitError>) {
     for p in batch {
-        (p.reply)(result.clone());
+        deliver(p.reply, result.clone());
+    }
+}
+
+/// Runs one request's reply on its own: a panic in it (a bug in building
+/// one answer) is logged and goes no further, so the replies after it in
+/// the same batch, whose events are committed too, are still delivered.
+fn deliver(reply: Reply, result: Result<Written, CommitError>) {
+    if panic::catch_unwind(AssertUnwindSafe(|| reply(result))).is_err() {
+        error!("commit: a reply panicked; the other requests of its batch are answered");
     }
 }

@@ -723,7 +723,8 @@ pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
                 api.committer.submit(
                     submission,
                     Box::new(move |result| {
-                        let response = commit_response(batch, result);
+                        // A bug building this answer answers 500 in JSON, not a bare 500.
+                        let response = guarded(|| commit_response(batch, result));
                         respond(&metrics, request, response, name, started);
                         drop(held);
                     }),

@@ -1131,9 +1131,30 @@ pub fn record_failure(
         "UPDATE events SET attempts = attempts + 1, last_error = $2, attempted_at = now(), \
          status = CASE WHEN $3 THEN 'failed' ELSE status END \
          WHERE id = $1 AND status = 'pending'",
-        &[&id, &error, &give_up],
+        &[&id, &storable_error(error), &give_up],
     )?;
     Ok(())
+}
+
+/// Longest `last_error` stored, in bytes.
+pub const MAX_ERROR_BYTES: usize = 2048;
+
+/// A processor's error text as PostgreSQL can always store it: U+0000,
+/// which `text` refuses, becomes U+FFFD, and the text is cut to
+/// [`MAX_ERROR_BYTES`] on a character boundary. Stored as it came, a NUL
+/// made recording the failure fail, so the event stayed `pending` while
+/// its delivery was dead-lettered, and it was re-sent for ever.
+pub fn storable_error(error: &str) -> String {
+    let mut text = error.replace('\0', "\u{fffd}");
+    if text.len() > MAX_ERROR_BYTES {
+        let mut cut = MAX_ERROR_BYTES - '…'.len_utf8();
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 #[cfg(test)]
@@ -1141,6 +1162,15 @@ mod tests {
     use super::*;
 
     const CAP: i64 = EXACT_UP_TO + 1;
+
+    #[test]
+    fn error_texts_are_made_storable() {
+        assert_eq!(storable_error("plain"), "plain");
+        assert_eq!(storable_error("a\0b"), "a\u{fffd}b");
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let stored = storable_error(&long);
+        assert!(stored.len() <= MAX_ERROR_BYTES && stored.ends_with('…'));
+    }
 
     #[test]
     fn counts_under_the_cap_are_exact() {

@@ -709,6 +709,79 @@ fn api_keys_guard_the_ingest_and_query_routes() {
     );
 }
 
+/// A panic in one reply of a committed batch spares the replies after it:
+/// every request whose events committed hears so. The batch is made by
+/// holding the committer on a table lock while two requests queue behind.
+#[test]
+fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
+    let env = TestEnv::new("replypanic");
+    let settings = commit::Settings {
+        threads: 1,
+        max_batch: 100,
+        key_ttl: Duration::from_secs(60),
+        queue: 16,
+        notify: false,
+        metrics: Arc::new(Metrics::default()),
+    };
+    let store = Store::open_sized(&env.config(), 2).unwrap();
+    let (committer, threads) = Committer::start(store, settings, None);
+    let one = |n: i32| Submission {
+        events: vec![NewEvent {
+            id: Uuid::new_v4(),
+            payload: json!(n),
+            event_type: None,
+            key: None,
+            client_id: false,
+        }],
+        batch: false,
+        idempotency_key: None,
+    };
+    let mut sql = env.sql();
+    let mut lock = sql.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let first = tx.clone();
+    committer.submit(
+        one(1),
+        Box::new(move |r| first.send((1, r.is_ok())).unwrap()),
+    );
+    // The committer is now waiting for the lock with the first request;
+    // the next two queue and make the next batch.
+    wait_until(
+        Duration::from_secs(10),
+        "the committer waits for the lock",
+        || {
+            env.count(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass",
+            ) > 0
+        },
+    );
+    let second = tx.clone();
+    committer.submit(
+        one(2),
+        Box::new(move |r| {
+            second.send((2, r.is_ok())).unwrap();
+            panic!("a bug in one reply");
+        }),
+    );
+    committer.submit(one(3), Box::new(move |r| tx.send((3, r.is_ok())).unwrap()));
+    lock.commit().unwrap();
+    let mut heard: Vec<(i32, bool)> = (0..3)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("every reply is called")
+        })
+        .collect();
+    heard.sort();
+    assert_eq!(heard, vec![(1, true), (2, true), (3, true)]);
+    assert_eq!(env.count("SELECT count(*) FROM events"), 3);
+    drop(committer);
+    for t in threads {
+        t.join().expect("the committer thread ends cleanly");
+    }
+}
+
 /// A panic in a commit batch (here, in a request's reply, after the commit)
 /// spares its committer: the thread goes on, and the next request is
 /// written and answered.

@@ -99,6 +99,23 @@ fn a_permanent_failure_fails_at_once_and_dead_letters() {
     app.shutdown().unwrap();
 }
 
+/// An error text PostgreSQL cannot store as it is (U+0000) is made
+/// storable, so the event still reaches `failed` instead of staying
+/// `pending` while its delivery is dead-lettered.
+#[test]
+fn a_failure_whose_text_holds_a_nul_is_still_recorded() {
+    let env = TestEnv::new("nulerror");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+
+    let id = ingest(addr, &json!({ "fail": "nul" }));
+    wait_status(&env, id, "failed");
+    let event = get(addr, &format!("/v1/events/{id}")).json();
+    assert_eq!(event["last_error"], "permanent: bad\u{fffd}byte");
+    assert_eq!(env.processor.calls(id).len(), 1, "never retried");
+    app.shutdown().unwrap();
+}
+
 #[test]
 fn failed_events_can_be_retried_by_api_and_replayed_by_cli() {
     let env = TestEnv::new("retryapi");

@@ -348,6 +348,8 @@ impl Processor for Scripted {
                 return Err(ProcessError::Permanent("told to fail".into()));
             }
             Some("panic") => panic!("told to panic"),
+            // An error text PostgreSQL's `text` cannot hold as it is.
+            Some("nul") => return Err(ProcessError::Permanent("bad\0byte".into())),
             // Leaves the transaction aborted yet reports success.
             Some("abort") => {
                 let _ = tx.batch_execute("SELECT 1/0");
