@@ -628,8 +628,8 @@ impl Store {
     }
 
     /// Re-sends, through the outbox, up to `limit` pending events that have
-    /// no outbox row and saw no attempt for `idle`: their message was lost
-    /// by the broker. Marks them attempted, so each is re-sent at most once
+    /// no outbox row and were neither handed to the broker nor attempted
+    /// for `idle`: their message was lost by the broker. Marks them attempted, so each is re-sent at most once
     /// per `idle`. Returns how many.
     pub fn resend_lost(&self, idle: Duration, limit: i64) -> Result<u64, Error> {
         let mut conn = self.conn()?;
@@ -1041,9 +1041,18 @@ pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRo
         .collect())
 }
 
-/// Deletes published outbox rows.
+/// Deletes published outbox rows, and restarts their events' idle clock
+/// (`attempted_at`): an event handed to the broker just now is waiting in
+/// a queue, not lost, however old it is. Without it, after a broker outage
+/// or a worker outage longer than `INGEST_REDELIVER_AFTER`, every event
+/// still queued looked lost and was published again. Returns how many
+/// events were touched.
 pub fn delete_outbox(tx: &mut Transaction<'_>, ids: &[i64]) -> Result<u64, Error> {
-    Ok(tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])?)
+    Ok(tx.execute(
+        "WITH published AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING event_id) \
+         UPDATE events SET attempted_at = now() WHERE id IN (SELECT event_id FROM published)",
+        &[&ids],
+    )?)
 }
 
 /// Locks an event row for processing; `None` if no such event exists.

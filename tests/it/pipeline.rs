@@ -259,3 +259,67 @@ fn a_pending_event_whose_message_was_lost_is_sent_again() {
     assert_eq!(env.count("SELECT count(*) FROM outbox"), 0);
     app.shutdown().unwrap();
 }
+
+/// The lost-message sweeper tells "published, waiting in a queue" from
+/// "lost": an old event handed to the broker recently (no worker is
+/// running, so its message waits in the queue) is not re-sent, while one
+/// handed over long ago and gone from the queue is, in the same pass.
+#[test]
+fn the_sweeper_re_sends_lost_events_but_not_queued_ones() {
+    let env = TestEnv::new("sweeper");
+    let config = env.config_with(&[("INGEST_REDELIVER_AFTER", "2s")]);
+    let api = env.start_role(&config, Role::Api);
+    let addr = api.http_addr().unwrap();
+    let queued: Vec<Uuid> = (0..5).map(|i| ingest(addr, &json!(i))).collect();
+    let queue = env.topology().queue.to_string();
+    // No worker: the relay publishes them and they wait in the queue.
+    let relay = env.start_role(&config, Role::Relay);
+    wait_until(Duration::from_secs(10), "five messages queued", || {
+        queued_messages(&queue) == Some(5)
+    });
+    // All of them were created long ago (a long outage) ...
+    env.sql()
+        .execute("UPDATE events SET created_at = now() - interval '1 hour'", &[])
+        .unwrap();
+    // ... and one more was handed over long ago and never arrived: its
+    // message was lost.
+    let lost = Uuid::new_v4();
+    env.sql()
+        .execute(
+            "INSERT INTO events (id, payload, created_at, attempted_at) \
+             VALUES ($1, '\"lost\"', now() - interval '1 hour', now() - interval '1 hour')",
+            &[&lost],
+        )
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the lost event re-sent", || {
+        env.queue_depth(&queue) == 6
+    });
+    // The pass that found the lost one left the queued ones alone.
+    assert_eq!(env.queue_depth(&queue), 6);
+    assert_eq!(env.count("SELECT count(*) FROM outbox"), 0);
+    let sent_once = env
+        .sql()
+        .query_one(
+            "SELECT count(*) FROM events WHERE id = ANY($1) \
+             AND attempted_at > now() - interval '1 minute'",
+            &[&queued],
+        )
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(sent_once, 5, "the queued events' clocks restarted when published");
+    relay.shutdown().unwrap();
+    api.shutdown().unwrap();
+}
+
+/// Messages ready in `queue`, or `None` while it does not exist yet.
+fn queued_messages(queue: &str) -> Option<u32> {
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    let mut conn = ingestd::broker::connect(&url, Duration::from_secs(5)).expect("amqp connect");
+    let channel = conn.open_channel(None).expect("channel");
+    let depth = channel
+        .queue_declare_passive(queue)
+        .ok()
+        .map(|q| q.declared_message_count().unwrap_or(0));
+    let _ = conn.close();
+    depth
+}
