@@ -10,7 +10,14 @@ use tiny_http::{Framing, HTTPVersion, Header};
 fuzz_target!(|data: &[u8]| {
     // Each line is a header: its first byte picks the name, the rest is
     // the value, so that the framing headers come up often.
-    let names = ["Content-Length", "Transfer-Encoding", "content-length", "TRANSFER-ENCODING", "Connection", "Upgrade"];
+    let names = [
+        "Content-Length",
+        "Transfer-Encoding",
+        "content-length",
+        "TRANSFER-ENCODING",
+        "Connection",
+        "Upgrade",
+    ];
     let headers: Vec<Header> = data
         .split(|b| *b == b'\n')
         .filter_map(|line| {
@@ -18,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             Header::from_bytes(names[*first as usize % names.len()], value).ok()
         })
         .collect();
-    let values = |name: &str| -> Vec<String> {
+    let values = |name: &'static str| -> Vec<String> {
         headers
             .iter()
             .filter(|h| h.field.equiv(name))
