@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Auth, Channel, Confirm, ConfirmSmoother, Connection,
-    ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions, ExchangeType, FieldTable, Publish,
-    QueueDeclareOptions, Return,
+    ConnectionBlockedNotification, ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions,
+    ExchangeType, FieldTable, Publish, QueueDeclareOptions, Return,
 };
 use crossbeam_channel::Receiver;
 
@@ -473,19 +473,30 @@ pub struct Publisher {
     channel: ConfirmChannel,
     connection: Connection,
     exchange: String,
+    blocked: Receiver<ConnectionBlockedNotification>,
 }
 
 impl Publisher {
     /// Connects, declares the topology and opens a confirm channel.
     pub fn open(url: &AmqpUrl, topology: &Topology, timeout: Duration) -> Result<Publisher, Error> {
         let mut connection = connect(url, timeout)?;
+        // RabbitMQ says when it stops taking this connection's messages (a
+        // memory or disk alarm) and when it takes them again.
+        let blocked = connection.listen_for_connection_blocked()?;
         let channel = ConfirmChannel::open(&mut connection)?;
         topology.declare(channel.channel())?;
         Ok(Publisher {
             channel,
             connection,
             exchange: topology.exchange.clone(),
+            blocked,
         })
+    }
+
+    /// The broker's `connection.blocked` and `connection.unblocked`
+    /// notifications for this connection.
+    pub fn blocked_notifications(&self) -> &Receiver<ConnectionBlockedNotification> {
+        &self.blocked
     }
 
     /// Publishes a batch of events and waits for all confirms.

@@ -99,8 +99,8 @@ pub fn parsed_bound(body: &[u8]) -> usize {
 /// grows well past what is live. Measured with 64 clients posting 5 MB
 /// batches and a 256 MiB budget: a peak of 415 MB with glibc's defaults,
 /// 285 MB with a fixed threshold and four heaps. A
-/// variable the user set (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_ARENA_MAX`) is
-/// left as it is. The binary calls this once at start-up; a program
+/// variable the user set (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_ARENA_MAX`,
+/// `GLIBC_TUNABLES`) is left as it is. The binary calls this once at start-up; a program
 /// embedding the library decides for itself.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -111,6 +111,10 @@ pub fn tune_allocator() {
         // From glibc's malloc.h.
         const M_MMAP_THRESHOLD: i32 = -3;
         const M_ARENA_MAX: i32 = -8;
+        // The user's own tuning of glibc's allocator wins.
+        if std::env::var_os("GLIBC_TUNABLES").is_some() {
+            return;
+        }
         if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
             // Blocks of 128 KiB and more are mapped and unmapped on their own.
             // SAFETY: mallopt only sets a parameter of the allocator.

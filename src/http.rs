@@ -9,7 +9,7 @@
 //! refused on its head costs no body bytes. A panic in a handler answers 500
 //! and the thread goes on serving.
 
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +25,7 @@ use crate::auth::{self, ApiKeys};
 use crate::commit::{CommitError, Committer};
 use crate::config::MetricsAuth;
 use crate::footprint;
-use crate::health::Health;
+use crate::health::{Health, Link};
 use crate::ingest::{self, Limits};
 use crate::metrics::{Gauges, Metrics};
 use crate::stats::Stats;
@@ -556,14 +556,25 @@ impl Api {
         // counts it against INGEST_HTTP_BUFFER_BYTES.
         let (body, mut held) = match request.take_whole_body() {
             Some((body, reservation)) => (body, Some(reservation)),
-            None => (self.read_body(request)?, None),
+            // Not whole in memory: no body at all, or a chunked one longer
+            // than the limit (a longer Content-Length was refused on its
+            // head), which is not read into memory at all.
+            None if request.body_length().unwrap_or(0) == 0
+                && header_value(request, "Transfer-Encoding").is_none() =>
+            {
+                (Vec::new(), None)
+            }
+            None => return Err(ApiError::BodyTooLarge(self.max_body_bytes)),
         };
         // What the parse will take is reserved before it runs, and stays
         // reserved, in place of the body, until the request is answered.
+        ingest::check_text(&body, &self.limits)?;
         let parsed_bound = footprint::parsed_bound(&body);
         if let Some(held) = &mut held {
             let needs = held.bytes().saturating_add(parsed_bound);
             if needs > held.limit() {
+                // Invalid JSON is answered as such, not as too large.
+                ingest::check_syntax(&body)?;
                 return Err(ApiError::TooManyValues(needs, held.limit()));
             }
             if !held.grow(parsed_bound) {
@@ -588,22 +599,6 @@ impl Api {
             // A full channel means a wake-up is already pending.
             let _ = wake.try_send(());
         }
-    }
-
-    /// The body, at most `max_body_bytes` of it (a longer announced length
-    /// was refused by [`check_head`]; a chunked body is cut here).
-    fn read_body(&self, request: &mut Request) -> Result<Vec<u8>, ApiError> {
-        let max = self.max_body_bytes;
-        let mut body = Vec::with_capacity(request.body_length().unwrap_or(0).min(max));
-        request
-            .as_reader()
-            .take(max as u64 + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| ApiError::InvalidBody(format!("the body could not be read: {e}")))?;
-        if body.len() > max {
-            return Err(ApiError::BodyTooLarge(max));
-        }
-        Ok(body)
     }
 
     /// The metrics; the database figures are the stats refresher's last
@@ -637,9 +632,9 @@ impl Api {
             }
         };
         checks.insert("postgres".into(), db.into());
-        for (name, up) in self.health.broker_checks() {
-            ready &= up;
-            checks.insert(name.into(), if up { "up" } else { "down" }.into());
+        for (name, link) in self.health.broker_links() {
+            ready &= link == Link::Up;
+            checks.insert(name.into(), link.as_str().into());
         }
         let status = if ready { "ready" } else { "unavailable" };
         json_response(

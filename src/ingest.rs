@@ -44,18 +44,32 @@ pub struct Parsed {
     pub batch: bool,
 }
 
-/// Parses and validates an ingest body.
-pub fn parse(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
+/// The checks on a body's text that cost a scan, not a parse: not empty,
+/// UTF-8, not nested deeper than the limit.
+pub fn check_text(body: &[u8], limits: &Limits) -> Result<(), ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::InvalidJson("the body is empty".into()));
     }
     if std::str::from_utf8(body).is_err() {
         return Err(ApiError::InvalidJson("the body is not valid UTF-8".into()));
     }
-    // Checked before parsing, so a deep body costs a scan, not a deep parse.
     if nesting_exceeds(body, limits.max_depth) {
         return Err(ApiError::TooDeep(limits.max_depth));
     }
+    Ok(())
+}
+
+/// Checks that `body` is JSON without building anything from it.
+pub fn check_syntax(body: &[u8]) -> Result<(), ApiError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| ApiError::InvalidJson(e.to_string()))
+}
+
+/// Parses and validates an ingest body.
+pub fn parse(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
+    // Checked before parsing, so a deep body costs a scan, not a deep parse.
+    check_text(body, limits)?;
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     match value {

@@ -35,6 +35,22 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Sets the value.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// A histogram with fixed upper bounds, cumulative as Prometheus wants.
 #[derive(Debug)]
 pub struct Histogram {
@@ -137,6 +153,8 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Broker connections (re)established by the relay and the consumer.
     pub broker_connects: Counter,
+    /// 1 while the broker blocks the relay's publishing (`connection.blocked`).
+    pub broker_blocked: Gauge,
     /// Reads of the database figures behind `/metrics` and the status page.
     pub stats_refreshes: Counter,
     /// Those reads that failed (the previous figures were kept).
@@ -163,6 +181,7 @@ impl Default for Metrics {
             dead_lettered: Counter::default(),
             duplicates: Counter::default(),
             broker_connects: Counter::default(),
+            broker_blocked: Gauge::default(),
             stats_refreshes: Counter::default(),
             stats_refresh_failures: Counter::default(),
             stats_refresh_seconds: Histogram::new(SECONDS),
@@ -365,6 +384,11 @@ impl Metrics {
                 "ingestd_http_buffered_bytes",
                 "Bytes of request bodies and unwritten answers held in memory.",
                 gauges.http_buffered_bytes,
+            ),
+            (
+                "ingestd_broker_blocked",
+                "1 while the broker blocks the relay's publishing (a memory or disk alarm).",
+                self.broker_blocked.get() as usize,
             ),
         ] {
             gauge(&mut out, name, help, value.to_string());

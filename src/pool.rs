@@ -10,8 +10,9 @@
 //! `statement_timeout` plus [`RESPONSE_GRACE`] is given up by the client,
 //! which closes the connection (the patched `postgres` crate's response
 //! timeout); and the pool's checkout test waits at most
-//! `INGEST_DB_TIMEOUT`. Once any of these finds the database gone,
-//! [`Outage`] remembers it, so that the callers queued behind get their
+//! `INGEST_DB_TIMEOUT`, as does a new connection's whole startup. Once a
+//! connect or a check fails, or a checkout times out while the pool is not
+//! merely busy, [`Outage`] remembers that the database is gone, so that the callers queued behind get their
 //! error at once instead of each waiting its own full timeout, while one
 //! probe at a time finds out when the database is back. This module owns
 //! connections and their failures; it runs no statements of its own but the
@@ -81,13 +82,11 @@ impl ManageConnection for Manager {
     }
 
     fn has_broken(&self, client: &mut Client) -> bool {
-        // A connection closed under its user: the server went away, or it
-        // stopped answering and the client gave the connection up.
-        let broken = client.is_closed();
-        if broken {
-            self.outage.observe(false);
-        }
-        broken
+        // A connection closed under its user (the server went away, or it
+        // stopped answering and the client gave it up) is discarded. One
+        // closed connection is not an outage (an administrator may have
+        // ended its session): the next connect or check decides.
+        client.is_closed()
     }
 }
 

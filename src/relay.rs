@@ -10,13 +10,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use amiquip::ConnectionBlockedNotification;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, never, select};
 use log::{debug, info, warn};
 use postgres::fallible_iterator::FallibleIterator;
 
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
-use crate::health::Health;
+use crate::health::{Health, Link};
 use crate::metrics::Metrics;
 use crate::store::{self, Store};
 
@@ -94,7 +95,40 @@ impl Relay {
         let mut publisher: Option<Publisher> = None;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut failing = false;
+        let mut blocked = Blocked::default();
         while matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+            // A broker that blocks publishers (a memory or disk alarm) would
+            // only make a batch wait for its confirms in vain: rows stay in
+            // the outbox until it takes messages again.
+            if let Some(p) = &publisher {
+                match blocked.update(p, &self.health, &self.metrics) {
+                    Change::Closed => {
+                        publisher = None;
+                        blocked = Blocked::default();
+                        self.metrics.broker_blocked.set(0);
+                        self.health.set_relay(false);
+                        continue;
+                    }
+                    Change::Unblocked if blocked.spent => {
+                        // The batch that met the alarm left the channel in
+                        // an unknown state: reconnect now that it is over.
+                        publisher = None;
+                        blocked = Blocked::default();
+                        self.health.set_relay(false);
+                        continue;
+                    }
+                    _ if blocked.reason.is_some() => {
+                        let notifications = p.blocked_notifications().clone();
+                        select! {
+                            recv(stop) -> _ => break,
+                            recv(notifications) -> _ => {},
+                            default(self.poll) => {},
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             let result = match publisher.as_mut() {
                 Some(p) => self.relay_once(p),
                 None => match Publisher::open(&self.url, &self.topology, self.connect_timeout) {
@@ -123,6 +157,16 @@ impl Relay {
                 }
                 Err(e) => {
                     if let Error::Broker(_) = e {
+                        // A confirm that timed out because the broker
+                        // blocked us: wait for it to unblock, then
+                        // reconnect; otherwise reconnect now.
+                        if let Some(p) = &publisher {
+                            blocked.update(p, &self.health, &self.metrics);
+                        }
+                        if blocked.reason.is_some() {
+                            blocked.spent = true;
+                            continue;
+                        }
                         publisher = None;
                         self.health.set_relay(false);
                     }
@@ -173,6 +217,59 @@ impl Relay {
         tx.commit()?;
         self.metrics.published.add(ids.len() as u64);
         Ok(ids.len())
+    }
+}
+
+/// Whether the broker blocks the relay's connection, from its
+/// `connection.blocked` notifications.
+#[derive(Default)]
+struct Blocked {
+    /// Why, while blocked.
+    reason: Option<String>,
+    /// A batch failed while blocked: reconnect once unblocked.
+    spent: bool,
+}
+
+/// What the notifications that arrived changed.
+enum Change {
+    /// Nothing that needs acting on.
+    None,
+    /// The broker takes messages again.
+    Unblocked,
+    /// The connection is gone.
+    Closed,
+}
+
+impl Blocked {
+    /// Takes the notifications that arrived.
+    fn update(&mut self, publisher: &Publisher, health: &Health, metrics: &Metrics) -> Change {
+        let mut change = Change::None;
+        loop {
+            let notification = match publisher.blocked_notifications().try_recv() {
+                Ok(notification) => notification,
+                Err(TryRecvError::Empty) => return change,
+                Err(TryRecvError::Disconnected) => return Change::Closed,
+            };
+            match notification {
+                ConnectionBlockedNotification::Blocked(reason) => {
+                    warn!(
+                        "relay: the broker blocks publishing ({reason}); rows wait in the outbox"
+                    );
+                    health.set_relay_link(Link::Blocked);
+                    metrics.broker_blocked.set(1);
+                    self.reason = Some(reason);
+                    change = Change::None;
+                }
+                ConnectionBlockedNotification::Unblocked => {
+                    if self.reason.take().is_some() {
+                        info!("relay: the broker takes messages again");
+                    }
+                    health.set_relay_link(Link::Up);
+                    metrics.broker_blocked.set(0);
+                    change = Change::Unblocked;
+                }
+            }
+        }
     }
 }
 

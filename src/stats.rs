@@ -342,11 +342,10 @@ impl Stats {
         let (queue_depth, dead_depth) = *self.queues.lock().unwrap_or_else(|e| e.into_inner());
         let mut health = serde_json::Map::new();
         health.insert("postgres".into(), if db.up { "up" } else { "down" }.into());
-        let checks = self.health.broker_checks();
+        let links = self.health.broker_links();
         for name in ["broker_relay", "broker_consumer"] {
-            let state = match checks.iter().find(|(n, _)| *n == name) {
-                Some((_, true)) => "up",
-                Some((_, false)) => "down",
+            let state = match links.iter().find(|(n, _)| *n == name) {
+                Some((_, link)) => link.as_str(),
                 None => "not run here",
             };
             health.insert(name.into(), state.into());

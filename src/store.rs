@@ -33,6 +33,10 @@ pub fn schema_fingerprint() -> String {
 /// A pooled connection.
 pub type Conn = PooledConnection<Manager>;
 
+/// The longest one step of a schema migration may take (an index built on
+/// a large table).
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Failures reaching or using PostgreSQL.
 #[derive(Debug)]
 pub enum Error {
@@ -371,8 +375,6 @@ pub struct Store {
     pool: r2d2::Pool<Manager>,
     schema: String,
     pg_config: postgres::Config,
-    /// The longest wait for a connection check or a ping.
-    check_timeout: Duration,
     /// Whether the database is known to be unreachable.
     outage: Arc<Outage>,
 }
@@ -418,7 +420,6 @@ impl Store {
             pool,
             schema: config.db_schema.clone(),
             pg_config: pg,
-            check_timeout: config.db_timeout,
             outage,
         })
     }
@@ -430,16 +431,16 @@ impl Store {
         }
         let conn = self.pool.get();
         if conn.is_err() {
-            // No connection within the pool timeout: every one the pool
-            // tried, or is still opening, failed or is still waiting.
-            self.outage.observe(false);
+            // No connection within the pool timeout. With every connection
+            // checked out the pool is merely busy; otherwise the ones it
+            // tried, or is still opening, failed or did not answer.
+            let state = self.pool.state();
+            let busy = state.idle_connections == 0 && state.connections >= self.pool.max_size();
+            if !busy {
+                self.outage.observe(false);
+            }
         }
         Ok(conn?)
-    }
-
-    /// True while the database is known to be unreachable.
-    pub fn is_down(&self) -> bool {
-        self.outage.is_down()
     }
 
     /// A dedicated connection outside the pool (for `LISTEN`).
@@ -466,7 +467,12 @@ impl Store {
     /// deadlock with live transactions. A deadlock while applying a new
     /// schema is retried.
     pub fn migrate(&self) -> Result<(), Error> {
-        let mut client = self.dedicated()?;
+        // Building an index on a large table may take long: the migration
+        // runs without the statement timeout and gives the server up to
+        // MIGRATION_TIMEOUT for each step.
+        let mut config = self.pg_config.clone();
+        config.response_timeout(MIGRATION_TIMEOUT);
+        let mut client = config.connect(NoTls)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -488,6 +494,10 @@ impl Store {
     fn migrate_once(&self, client: &mut Client) -> Result<(), Error> {
         let fingerprint = schema_fingerprint();
         let mut tx = client.transaction()?;
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            MIGRATION_TIMEOUT.as_millis()
+        ))?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('ingestd.migrate'))",
             &[],
@@ -656,8 +666,10 @@ impl Store {
 
     /// Answers whether PostgreSQL responds.
     pub fn ping(&self) -> Result<(), Error> {
-        // Within INGEST_DB_TIMEOUT even if the server stopped answering.
-        self.conn()?.is_valid(self.check_timeout)?;
+        // The checkout runs the pool's check (within INGEST_DB_TIMEOUT even
+        // if the server stopped answering); a new connection has just
+        // answered.
+        self.conn()?;
         Ok(())
     }
 
@@ -1045,12 +1057,16 @@ pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRo
 /// (`attempted_at`): an event handed to the broker just now is waiting in
 /// a queue, not lost, however old it is. Without it, after a broker outage
 /// or a worker outage longer than `INGEST_REDELIVER_AFTER`, every event
-/// still queued looked lost and was published again. Returns how many
-/// events were touched.
+/// still queued looked lost and was published again. An event a worker
+/// holds locked is being handled right now and is skipped, so that the
+/// relay never waits for a processor. Returns how many events were
+/// touched.
 pub fn delete_outbox(tx: &mut Transaction<'_>, ids: &[i64]) -> Result<u64, Error> {
     Ok(tx.execute(
-        "WITH published AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING event_id) \
-         UPDATE events SET attempted_at = now() WHERE id IN (SELECT event_id FROM published)",
+        "WITH published AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING event_id), \
+         idle AS (SELECT id FROM events WHERE id IN (SELECT event_id FROM published) \
+                  AND status = 'pending' FOR UPDATE SKIP LOCKED) \
+         UPDATE events SET attempted_at = now() WHERE id IN (SELECT id FROM idle)",
         &[&ids],
     )?)
 }

@@ -4,11 +4,15 @@
 #
 # Drives events at a steady rate through a release build of ingestd on
 # loopback while it SIGKILLs and restarts ingestd twice, restarts RabbitMQ
-# once (stop_app/start_app) and PostgreSQL once. Then it waits for the
-# backlog to drain and checks every event that got a 202, by id. It prints
-# one summary line and exits non-zero if anything was lost or processed
-# twice. Run it alone: it restarts the shared services (and always leaves
-# them running).
+# once (stop_app/start_app) and PostgreSQL once, raises a real memory alarm
+# on RabbitMQ (its high watermark set to 0, then restored), which blocks
+# every publisher, and blackholes PostgreSQL (ingestd reaches it through
+# tests/blackhole_proxy.py, which then holds every byte and closes
+# nothing). Then it waits for the backlog to drain and checks every event
+# that got a 202, by id. It prints one summary line and exits non-zero if
+# anything was lost or processed twice, or if /readyz never said the relay
+# was blocked or PostgreSQL down. Run it alone: it restarts and alarms the
+# shared services (and always leaves them running, the watermark restored).
 #
 # CHAOS_SMOKE=1 (`make chaos-smoke`, run by CI) does the same kills and
 # restarts, a second apart, with 200 events/s offered for 10 s, in about a
@@ -32,8 +36,15 @@ NAME=chaos_$(date +%s)_$$
 WORK=$(mktemp -d)
 PG_VERSION=$(ls /etc/postgresql 2>/dev/null | sort -n | tail -n1)
 
-export INGEST_DATABASE_URL=$DB_URL INGEST_DB_SCHEMA=$NAME INGEST_AMQP_PREFIX=$NAME
+# ingestd reaches PostgreSQL through a proxy that can play a vanished host
+# (tests/blackhole_proxy.py); a short statement timeout keeps the bound on
+# a silent server (it plus 5 s) short.
+PROXY_PORT=${CHAOS_PROXY_PORT:-5092}
+PG_HOSTPORT=$(python3 -c "import sys, urllib.parse as u; p = u.urlparse(sys.argv[1]); print('%s:%d' % (p.hostname or '127.0.0.1', p.port or 5432))" "$DB_URL")
+PROXIED_DB_URL=$(python3 -c "import sys, urllib.parse as u; p = u.urlparse(sys.argv[1]); print(p._replace(netloc=(p.username + '@' if p.username else '') + '127.0.0.1:' + sys.argv[2]).geturl())" "$DB_URL" "$PROXY_PORT")
+export INGEST_DATABASE_URL=$PROXIED_DB_URL INGEST_DB_SCHEMA=$NAME INGEST_AMQP_PREFIX=$NAME
 export INGEST_HTTP_ADDR=127.0.0.1:$PORT INGEST_RETRY_DELAYS=1s,2s INGEST_LOG=info
+export INGEST_DB_STATEMENT_TIMEOUT=2s
 
 cargo build --release --locked --bin ingestd --bin loadgen >&2
 BIN=${CARGO_TARGET_DIR:-target}/release
@@ -59,8 +70,13 @@ recovered() {
   secs_since "$since"
 }
 
+# RabbitMQ's memory high watermark before the alarm phase, to restore.
+WATERMARK=
 services_up() {
   rabbitmqctl -q start_app >/dev/null 2>&1 || true
+  if [ -n "$WATERMARK" ]; then
+    rabbitmqctl -q set_vm_memory_high_watermark "$WATERMARK" >/dev/null 2>&1 || true
+  fi
   if ! pg_isready -q -h 127.0.0.1; then
     pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start || true
   fi
@@ -68,6 +84,7 @@ services_up() {
 
 cleanup() {
   [ -n "${LOADER:-}" ] && kill "$LOADER" 2>/dev/null || true
+  [ -n "${PROXY:-}" ] && kill "$PROXY" 2>/dev/null || true
   [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
   services_up
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 && break; sleep 1; done
@@ -77,12 +94,15 @@ cleanup() {
 trap cleanup EXIT
 
 services_up
+python3 tests/blackhole_proxy.py "$PROXY_PORT" "$PG_HOSTPORT" >>"$WORK/proxy.log" 2>&1 &
+PROXY=$!
+for _ in $(seq 1 50); do grep -q listening "$WORK/proxy.log" && break; sleep 0.1; done
 start_ingestd
 recovered "$(now)" >/dev/null
 
 log "offering $RATE events/s for ${DURATION}s to schema $NAME"
 "$BIN/loadgen" --url "http://127.0.0.1:$PORT" --rate "$RATE" --duration "${DURATION}s" \
-  --concurrency 32 --ids-out "$WORK/ids" --json >"$WORK/load.json" 2>"$WORK/load.err" &
+  --concurrency 32 --timeout 30s --ids-out "$WORK/ids" --json >"$WORK/load.json" 2>"$WORK/load.err" &
 LOADER=$!
 step() { sleep "$1"; }
 # Says whether a fault lands while the load generator still offers events.
@@ -119,12 +139,54 @@ t=$(now)
 pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main restart
 R_PG=$(recovered "$t")
 
+# Waits until /readyz says $1 is $2 and prints how long that took since $3.
+readyz_says() {
+  local check=$1 want=$2 since=$3 deadline=$((SECONDS + 60))
+  until curl -s "http://127.0.0.1:$PORT/readyz" | grep -q "\"$check\":\"$want\""; do
+    if ((SECONDS > deadline)); then echo "never"; return; fi
+    sleep 0.1
+  done
+  secs_since "$since"
+}
+
+# A memory alarm: RabbitMQ blocks every publisher until it clears. The relay
+# must say "blocked", keep the rows in the outbox, and resume by itself;
+# ingest goes on answering 202.
+step "$STEP"
+WATERMARK=$(rabbitmqctl -q eval 'vm_memory_monitor:get_vm_memory_high_watermark().' 2>/dev/null | tr -d '\r')
+case "$WATERMARK" in
+  0.*|1|1.0) ;;
+  *) log "memory watermark $WATERMARK is not a fraction; restoring 0.4 after the alarm"; WATERMARK=0.4 ;;
+esac
+log "RabbitMQ memory alarm, $(load_state)"
+t=$(now)
+rabbitmqctl -q set_vm_memory_high_watermark 0 >/dev/null
+R_BLOCKED=$(readyz_says broker_relay blocked "$t")
+step "$STEP"
+log "RabbitMQ memory alarm cleared"
+t=$(now)
+rabbitmqctl -q set_vm_memory_high_watermark "$WATERMARK" >/dev/null
+R_ALARM=$(recovered "$t")
+
+# A blackhole: PostgreSQL vanishes without closing anything.
+step "$STEP"
+log "PostgreSQL blackholed, $(load_state)"
+kill -USR1 "$PROXY"
+t=$(now)
+R_DB_DOWN=$(readyz_says postgres down "$t")
+step "$STEP"
+log "PostgreSQL back from the blackhole"
+kill -USR2 "$PROXY"
+t=$(now)
+R_BLACKHOLE=$(recovered "$t")
+
 wait "$LOADER" || true
 LOADER=
 sort -u "$WORK/ids" >"$WORK/ids.sorted"
 ACCEPTED=$(wc -l <"$WORK/ids.sorted")
 SENT=$(sed -n 's/.*"sent":\([0-9]*\).*/\1/p' "$WORK/load.json")
 
+LOAD_ERRORS=$(sed -n 's/.*"errors":\([0-9]*\).*/\1/p' "$WORK/load.json")
 psql_q "CREATE TABLE $NAME.accepted (id uuid PRIMARY KEY)"
 psql "$DB_URL" -v ON_ERROR_STOP=1 -q -c "\\copy $NAME.accepted FROM '$WORK/ids.sorted'"
 
@@ -146,8 +208,9 @@ read -r PROCESSED FAILED LOST TWICE < <(psql_q "
 
 kill -TERM "$PID"; wait "$PID" || true; PID=
 
-echo "chaos: sent=$SENT accepted=$ACCEPTED processed=$PROCESSED failed=$FAILED lost=$LOST processed_twice=$TWICE recovery: kill1=$R_KILL1 rabbitmq=$R_RABBIT kill2=$R_KILL2 postgres=$R_PG drain=$R_DRAIN"
-if [ "$LOST" != "0" ] || [ "$TWICE" != "0" ] || [ "$ACCEPTED" -lt 1 ]; then
+echo "chaos: sent=$SENT accepted=$ACCEPTED unanswered=$LOAD_ERRORS processed=$PROCESSED failed=$FAILED lost=$LOST processed_twice=$TWICE recovery: kill1=$R_KILL1 rabbitmq=$R_RABBIT kill2=$R_KILL2 postgres=$R_PG alarm_seen=$R_BLOCKED alarm=$R_ALARM blackhole_seen=$R_DB_DOWN blackhole=$R_BLACKHOLE drain=$R_DRAIN"
+if [ "$LOST" != "0" ] || [ "$TWICE" != "0" ] || [ "$ACCEPTED" -lt 1 ] \
+  || [ "$R_BLOCKED" = never ] || [ "$R_DB_DOWN" = never ]; then
   tail -n 40 "$WORK/ingestd.log" >&2
   exit 1
 fi

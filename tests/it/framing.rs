@@ -183,6 +183,26 @@ fn ambiguous_framing_is_refused_and_no_hidden_request_runs() {
             "bad_request",
         ),
         (
+            "a chunk extension ending in a bare LF",
+            format!("Transfer-Encoding: chunked\r\n\r\nd;x\nZZ\r\n{outer}\r\n0\r\n\r\n{HIDDEN}"),
+            400,
+            "bad_request",
+        ),
+        (
+            "a chunk trailer line ending in a bare LF",
+            format!(
+                "Transfer-Encoding: chunked\r\n\r\nd\r\n{outer}\r\n0\r\nX: a\nY: b\r\n\r\n{HIDDEN}"
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "whitespace before a chunk size",
+            format!("Transfer-Encoding: chunked\r\n\r\n d\r\n{outer}\r\n0\r\n\r\n{HIDDEN}"),
+            400,
+            "bad_request",
+        ),
+        (
             "a bare CR inside a header line",
             format!(
                 "X-Note: a\rTransfer-Encoding: chunked\r\nContent-Length: 13\r\n\r\n{outer}{HIDDEN}"
@@ -409,7 +429,8 @@ fn upgrade_tricklers_do_not_stall_the_api() {
     // Wait until the server holds all eight bodies' first bytes: they are
     // being buffered on their connections' threads, not by handlers.
     wait_until(Duration::from_secs(5), "eight connections open", || {
-        metric(addr, "ingestd_http_connections") >= 8.0
+        // Eight tricklers and the scrape's own connection.
+        metric(addr, "ingestd_http_connections") >= 9.0
     });
     let started = Instant::now();
     assert_eq!(get(addr, "/healthz").status, 200);

@@ -614,6 +614,16 @@ fn a_body_too_costly_to_parse_gets_413_and_writes_nothing() {
     assert_eq!(r.json()["error"], "body_too_large");
     let detail = r.json()["detail"].as_str().unwrap().to_string();
     assert!(detail.contains("JSON values"), "{detail}");
+    // Text that is not JSON, or nests too deep, is answered as such, not as
+    // too costly.
+    let commas = ",".repeat(400_000);
+    let r = post_json(addr, "/v1/events", &commas);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"], "invalid_json");
+    let brackets = "[".repeat(400_000);
+    let r = post_json(addr, "/v1/events", &brackets);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"], "too_deep");
     // The same number of values in long strings fits.
     let fits = json!({ "payload": vec!["x".repeat(100); 1000] }).to_string();
     assert_eq!(post_json(addr, "/v1/events", &fits).status, 202);

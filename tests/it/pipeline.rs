@@ -279,7 +279,10 @@ fn the_sweeper_re_sends_lost_events_but_not_queued_ones() {
     });
     // All of them were created long ago (a long outage) ...
     env.sql()
-        .execute("UPDATE events SET created_at = now() - interval '1 hour'", &[])
+        .execute(
+            "UPDATE events SET created_at = now() - interval '1 hour'",
+            &[],
+        )
         .unwrap();
     // ... and one more was handed over long ago and never arrived: its
     // message was lost.
@@ -306,7 +309,10 @@ fn the_sweeper_re_sends_lost_events_but_not_queued_ones() {
         )
         .unwrap()
         .get::<_, i64>(0);
-    assert_eq!(sent_once, 5, "the queued events' clocks restarted when published");
+    assert_eq!(
+        sent_once, 5,
+        "the queued events' clocks restarted when published"
+    );
     relay.shutdown().unwrap();
     api.shutdown().unwrap();
 }

@@ -487,8 +487,16 @@ impl Config {
             .build()
             .unwrap(); // FIXME don't unwrap
 
-        // ingestd patch: the startup exchange is bounded too
-        let (client, connection) = match self.response_timeout {
+        // ingestd patch: the whole connect, startup exchange included, is
+        // bounded: by the connect timeout for each host when one is set (a
+        // proxy that accepts and holds a connection must not keep a pool's
+        // connecting thread for a whole response timeout), else by the
+        // response timeout.
+        let bound = match self.config.get_connect_timeout() {
+            Some(per_host) => Some(*per_host * self.config.get_hosts().len().max(1) as u32),
+            None => self.response_timeout,
+        };
+        let (client, connection) = match bound {
             None => runtime.block_on(self.config.connect(tls))?,
             Some(timeout) => runtime
                 .block_on(async {

@@ -61,12 +61,26 @@ impl<R: Read> ChunkedReader<R> {
         Ok(())
     }
 
-    /// Reads `chunk-size [ ; extensions ] CRLF` and returns the size.
+    /// Reads `chunk-size [ chunk-ext ] CRLF` and returns the size.
+    ///
+    /// Strictly as RFC 9112 §7.1 writes it, since a proxy that reads a size
+    /// line differently would frame the body differently: the size starts
+    /// the line (no whitespace before it); whitespace after it only before
+    /// a `;`; an extension holds no control character but tab, and a
+    /// quoted string in it is closed; the line ends in CRLF, never in a bare
+    /// LF.
     fn read_size_line(&mut self) -> IoResult<usize> {
+        #[derive(PartialEq)]
+        enum Part {
+            Digits,
+            SpaceBeforeExtension,
+            Extension,
+            Quoted,
+            QuotedEscape,
+        }
         let mut size: usize = 0;
         let mut digits = 0;
-        let mut after_digits = false;
-        let mut in_extension = false;
+        let mut part = Part::Digits;
         let mut length = 0;
 
         loop {
@@ -75,35 +89,60 @@ impl<R: Read> ChunkedReader<R> {
             if length > MAX_SIZE_LINE {
                 return Err(invalid("chunk size line too long"));
             }
-            match byte {
-                b'\r' => break,
-                _ if in_extension => (),
-                b';' => in_extension = true,
-                b' ' | b'\t' => after_digits = digits > 0,
-                _ => {
-                    let digit = match (byte as char).to_digit(16) {
-                        Some(d) if !after_digits => d as usize,
-                        _ => return Err(invalid("bad chunk size")),
-                    };
-                    size = size
-                        .checked_mul(16)
-                        .and_then(|s| s.checked_add(digit))
-                        .ok_or_else(|| invalid("chunk size too large"))?;
-                    digits += 1;
+            let control = (byte < 0x20 && byte != b'\t') || byte == 0x7f;
+            part = match part {
+                Part::Digits => match byte {
+                    b'\r' if digits > 0 => break,
+                    b';' if digits > 0 => Part::Extension,
+                    b' ' | b'\t' if digits > 0 => Part::SpaceBeforeExtension,
+                    _ => {
+                        let digit = (byte as char)
+                            .to_digit(16)
+                            .ok_or_else(|| invalid("bad chunk size"))?;
+                        size = size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(digit as usize))
+                            .ok_or_else(|| invalid("chunk size too large"))?;
+                        digits += 1;
+                        Part::Digits
+                    }
+                },
+                Part::SpaceBeforeExtension => match byte {
+                    b' ' | b'\t' => Part::SpaceBeforeExtension,
+                    b';' => Part::Extension,
+                    _ => return Err(invalid("bad chunk size line")),
+                },
+                Part::Extension => match byte {
+                    b'\r' => break,
+                    b'"' => Part::Quoted,
+                    _ if control => return Err(invalid("control character in a chunk extension")),
+                    _ => Part::Extension,
+                },
+                Part::Quoted => match byte {
+                    b'"' => Part::Extension,
+                    b'\\' => Part::QuotedEscape,
+                    _ if control => return Err(invalid("control character in a chunk extension")),
+                    _ => Part::Quoted,
+                },
+                Part::QuotedEscape if control => {
+                    return Err(invalid("control character in a chunk extension"))
                 }
-            }
+                Part::QuotedEscape => Part::Quoted,
+            };
         }
 
-        if self.read_byte()? != b'\n' || digits == 0 {
+        if self.read_byte()? != b'\n' {
             return Err(invalid("bad chunk size line"));
         }
         Ok(size)
     }
 
     /// Reads and discards trailer fields, up to and including the empty line.
+    /// Each must be a field line as in a head: `name: value` with a token
+    /// name, no control character but tab, ending in CRLF (RFC 9112 §7.1.2).
     fn read_trailer(&mut self) -> IoResult<()> {
         let mut length = 0;
-        let mut line_length = 0;
+        let mut line: Vec<u8> = Vec::new();
         loop {
             let byte = self.read_byte()?;
             length += 1;
@@ -114,14 +153,31 @@ impl<R: Read> ChunkedReader<R> {
                 if self.read_byte()? != b'\n' {
                     return Err(invalid("missing CRLF in chunked body trailer"));
                 }
-                if line_length == 0 {
+                if line.is_empty() {
                     return Ok(());
                 }
-                line_length = 0;
+                if !is_field_line(&line) {
+                    return Err(invalid("malformed chunked body trailer"));
+                }
+                line.clear();
             } else {
-                line_length += 1;
+                line.push(byte);
             }
         }
+    }
+}
+
+/// `token ":" value`, with no control character but tab in the value.
+fn is_field_line(line: &[u8]) -> bool {
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    match line.iter().position(|b| *b == b':') {
+        Some(colon) if colon > 0 => {
+            line[..colon].iter().all(|b| tchar(*b))
+                && line[colon + 1..]
+                    .iter()
+                    .all(|b| !((*b < 0x20 && *b != b'\t') || *b == 0x7f))
+        }
+        _ => false,
     }
 }
 
@@ -188,7 +244,8 @@ mod tests {
         let hello = decode(b"3\r\nhel\r\nb\r\nlo world!!!\r\n0\r\n\r\n").unwrap();
         assert_eq!(hello, b"hello world!!!");
         assert_eq!(decode(b"3;ext=1\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n").unwrap(), b"abc");
-        assert_eq!(decode(b"A \r\n0123456789\r\n0\r\n\r\n").unwrap(), b"0123456789");
+        assert_eq!(decode(b"A ;x\r\n0123456789\r\n0\r\n\r\n").unwrap(), b"0123456789");
+        assert_eq!(decode(b"1;a=\"q;\\\"d\"\r\nz\r\n0\r\n\r\n").unwrap(), b"z");
         assert_eq!(decode(b"0\r\n\r\n").unwrap(), b"");
     }
 
@@ -211,5 +268,25 @@ mod tests {
         long_line.extend_from_slice(&[b'x'; 5000]);
         assert_eq!(decode(&long_line).unwrap_err().kind(), ErrorKind::InvalidData);
         assert_eq!(decode(b"5\r\nab").unwrap_err().kind(), ErrorKind::UnexpectedEof);
+        // What a proxy could read differently: a bare LF or a control
+        // character in an extension, whitespace around the size, a trailer
+        // line that is not a field or ends in a bare LF.
+        for bad in [
+            &b"d;x\nZZ\r\n"[..],
+            b"1;a\0b\r\nz\r\n0\r\n\r\n",
+            b" d\r\n",
+            b"A \r\n0123456789\r\n0\r\n\r\n",
+            b"1;a=\"open\r\nz\r\n0\r\n\r\n",
+            b"0\r\nX: a\nY: b\r\n\r\n",
+            b"0\r\nnot a field\r\n\r\n",
+            b"0\r\n folded: x\r\n\r\n",
+        ] {
+            assert_eq!(
+                decode(bad).unwrap_err().kind(),
+                ErrorKind::InvalidData,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }
