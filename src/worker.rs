@@ -18,6 +18,7 @@ use postgres::Transaction;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::broker::attempt_header;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::{self, Store};
@@ -144,8 +145,12 @@ pub struct Worker {
 /// Runs jobs until the sending side disconnects.
 pub fn run(worker: Worker, jobs: Receiver<Job>, done: Sender<Done>) {
     for job in jobs {
-        let bodies: Vec<&[u8]> = job.deliveries.iter().map(|d| &d.body[..]).collect();
-        let outcomes = worker.handle_batch(&bodies);
+        let messages: Vec<(&[u8], i32)> = job
+            .deliveries
+            .iter()
+            .map(|d| (&d.body[..], attempt_header(&d.properties).unwrap_or(1)))
+            .collect();
+        let outcomes = worker.handle_messages(&messages);
         let reply = Done {
             generation: job.generation,
             results: job.deliveries.into_iter().zip(outcomes).collect(),
@@ -188,34 +193,42 @@ impl From<postgres::Error> for BatchError {
 }
 
 impl Worker {
-    /// Handles message bodies, in one transaction when every event succeeds,
-    /// and says what to do with each delivery.
+    /// Handles first deliveries (attempt 1) of message bodies; see
+    /// [`Worker::handle_messages`].
     pub fn handle_batch(&self, bodies: &[&[u8]]) -> Vec<Outcome> {
-        let mut outcomes = vec![Outcome::Reject; bodies.len()];
-        let mut ids = Vec::with_capacity(bodies.len());
-        for (i, body) in bodies.iter().enumerate() {
+        let messages: Vec<(&[u8], i32)> = bodies.iter().map(|b| (*b, 1)).collect();
+        self.handle_messages(&messages)
+    }
+
+    /// Handles message bodies, each with the attempt it is for, in one
+    /// transaction when every event succeeds, and says what to do with each
+    /// delivery.
+    pub fn handle_messages(&self, messages: &[(&[u8], i32)]) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Reject; messages.len()];
+        let mut ids = Vec::with_capacity(messages.len());
+        for (i, (body, attempt)) in messages.iter().enumerate() {
             match parse_message(body) {
-                Ok(id) => ids.push((i, id)),
+                Ok(id) => ids.push((i, id, *attempt)),
                 Err(e) => error!("poison message dead-lettered: {e}"),
             }
         }
         if ids.len() == 1 {
-            outcomes[ids[0].0] = self.handle(ids[0].1);
+            outcomes[ids[0].0] = self.handle(ids[0].1, ids[0].2);
             return outcomes;
         }
         match self.process_batch(&ids, &mut outcomes) {
             Ok(()) => self.database_up(),
             Err(BatchError::Store(e)) if e.is_unavailable() => {
                 self.database_down(&e);
-                for (i, _) in &ids {
+                for (i, _, _) in &ids {
                     outcomes[*i] = Outcome::Requeue;
                 }
             }
             Err(BatchError::Store(_)) | Err(BatchError::Processor) => {
                 // The whole batch rolled back; redo it one event at a time so
                 // that only the failing event takes the failure path.
-                for (i, id) in &ids {
-                    outcomes[*i] = self.handle(*id);
+                for (i, id, attempt) in &ids {
+                    outcomes[*i] = self.handle(*id, *attempt);
                 }
             }
         }
@@ -224,7 +237,7 @@ impl Worker {
 
     fn process_batch(
         &self,
-        ids: &[(usize, Uuid)],
+        ids: &[(usize, Uuid, i32)],
         outcomes: &mut [Outcome],
     ) -> Result<(), BatchError> {
         let started = Instant::now();
@@ -232,14 +245,14 @@ impl Worker {
         let mut tx = conn.transaction()?;
         let unique: Vec<Uuid> = ids
             .iter()
-            .map(|(_, id)| *id)
+            .map(|(_, id, _)| *id)
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
         let mut events = store::lock_events(&mut tx, &unique)?;
         let mut processed = Vec::with_capacity(ids.len());
         let mut seen = HashSet::with_capacity(ids.len());
-        for &(i, id) in ids {
+        for &(i, id, attempt) in ids {
             let first_sight = seen.insert(id);
             outcomes[i] = match events.remove(&id) {
                 // Removed on first sight, so a second copy of the same
@@ -260,6 +273,7 @@ impl Worker {
                     self.metrics.duplicates.inc();
                     Outcome::Ack
                 }
+                Some(event) if event.attempts >= attempt => self.reschedule(id, event.attempts),
                 Some(event) => {
                     let input = Event {
                         id,
@@ -304,9 +318,10 @@ impl Worker {
         }
     }
 
-    /// Handles one event in its own transaction.
-    pub fn handle(&self, id: Uuid) -> Outcome {
-        match self.process(id) {
+    /// Handles one event, whose message is for `attempt`, in its own
+    /// transaction.
+    pub fn handle(&self, id: Uuid, attempt: i32) -> Outcome {
+        match self.process(id, attempt) {
             Ok(outcome) => {
                 self.database_up();
                 outcome
@@ -325,7 +340,7 @@ impl Worker {
         }
     }
 
-    fn process(&self, id: Uuid) -> Result<Outcome, store::Error> {
+    fn process(&self, id: Uuid, attempt: i32) -> Result<Outcome, store::Error> {
         let mut conn = self.store.conn()?;
         let mut tx = conn.transaction()?;
         let event = match store::lock_event(&mut tx, id)? {
@@ -342,6 +357,9 @@ impl Worker {
             );
             self.metrics.duplicates.inc();
             return Ok(Outcome::Ack);
+        }
+        if event.attempts >= attempt {
+            return Ok(self.reschedule(id, event.attempts));
         }
         let started = Instant::now();
         let attempt = event.attempts + 1;
@@ -373,6 +391,27 @@ impl Worker {
         tx.rollback()?;
         drop(conn);
         Ok(self.fail_attempt(id, &err))
+    }
+
+    /// The outcome for a message whose attempt already ran and was recorded
+    /// (`attempts` finished): the original of a retry that came back
+    /// because its delayed copy was never confirmed (the consumer's
+    /// connection dropped, the confirm timed out). Running it now would
+    /// start the next attempt before its delay, and count it; instead the
+    /// delayed copy is scheduled again, for the attempt after those
+    /// recorded.
+    fn reschedule(&self, id: Uuid, attempts: i32) -> Outcome {
+        let step = (attempts - 1).max(0) as usize;
+        if step < self.retries {
+            debug!("event {id}: attempt {attempts} already recorded; its retry is rescheduled");
+            Outcome::Retry {
+                step,
+                attempt: attempts + 1,
+            }
+        } else {
+            error!("event {id}: {attempts} attempts recorded but still pending, dead-lettered");
+            Outcome::Reject
+        }
     }
 
     /// Records a failed attempt in its own transaction and decides between

@@ -329,3 +329,45 @@ fn queued_messages(queue: &str) -> Option<u32> {
     let _ = conn.close();
     depth
 }
+
+/// An attempt counts once and the next never starts before its delay: when
+/// the original of a retry comes back (its delayed copy was never
+/// confirmed: the consumer's connection dropped, the confirm timed out), it
+/// does not run again at once with the next attempt number; the delayed
+/// copy is scheduled again instead. The copy itself then runs.
+#[test]
+fn an_original_back_after_its_retry_copy_was_lost_waits_for_the_delay() {
+    let env = TestEnv::new("retrytwice");
+    let worker = worker(&env);
+    let id = worker
+        .store
+        .insert_event(&json!({ "fail": "transient", "times": 1 }), false)
+        .unwrap();
+    let original = message(id);
+    let retry = Outcome::Retry {
+        step: 0,
+        attempt: 2,
+    };
+    assert_eq!(worker.handle_messages(&[(&original, 1)]), [retry]);
+    assert_eq!(env.processor.calls(id).len(), 1);
+    // The copy was not confirmed, so the original comes back, alone or in a
+    // batch: the processor does not run, and the attempt is not counted
+    // again.
+    assert_eq!(worker.handle_messages(&[(&original, 1)]), [retry]);
+    let other = worker.store.insert_event(&json!("other"), false).unwrap();
+    assert_eq!(
+        worker.handle_messages(&[(&original, 1), (&message(other), 1)]),
+        [retry, Outcome::Ack]
+    );
+    assert_eq!(env.processor.calls(id).len(), 1, "not run again early");
+    let attempts: i32 = env
+        .sql()
+        .query_one("SELECT attempts FROM events WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 1, "the failed attempt counted once");
+    // The delayed copy, for attempt 2, runs and succeeds.
+    assert_eq!(worker.handle_messages(&[(&original, 2)]), [Outcome::Ack]);
+    assert_eq!(env.status(id).as_deref(), Some("processed"));
+    assert_eq!(env.processor.calls(id).len(), 2);
+}
