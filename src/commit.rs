@@ -149,7 +149,7 @@ fn commit_idempotent(store: &Store, p: Pending, settings: &Settings) {
             }
             Ok(written)
         }
-        Err(e) if e.is_unavailable() => {
+        Err(e) if e.is_unavailable() || e.is_statement_timeout() => {
             warn!("commit: database unavailable: {e}");
             Err(CommitError::Unavailable)
         }
@@ -178,6 +178,11 @@ fn commit(store: &Store, batch: Vec<Pending>, settings: &Settings) {
         }
         Err(e) if e.is_unavailable() => {
             warn!("commit: database unavailable: {e}");
+            answer(batch, Err(CommitError::Unavailable));
+        }
+        // Too slow, not wrong: one by one, each would wait as long again.
+        Err(e) if e.is_statement_timeout() => {
+            warn!("commit: batch of {} timed out: {e}", batch.len());
             answer(batch, Err(CommitError::Unavailable));
         }
         Err(e) if batch.len() > 1 => {

@@ -74,6 +74,16 @@ impl Error {
     }
 }
 
+impl Error {
+    /// True when the server cancelled the statement for running longer than
+    /// `statement_timeout` (SQLSTATE 57014): the database is slow or a lock
+    /// is held, not the statement wrong, so running it again at once, or
+    /// piece by piece, would only wait as long again.
+    pub fn is_statement_timeout(&self) -> bool {
+        matches!(self, Error::Db(e) if e.code() == Some(&SqlState::QUERY_CANCELED))
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

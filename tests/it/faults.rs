@@ -205,3 +205,45 @@ fn a_full_commit_queue_answers_503_at_once() {
     proxy.up();
     app.shutdown().unwrap();
 }
+
+/// A commit that runs into the statement timeout (a lock held elsewhere) is
+/// answered 503 for its whole batch at once, not retried request by
+/// request, each waiting the timeout again.
+#[test]
+fn a_statement_timeout_answers_its_whole_batch_at_once() {
+    let env = TestEnv::new("stmttimeout");
+    let config = env.config_with(&[
+        ("INGEST_DB_STATEMENT_TIMEOUT", "1s"),
+        ("INGEST_COMMITTERS", "1"),
+        ("INGEST_HTTP_THREADS", "8"),
+    ]);
+    let app = env.start_role(&config, Role::Api);
+    let addr = app.http_addr().unwrap();
+    let mut sql = env.sql();
+    let mut lock = sql.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let started = Instant::now();
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                post_json(addr, "/v1/events", &json!({ "payload": i }).to_string())
+            })
+        })
+        .collect();
+    for r in requests {
+        let resp = r.join().unwrap();
+        assert_eq!(resp.status, 503, "{}", String::from_utf8_lossy(&resp.body));
+        assert_eq!(resp.json()["error"], "unavailable");
+    }
+    // Two rounds of the 1 s timeout at most (the first request alone, then
+    // everyone who queued behind it), with slack; one by one would take six.
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "answered after {took:?}"
+    );
+    lock.rollback().unwrap();
+    assert_eq!(env.count("SELECT count(*) FROM events"), 0);
+    app.shutdown().unwrap();
+}
