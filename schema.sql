@@ -69,3 +69,10 @@ CREATE INDEX IF NOT EXISTS idempotency_keys_created_at_idx
 -- single event, whose id is event_id. Added in place, so a deployment's
 -- existing keys stay valid.
 ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS event_ids uuid[];
+
+-- Outbox rows the broker refused (a nack): how often, and not to be claimed
+-- again before not_before, so that one message the broker will not take is
+-- retried with backoff and, after a few refusals, fails its event, instead
+-- of failing every batch that holds it. Added in place.
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS not_before timestamptz;

@@ -405,6 +405,25 @@ impl ConfirmChannel {
         messages: &[Message],
         timeout: Duration,
     ) -> Result<(), Error> {
+        let taken = self.publish_each(exchange, routing_key, messages, timeout)?;
+        if taken.iter().all(|t| *t) {
+            Ok(())
+        } else {
+            Err(Error::Nacked)
+        }
+    }
+
+    /// Publishes `messages` and waits for every confirm, like
+    /// [`ConfirmChannel::publish_confirmed`], but tells which messages the
+    /// broker took (`true`) and which it refused with a nack, so that one
+    /// message the broker will not take does not fail the others.
+    pub fn publish_each(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        messages: &[Message],
+        timeout: Duration,
+    ) -> Result<Vec<bool>, Error> {
         for m in messages {
             let mut properties = AmqpProperties::default()
                 .with_delivery_mode(2)
@@ -429,18 +448,20 @@ impl ConfirmChannel {
             )?;
             self.published += 1;
         }
-        self.await_confirms(timeout)?;
+        let taken = self.await_confirms(messages.len(), timeout)?;
         // The broker sends basic.return before the confirm of the same
         // message, so every return of this batch is already queued.
         if self.returns.try_recv().is_ok() {
             return Err(Error::Unroutable);
         }
-        Ok(())
+        Ok(taken)
     }
 
-    fn await_confirms(&mut self, timeout: Duration) -> Result<(), Error> {
+    /// Waits for the confirms of the last `count` messages published, which
+    /// the smoother hands over one by one in publishing order.
+    fn await_confirms(&mut self, count: usize, timeout: Duration) -> Result<Vec<bool>, Error> {
         let deadline = Instant::now() + timeout;
-        let mut nacked = false;
+        let mut taken = Vec::with_capacity(count);
         while self.confirmed < self.published {
             let raw = match self.confirms.recv_deadline(deadline) {
                 Ok(c) => c,
@@ -454,10 +475,12 @@ impl ConfirmChannel {
             };
             for c in self.smoother.process(raw) {
                 self.confirmed += 1;
-                nacked |= matches!(c, Confirm::Nack(_));
+                taken.push(matches!(c, Confirm::Ack(_)));
             }
         }
-        if nacked { Err(Error::Nacked) } else { Ok(()) }
+        // Confirms of earlier batches all arrived before this one started.
+        let extra = taken.len().saturating_sub(count);
+        Ok(taken.split_off(extra))
     }
 
     /// Closes the channel politely.
@@ -503,6 +526,17 @@ impl Publisher {
     pub fn publish_batch(&mut self, messages: &[Message], timeout: Duration) -> Result<(), Error> {
         self.channel
             .publish_confirmed(&self.exchange, EVENT_ROUTING_KEY, messages, timeout)
+    }
+
+    /// Publishes a batch of events, waits for all confirms, and tells which
+    /// the broker took (see [`ConfirmChannel::publish_each`]).
+    pub fn publish_each(
+        &mut self,
+        messages: &[Message],
+        timeout: Duration,
+    ) -> Result<Vec<bool>, Error> {
+        self.channel
+            .publish_each(&self.exchange, EVENT_ROUTING_KEY, messages, timeout)
     }
 
     /// Closes the channel and connection politely.

@@ -145,6 +145,11 @@ pub const VARS: &[Var] = &[
         help: "prefix of the exchange and queue names",
     },
     Var {
+        name: "INGEST_AMQP_MAX_MESSAGE_BYTES",
+        default: "16777216",
+        help: "the broker's max_message_size (RabbitMQ 4: 16 MiB; 3.x: 128 MiB); INGEST_MAX_PAYLOAD_BYTES must fit in it",
+    },
+    Var {
         name: "INGEST_WORKERS",
         default: "4",
         help: "worker threads processing deliveries",
@@ -274,6 +279,8 @@ pub struct Config {
     pub amqp_url: String,
     /// `INGEST_AMQP_PREFIX`: every exchange and queue name starts with it.
     pub amqp_prefix: String,
+    /// `INGEST_AMQP_MAX_MESSAGE_BYTES`: the largest message the broker takes.
+    pub amqp_max_message_bytes: usize,
     /// `INGEST_WORKERS`: worker threads.
     pub workers: usize,
     /// `INGEST_PREFETCH`: AMQP `basic.qos` prefetch count.
@@ -344,6 +351,11 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Bytes a message holds besides its payload, at most: the id, `type` and
+/// `key` (255 bytes each, escaped up to six times), the timestamp and the
+/// JSON around them.
+pub const MESSAGE_ENVELOPE_BYTES: usize = 4096;
+
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, Error> {
@@ -409,6 +421,7 @@ impl Config {
                 crate::broker::AmqpUrl::parse(s).map(|_| s.to_string())
             })?,
             amqp_prefix: parse_with(get("INGEST_AMQP_PREFIX"), amqp_name)?,
+            amqp_max_message_bytes: positive(get("INGEST_AMQP_MAX_MESSAGE_BYTES"))?,
             workers: positive(get("INGEST_WORKERS"))?,
             prefetch: positive(get("INGEST_PREFETCH"))?,
             worker_batch: positive(get("INGEST_WORKER_BATCH"))?,
@@ -453,6 +466,8 @@ impl Config {
     }
 
     /// Checks between variables, after each was parsed on its own.
+    ///
+    /// (See [`MESSAGE_ENVELOPE_BYTES`] for the payload limit's check.)
     fn validate(self) -> Result<Config, Error> {
         let longest = self.retry_delays.iter().max().copied().unwrap_or_default();
         if self.redeliver_after <= longest {
@@ -461,6 +476,24 @@ impl Config {
                 reason: format!(
                     "must be longer than the longest retry delay ({longest:?}), or events \
                      waiting for a retry would be sent twice"
+                ),
+            });
+        }
+        // A payload the broker would not take could never be published: its
+        // message carries the payload and an envelope of at most
+        // MESSAGE_ENVELOPE_BYTES (id, type, key, timestamp).
+        if self
+            .max_payload_bytes
+            .saturating_add(MESSAGE_ENVELOPE_BYTES)
+            > self.amqp_max_message_bytes
+        {
+            return Err(Error {
+                var: "INGEST_MAX_PAYLOAD_BYTES",
+                reason: format!(
+                    "{} plus a message envelope of {MESSAGE_ENVELOPE_BYTES} bytes does not fit \
+                     in INGEST_AMQP_MAX_MESSAGE_BYTES ({}), the broker's max_message_size: raise \
+                     that (and the broker's own setting) or lower the payload limit",
+                    self.max_payload_bytes, self.amqp_max_message_bytes
                 ),
             });
         }
@@ -692,6 +725,19 @@ mod tests {
             ("INGEST_MAX_BODY_BYTES", "1000000"),
         ];
         assert!(with(&larger).is_ok());
+        // A payload limit the broker's message limit cannot hold.
+        let e = with(&[("INGEST_AMQP_MAX_MESSAGE_BYTES", "1000000")]).unwrap_err();
+        assert_eq!(e.var, "INGEST_MAX_PAYLOAD_BYTES");
+        assert!(
+            e.reason.contains("INGEST_AMQP_MAX_MESSAGE_BYTES (1000000)"),
+            "{}",
+            e.reason
+        );
+        let fits = [
+            ("INGEST_AMQP_MAX_MESSAGE_BYTES", "1000000"),
+            ("INGEST_MAX_PAYLOAD_BYTES", "900000"),
+        ];
+        assert!(with(&fits).is_ok());
     }
 
     #[test]

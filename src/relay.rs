@@ -5,7 +5,10 @@
 //! the broker's confirms and only then deletes the rows and commits. Any
 //! failure rolls the transaction back, so the rows stay for the next try; a
 //! crash between publish and delete causes a redelivery, which workers skip.
-//! Only the relay publishes to the broker.
+//! A message the broker refuses (a nack) fails only its own row, which is
+//! tried again with backoff and after a few refusals fails its event; a
+//! broker that blocks publishers (an alarm) is waited out, the rows staying
+//! in the outbox. Only the relay publishes to the broker.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -208,6 +211,9 @@ impl Relay {
         let started = Instant::now();
         let ids = publish_claimed(&mut tx, publisher, self.batch, self.confirm_timeout)?;
         if ids.is_empty() {
+            // Nothing published (nothing due, or every message refused and
+            // recorded as such).
+            tx.commit()?;
             return Ok(0);
         }
         self.metrics
@@ -301,12 +307,36 @@ pub fn publish_claimed(
             attempt: None,
         })
         .collect();
-    publisher.publish_batch(&messages, confirm_timeout)?;
-    for m in &messages {
-        debug!("event {}: published", m.id);
+    let taken = publisher.publish_each(&messages, confirm_timeout)?;
+    let mut published = Vec::with_capacity(ids.len());
+    let mut refused = Vec::new();
+    for ((id, m), taken) in ids.into_iter().zip(&messages).zip(taken) {
+        if taken {
+            debug!("event {}: published", m.id);
+            published.push(id);
+        } else {
+            warn!(
+                "event {}: the broker refused its message; trying again later",
+                m.id
+            );
+            refused.push(id);
+        }
     }
-    Ok(ids)
+    if !refused.is_empty() {
+        let failed = store::refuse_outbox(tx, &refused, BROKER_REFUSED)?;
+        for id in failed {
+            warn!(
+                "event {id}: the broker refused its message {} times; the event failed",
+                store::MAX_BROKER_REFUSALS
+            );
+        }
+    }
+    Ok(published)
 }
+
+/// The `last_error` of an event whose message the broker kept refusing.
+const BROKER_REFUSED: &str = "the broker refused the event's message (a nack) too many times; \
+                              see its max_message_size, queue length limits and alarms";
 
 /// Forwards PostgreSQL `NOTIFY`s on the store's channel to `wake`, so a relay
 /// wakes at once when an API in another process commits. Reconnects by itself

@@ -1048,6 +1048,7 @@ pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRo
             rfc3339!("e.created_at"),
             ")::text, extract(epoch FROM e.created_at)::bigint ",
             "FROM outbox o JOIN events e ON e.id = o.event_id ",
+            "WHERE o.not_before IS NULL OR o.not_before <= now() ",
             "ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
         ),
         &[&limit],
@@ -1079,6 +1080,40 @@ pub fn delete_outbox(tx: &mut Transaction<'_>, ids: &[i64]) -> Result<u64, Error
          UPDATE events SET attempted_at = now() WHERE id IN (SELECT id FROM idle)",
         &[&ids],
     )?)
+}
+
+/// Times the broker may refuse one event's message before the event fails.
+pub const MAX_BROKER_REFUSALS: i32 = 5;
+
+/// Records that the broker refused (nacked) the messages of these outbox
+/// rows: each is tried again after a backoff (100 ms doubling, at most
+/// 30 s), and after [`MAX_BROKER_REFUSALS`] its event becomes `failed` with
+/// `reason`, and its row goes. Returns the events that failed.
+pub fn refuse_outbox(
+    tx: &mut Transaction<'_>,
+    ids: &[i64],
+    reason: &str,
+) -> Result<Vec<Uuid>, Error> {
+    let rows = tx.query(
+        "UPDATE outbox SET attempts = attempts + 1, \
+         not_before = now() + make_interval(secs => least(30, 0.1 * 2 ^ attempts)) \
+         WHERE id = ANY($1) RETURNING id, event_id, attempts",
+        &[&ids],
+    )?;
+    let (exhausted, events): (Vec<i64>, Vec<Uuid>) = rows
+        .iter()
+        .filter(|r| r.get::<_, i32>(2) >= MAX_BROKER_REFUSALS)
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, Uuid>(1)))
+        .unzip();
+    if !exhausted.is_empty() {
+        tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&exhausted])?;
+        tx.execute(
+            "UPDATE events SET status = 'failed', last_error = $2, attempted_at = now() \
+             WHERE id = ANY($1) AND status = 'pending'",
+            &[&events, &storable_error(reason)],
+        )?;
+    }
+    Ok(events)
 }
 
 /// Locks an event row for processing; `None` if no such event exists.

@@ -371,3 +371,87 @@ fn an_original_back_after_its_retry_copy_was_lost_waits_for_the_delay() {
     assert_eq!(env.status(id).as_deref(), Some("processed"));
     assert_eq!(env.processor.calls(id).len(), 2);
 }
+
+/// Removes a broker policy when dropped.
+struct Policy(String);
+
+impl Policy {
+    /// Sets policy `name` on the queues matching `pattern`.
+    fn set(name: &str, pattern: &str, definition: &str) -> Policy {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "set_policy",
+                name,
+                pattern,
+                definition,
+                "--apply-to",
+                "queues",
+            ])
+            .status()
+            .expect("run rabbitmqctl");
+        assert!(status.success(), "rabbitmqctl set_policy failed");
+        Policy(name.to_string())
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "clear_policy", &self.0])
+            .status();
+    }
+}
+
+/// A message the broker refuses (a nack: here every publish to this test's
+/// events queue, which a policy caps at zero messages with reject-publish)
+/// does not stall the relay: its row is tried again with a growing delay,
+/// and after five refusals its event fails with the reason, visible and
+/// retryable, while the relay keeps its connection and ingest answers 202.
+#[test]
+fn messages_the_broker_refuses_fail_their_events_after_a_few_tries() {
+    let env = TestEnv::new("refused");
+    let policy = Policy::set(
+        &format!("{}-refuse", env.name),
+        &format!("^{}\\.events$", env.name),
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    );
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    let started = std::time::Instant::now();
+    let ids: Vec<Uuid> = (0..3).map(|i| ingest(addr, &json!(i))).collect();
+    wait_until(Duration::from_secs(30), "the refused events failed", || {
+        env.count("SELECT count(*) FROM events WHERE status = 'failed'") == 3
+    });
+    // Refusals 1 to 4 were each followed by a delay of 100, 200, 400 and
+    // 800 ms before the next try.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "five refusals in {took:?}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM outbox"), 0);
+    let event = crate::util::get(addr, &format!("/v1/events/{}", ids[0])).json();
+    assert_eq!(event["status"], "failed");
+    assert!(
+        event["last_error"].as_str().unwrap().contains("refused"),
+        "{event}"
+    );
+    // The relay never gave up its connection over it.
+    let metrics = String::from_utf8(crate::util::get(addr, "/metrics").body).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "ingestd_broker_connects_total 2"),
+        "one connection each for the relay and the consumer:\n{metrics}"
+    );
+    // Once the broker takes messages again, the events can be retried.
+    drop(policy);
+    for id in &ids {
+        let resp = crate::util::request(addr, "POST", &format!("/v1/events/{id}/retry"), &[], b"")
+            .unwrap();
+        assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
+    }
+    env.wait_processed(&ids, Duration::from_secs(20));
+    app.shutdown().unwrap();
+}
