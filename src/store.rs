@@ -17,6 +17,7 @@ pub use crate::pool::{Manager, Outage, RESPONSE_GRACE};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::auth::Scope;
 use crate::config::Config;
 
 /// The schema, embedded so the binary can create its tables anywhere.
@@ -135,8 +136,33 @@ pub struct Submission {
     /// The body was an array, even of one event: its answer is a batch's,
     /// and its `Idempotency-Key` stands for the whole list.
     pub batch: bool,
-    /// The request's `Idempotency-Key`.
-    pub idempotency_key: Option<String>,
+    /// The request's `Idempotency-Key`, in its client's scope.
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// An `Idempotency-Key` and the scope of the client that sent it: the same
+/// key sent with another API key is another key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// Whose key it is.
+    pub scope: Scope,
+    /// The header's value, visible ASCII (so without a space).
+    pub key: String,
+}
+
+impl IdempotencyKey {
+    /// The key as `idempotency_keys.key` holds it: the key alone in the
+    /// open scope, which is how every earlier version stored every key, so
+    /// that they and this one agree on open deployments; otherwise the
+    /// scope, a space and the key. A client's key holds no space, so a key
+    /// of one scope can never be taken for another's, nor for an open one.
+    pub fn stored(&self) -> String {
+        if self.scope.is_open() {
+            self.key.clone()
+        } else {
+            format!("{} {}", self.scope.as_str(), self.key)
+        }
+    }
 }
 
 impl Submission {
@@ -964,13 +990,14 @@ fn claim_key(
     let (Some(key), Some(first)) = (&submission.idempotency_key, columns.ids.first()) else {
         return Ok(None);
     };
+    let key = key.stored();
     let fingerprint = if submission.batch {
         FINGERPRINT_BATCH
     } else {
         FINGERPRINT_ONE
     };
     let content: [&(dyn postgres::types::ToSql + Sync); 5] = [
-        key,
+        &key,
         &columns.payloads,
         &columns.types,
         &columns.keys,

@@ -479,6 +479,12 @@ fn a_schema_without_batch_keys_upgrades_in_place() {
     assert_eq!(first.status, 202, "{:?}", first.json());
     let again = post_with(addr, &[key], r#"[{"payload":1},{"payload":2}]"#);
     assert_eq!((again.status, ids_of(&again)), (200, ids_of(&first)));
+    // Without API keys a key is stored as it is, as earlier versions stored
+    // every key, so that they and this one see each other's keys.
+    assert_eq!(
+        env.count("SELECT count(*) FROM idempotency_keys WHERE key = 'new-batch'"),
+        1
+    );
     assert_eq!(env.count("SELECT count(*) FROM events"), 3);
     assert_eq!(
         env.count("SELECT count(*) FROM ingestd_schema WHERE fingerprint <> '0123456789abcdef'"),
@@ -566,6 +572,85 @@ fn client_ids_make_batch_items_idempotent() {
     env.wait_processed(&all, Duration::from_secs(10));
     assert_eq!(env.count("SELECT count(*) FROM events"), 5);
     assert!(all.iter().all(|id| env.runs(*id) == 1));
+    app.shutdown().unwrap();
+}
+
+/// With API keys, an `Idempotency-Key` belongs to the API key that sent it:
+/// two clients using the same one get their own events and never see each
+/// other's ids. The database keeps a hash of the API key, never the key.
+/// Client-chosen event ids stay global, as the events' primary key.
+#[test]
+fn idempotency_keys_are_scoped_per_api_key() {
+    let env = TestEnv::new("idemscope");
+    let keys = format!("{KEY},{OTHER_KEY}");
+    let app = env.start_role(&env.config_with(&[("INGEST_API_KEYS", &keys)]), Role::Api);
+    let addr = app.http_addr().unwrap();
+    let bearer = format!("Bearer {KEY}");
+    let one = [
+        ("Authorization", bearer.as_str()),
+        ("Idempotency-Key", "order-1"),
+    ];
+    let other = [("X-Api-Key", OTHER_KEY), ("Idempotency-Key", "order-1")];
+    let body = r#"{"payload":{"order":1}}"#;
+
+    let first = post_with(addr, &one, body);
+    assert_eq!(first.status, 202, "{:?}", first.json());
+    let theirs = post_with(addr, &other, body);
+    assert_eq!(
+        theirs.status,
+        202,
+        "not the first client's replay: {:?}",
+        theirs.json()
+    );
+    assert_ne!(id_of(&theirs), id_of(&first));
+    // Each replays its own, and conflicts only with itself.
+    let again = post_with(addr, &one, body);
+    assert_eq!((again.status, id_of(&again)), (200, id_of(&first)));
+    let again = post_with(addr, &other, body);
+    assert_eq!((again.status, id_of(&again)), (200, id_of(&theirs)));
+    assert_eq!(
+        post_with(addr, &other, r#"{"payload":{"order":2}}"#).status,
+        409
+    );
+    assert_eq!(rows(&env), (2, 2, 2));
+    // Batches too, and the Bearer and X-Api-Key forms of one key agree.
+    let batch = r#"[{"payload":1},{"payload":2}]"#;
+    let k2 = ("Idempotency-Key", "batch-1");
+    let mine = post_with(addr, &[("Authorization", &bearer), k2], batch);
+    let same = post_with(addr, &[("X-Api-Key", KEY), k2], batch);
+    assert_eq!((same.status, ids_of(&same)), (200, ids_of(&mine)));
+    let theirs = post_with(addr, &[("X-Api-Key", OTHER_KEY), k2], batch);
+    assert_eq!(theirs.status, 202);
+    assert!(ids_of(&theirs).iter().all(|id| !ids_of(&mine).contains(id)));
+
+    let stored: Vec<String> = env
+        .sql()
+        .query("SELECT key FROM idempotency_keys ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored.len(), 4, "{stored:?}");
+    assert!(
+        stored
+            .iter()
+            .all(|k| !k.contains("0123456789abcdef") && !k.contains("key-")),
+        "{stored:?}"
+    );
+    assert_eq!(stored.iter().filter(|k| k.ends_with(" order-1")).count(), 2);
+
+    // A client-chosen id is the event's own, whichever key sends it.
+    let id = Uuid::new_v4();
+    let event = format!(r#"{{"id":"{id}","payload":1}}"#);
+    assert_eq!(post_with(addr, &[("X-Api-Key", KEY)], &event).status, 202);
+    let replay = post_with(addr, &[("X-Api-Key", OTHER_KEY)], &event);
+    assert_eq!((replay.status, id_of(&replay)), (200, id));
+    let changed = format!(r#"{{"id":"{id}","payload":2}}"#);
+    let resp = post_with(addr, &[("X-Api-Key", OTHER_KEY)], &changed);
+    assert_eq!(
+        (resp.status, &resp.json()["error"]),
+        (409, &json!("id_conflict"))
+    );
     app.shutdown().unwrap();
 }
 
