@@ -205,7 +205,8 @@ pub struct EventRecord {
     pub status: String,
     /// Completed processing attempts.
     pub attempts: i32,
-    /// The client's payload, as sent.
+    /// The client's payload, as stored: as sent, numbers exact (in plain
+    /// decimal), key order and spacing as `jsonb` normalises them.
     pub payload: Value,
     /// The client's name for the kind of event.
     pub event_type: Option<String>,
@@ -794,8 +795,9 @@ impl Store {
         if created.iter().any(|c| !*c) {
             // Some ids exist: each must hold exactly this item's content,
             // compared as the idempotency fingerprint compares it (jsonb
-            // text: key order and spacing do not matter, 1 and 1.0 differ).
-            // NULL means the row is gone.
+            // text: key order and spacing do not matter; numbers compare by
+            // their stored digits, so 1, 1.0 and 1.00 differ while 1e2 and
+            // 100 do not). NULL means the row is gone.
             let rows = tx.query(
                 "SELECT m.ord::int, CASE WHEN e.id IS NULL THEN NULL ELSE \
                         e.payload::text = m.payload::text \
@@ -963,13 +965,14 @@ impl<'a> Columns<'a> {
     }
 }
 
-// SHA-256 of a body's normalised content (jsonb sorts keys and drops
-// insignificant whitespace), over $2 to $5: the payloads, types, keys and
-// client-chosen ids (NULL for generated ones) in the request's order. One
-// event hashes `[payload, type, key, id]`, as keys stored by earlier
-// versions did; a batch hashes `{"batch": [[payload, type, key, id], ...]}`,
-// so order matters, and a body of one event and a batch of that event
-// differ.
+// SHA-256 of a body's normalised content (jsonb sorts keys, drops
+// insignificant whitespace and writes numbers in plain decimal, keeping the
+// digits after the point that were sent), over $2 to $5: the payloads,
+// types, keys and client-chosen ids (NULL for generated ones) in the
+// request's order. One event hashes `[payload, type, key, id]`, as keys
+// stored by earlier versions did; a batch hashes
+// `{"batch": [[payload, type, key, id], ...]}`, so order matters, and a
+// body of one event and a batch of that event differ.
 const FINGERPRINT_ONE: &str = "sha256(convert_to(jsonb_build_array(($2::jsonb[])[1], \
                                ($3::text[])[1], ($4::text[])[1], ($5::uuid[])[1])::text, 'UTF8'))";
 const FINGERPRINT_BATCH: &str = "sha256(convert_to(jsonb_build_object('batch', \
