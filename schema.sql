@@ -54,6 +54,12 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS key text;
 -- for it and then find its row. The fingerprint (SHA-256 of the body's
 -- normalised content) tells a replay from a different request reusing the
 -- key. Expired rows are replaced on conflict and purged in the background.
+-- With API keys, `key` holds the client's scope (32 hex digits of a SHA-256
+-- of its API key, never the key), a space and the header's value, so each
+-- API key has keys of its own; without, the header's value alone, as every
+-- earlier version stored it. A header value holds no space, so the two
+-- forms never meet, and the table needs no other column: a process of an
+-- earlier version still runs against it unchanged.
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key         text        PRIMARY KEY,
     event_id    uuid        NOT NULL,

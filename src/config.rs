@@ -197,7 +197,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "INGEST_RETENTION",
         default: "off",
-        help: "delete processed events older than this (for example 7d), in small batches",
+        help: "delete processed events older than this (for example 7d), in small batches; at least INGEST_IDEMPOTENCY_TTL",
     },
     Var {
         name: "INGEST_STATS_INTERVAL",
@@ -509,6 +509,24 @@ impl Config {
                 ),
             });
         }
+        // An idempotency key must not outlive its events: a replay would
+        // then answer with ids that no longer exist (its events deleted),
+        // while a client id, its event gone, would be stored and processed
+        // again. Processed events are deleted by `processed_at`, never
+        // before their `created_at`, which is when their key was stored.
+        if let Some(retention) = self.retention
+            && retention < self.idempotency_ttl
+        {
+            return Err(Error {
+                var: "INGEST_RETENTION",
+                reason: format!(
+                    "{retention:?} is shorter than INGEST_IDEMPOTENCY_TTL ({:?}): a replay \
+                     within the TTL could find its events deleted; make INGEST_RETENTION at \
+                     least INGEST_IDEMPOTENCY_TTL, or shorten the TTL",
+                    self.idempotency_ttl
+                ),
+            });
+        }
         // Asking for a key that no request can present would leave the
         // metrics open while the operator believes them closed.
         if self.metrics_auth == MetricsAuth::Key && self.api_keys.is_open() {
@@ -738,6 +756,32 @@ mod tests {
             ("INGEST_MAX_PAYLOAD_BYTES", "900000"),
         ];
         assert!(with(&fits).is_ok());
+    }
+
+    #[test]
+    fn retention_shorter_than_the_idempotency_ttl_is_refused() {
+        let e = with(&[("INGEST_RETENTION", "1h")]).unwrap_err();
+        assert_eq!(e.var, "INGEST_RETENTION", "below the 24h default TTL");
+        let text = e.to_string();
+        assert!(
+            text.contains("INGEST_RETENTION") && text.contains("INGEST_IDEMPOTENCY_TTL"),
+            "{text}"
+        );
+        let short = [
+            ("INGEST_RETENTION", "1h"),
+            ("INGEST_IDEMPOTENCY_TTL", "90m"),
+        ];
+        assert_eq!(with(&short).unwrap_err().var, "INGEST_RETENTION");
+        // Equal is enough: events are deleted by processed_at, which is
+        // never before the key was stored.
+        let equal = [("INGEST_RETENTION", "1h"), ("INGEST_IDEMPOTENCY_TTL", "1h")];
+        assert_eq!(
+            with(&equal).unwrap().retention,
+            Some(Duration::from_secs(3600))
+        );
+        let longer = [("INGEST_RETENTION", "2d"), ("INGEST_IDEMPOTENCY_TTL", "1d")];
+        assert!(with(&longer).is_ok());
+        assert!(with(&[("INGEST_RETENTION", "off")]).is_ok());
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! The raw body is counted as it arrives (by the HTTP layer). Parsing it
 //! builds a tree of `serde_json::Value`s that can be many times larger than
 //! the text: `[0,0,0,…]` spends two bytes of body on each element and 32
-//! bytes of tree, more while its vector grows. [`parsed_bound`] gives, from
-//! one scan of the text and before anything is parsed, an upper bound of
-//! the most the parse and the parsed events occupy at any moment; the
-//! caller reserves it first and refuses the request when it does not fit.
-//! This module owns only the arithmetic, not the budget.
+//! bytes of tree, more while its vector grows, plus a heap allocation for
+//! the number's text (serde_json's `arbitrary_precision` keeps every number
+//! as text). [`parsed_bound`] gives, from one scan of the text and before
+//! anything is parsed, an upper bound of the most the parse and the parsed
+//! events occupy at any moment; the caller reserves it first and refuses
+//! the request when it does not fit. This module owns only the arithmetic,
+//! not the budget.
 
 /// Bytes one JSON value may take in its parent's storage at the peak of a
 /// parse: a 32-byte `Value` in a vector that may be twice as large as its
@@ -29,6 +31,21 @@ const PER_OBJECT: usize =
 /// Bytes of a string's contents beyond its text (allocator rounding).
 const PER_STRING: usize = 16;
 
+/// Bytes of one number beyond the copy of its text that the body accounts
+/// for. serde_json keeps the text in a `String` that starts with room for
+/// 16 bytes and doubles as it fills, and adds a sign to an exponent
+/// (`1e5` is kept as `1e+5`): a number of `n` bytes of body holds at most
+/// `max(16, 2 × (n + 1))` bytes, counted as `n` per number byte (see
+/// [`parsed_bound`]) plus this, which includes allocator rounding.
+const PER_NUMBER: usize = 16 + 2 + 16;
+
+/// Bytes, per byte of the longest number, of the buffers that parsing one
+/// number holds at once: serde_json scans it into a buffer (up to twice its
+/// length), then parses that text again into a second one that grows the
+/// same way, holding its old and new blocks while it grows. Only one
+/// number is being parsed at a time.
+const NUMBER_PARSE_FACTOR: usize = 5;
+
 /// Bytes of one event beyond its values: the `NewEvent` it becomes, twice
 /// (the batch's items and its events are both held while it converts).
 const PER_EVENT: usize = 2 * std::mem::size_of::<crate::store::NewEvent>();
@@ -41,6 +58,9 @@ pub fn parsed_bound(body: &[u8]) -> usize {
     // Objects with at least one member (an empty map allocates nothing).
     let (mut objects, mut opened_object) = (0usize, false);
     let (mut in_string, mut escaped, mut depth) = (false, false, 0usize);
+    // Numbers, the bytes they span, and the longest one.
+    let (mut numbers, mut number_bytes, mut longest) = (0usize, 0usize, 0usize);
+    let (mut in_number, mut number_len) = (false, 0usize);
     for &b in body {
         if in_string {
             match b {
@@ -51,6 +71,20 @@ pub fn parsed_bound(body: &[u8]) -> usize {
             }
             continue;
         }
+        // A number starts with a digit or a minus sign and runs on through
+        // digits, points, exponents and signs.
+        let starts = b == b'-' || b.is_ascii_digit();
+        if starts || (in_number && matches!(b, b'.' | b'e' | b'E' | b'+')) {
+            if !in_number {
+                (in_number, number_len) = (true, 0);
+                numbers += 1;
+            }
+            number_len += 1;
+            number_bytes += 1;
+            longest = longest.max(number_len);
+            continue;
+        }
+        in_number = false;
         match b {
             b'"' => {
                 in_string = true;
@@ -83,6 +117,9 @@ pub fn parsed_bound(body: &[u8]) -> usize {
     }
     // String contents are never longer than their text in the body.
     body.len()
+        .saturating_add(numbers.saturating_mul(PER_NUMBER))
+        .saturating_add(number_bytes)
+        .saturating_add(NUMBER_PARSE_FACTOR.saturating_mul(longest.saturating_add(2)))
         .saturating_add(events.saturating_mul(PER_EVENT))
         .saturating_add(values.saturating_mul(PER_VALUE))
         .saturating_add(members.saturating_mul(PER_MEMBER))
@@ -206,8 +243,25 @@ mod tests {
         );
         let nested = format!("{{\"payload\":{}1{}}}", "[".repeat(90), "]".repeat(90));
         let empties = format!("{{\"payload\":[{}[]]}}", "[],{},\"\",".repeat(10_000));
+        // Numbers beyond 64 bits, and any with a point or an exponent, are
+        // kept as their text (serde_json's arbitrary_precision); an
+        // exponent's sign is added (1e5 becomes 1e+5).
+        let long_numbers = format!(
+            "{{\"payload\":[{}0]}}",
+            "123456789012345678901234567890,".repeat(20_000)
+        );
+        let decimals = format!("{{\"payload\":[{}0]}}", "1.5,-0.25,1e5,".repeat(20_000));
+        let huge_number = format!("{{\"payload\":1{}}}", "0".repeat(100_000));
+        let sizes: String = (0..2_000)
+            .map(|i| format!("1{}.5,", "9".repeat(i % 200)))
+            .collect();
+        let sized_numbers = format!("{{\"payload\":[{sizes}0]}}");
         for (name, body) in [
             ("numbers", numbers),
+            ("long numbers", long_numbers),
+            ("decimals", decimals),
+            ("a huge number", huge_number),
+            ("numbers of every size", sized_numbers),
             ("members", object),
             ("small strings", strings),
             ("large strings", big),

@@ -29,7 +29,7 @@ use crate::health::{Health, Link};
 use crate::ingest::{self, Limits};
 use crate::metrics::{Gauges, Metrics};
 use crate::stats::Stats;
-use crate::store::{self, RetryResult, Store, Submission, Written};
+use crate::store::{self, IdempotencyKey, RetryResult, Store, Submission, Written};
 
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
@@ -370,6 +370,14 @@ fn header_value<'r>(request: &'r Request, name: &'static str) -> Option<&'r str>
         .map(|h| h.value.as_str())
 }
 
+/// The API key a request presents, if any.
+fn presented_key(request: &Request) -> Option<&str> {
+    auth::presented_key(
+        header_value(request, "Authorization"),
+        header_value(request, "X-Api-Key"),
+    )
+}
+
 /// What a request's head alone decides, in the order the handler checks it:
 /// the route, the API key on protected routes when keys are configured
 /// (`metrics` says whether `/metrics` is one), no body on a route that
@@ -383,14 +391,8 @@ pub fn check_head(
     route: Result<Route, ApiError>,
 ) -> Result<Route, ApiError> {
     let route = route?;
-    if route.is_protected(metrics) && !keys.is_open() {
-        let presented = auth::presented_key(
-            header_value(request, "Authorization"),
-            header_value(request, "X-Api-Key"),
-        );
-        if !keys.allows(presented) {
-            return Err(ApiError::Unauthorized);
-        }
+    if route.is_protected(metrics) && !keys.is_open() && !keys.allows(presented_key(request)) {
+        return Err(ApiError::Unauthorized);
     }
     let length = request.body_length();
     let has_body =
@@ -546,11 +548,17 @@ impl Api {
     }
 
     /// An ingest whose head [`check_head`] passed. An `Idempotency-Key`
-    /// covers the whole body, one event or a batch.
+    /// covers the whole body, one event or a batch, and belongs to the API
+    /// key that sent it.
     fn ingest(&self, request: &mut Request) -> Result<Ingest, ApiError> {
-        let idempotency_key = header_value(request, "Idempotency-Key")
+        let key = header_value(request, "Idempotency-Key")
             .map(ingest::idempotency_key)
             .transpose()?;
+        let scope = self
+            .keys
+            .scope(presented_key(request))
+            .ok_or(ApiError::Unauthorized)?;
+        let idempotency_key = key.map(|key| IdempotencyKey { scope, key });
         // The body read whole into memory (always, but for a chunked body
         // over the limit), taken without a copy with the reservation that
         // counts it against INGEST_HTTP_BUFFER_BYTES.

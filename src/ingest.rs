@@ -7,11 +7,18 @@
 //! which makes the event idempotent). Every limit has its own error, and an
 //! error inside a batch names the item's index. Nothing here allocates in
 //! proportion to anything but the body, which the caller has already bounded.
+//!
+//! Numbers are kept as sent: serde_json holds each one as its text (its
+//! `arbitrary_precision` feature), and PostgreSQL stores it as an exact
+//! `numeric`, which it writes back in plain decimal (`1e3` as `1000`). A
+//! number it cannot hold is refused here, and a payload's size counts each
+//! number at the longer of its forms, as sent and as stored, so that a
+//! short exponent cannot make a large row.
 
 use std::collections::HashSet;
 use std::io;
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
 use uuid::Uuid;
 
 use crate::http::ApiError;
@@ -24,12 +31,19 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// `maxLength`, so that what the OpenAPI contract allows is accepted.
 pub const MAX_NAME_CHARS: usize = 255;
 
+/// Most digits PostgreSQL's `numeric` holds before the decimal point.
+pub const MAX_INTEGER_DIGITS: usize = 131_072;
+
+/// Most digits PostgreSQL's `numeric` holds after the decimal point.
+pub const MAX_FRACTION_DIGITS: usize = 16_383;
+
 /// Limits on what one body may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Most events in one batch.
     pub max_batch: usize,
-    /// Largest payload of one event, as compact JSON.
+    /// Largest payload of one event, as compact JSON, each number counted
+    /// as stored (see [`stored_number_len`]) when that is longer.
     pub max_payload_bytes: usize,
     /// Deepest nesting of arrays and objects in the whole body.
     pub max_depth: usize,
@@ -137,7 +151,7 @@ fn parse_event(mut object: Map<String, Value>, limits: &Limits) -> Result<NewEve
             "the payload contains U+0000, which cannot be stored".into(),
         ));
     }
-    if compact_len(&payload) > limits.max_payload_bytes {
+    if payload_len(&payload)? > limits.max_payload_bytes {
         return Err(ApiError::PayloadTooLarge(limits.max_payload_bytes));
     }
     let event_type = name_field(&mut object, "type")?;
@@ -208,6 +222,131 @@ fn has_nul(value: &Value) -> bool {
         Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
         _ => false,
     }
+}
+
+/// The size of a payload as compact JSON, each number at the longer of its
+/// length as serde_json writes it and as PostgreSQL writes it back, so that
+/// the limit bounds both; or an error naming a number PostgreSQL cannot
+/// store.
+fn payload_len(payload: &Value) -> Result<usize, ApiError> {
+    let (mut written, mut longest) = (0, 0);
+    number_lens(payload, &mut written, &mut longest).map_err(|n| {
+        let text = n.as_str();
+        // The number itself may be long; its start is enough to find it.
+        let shown = match text.char_indices().nth(40) {
+            Some((cut, _)) => format!("{}…", &text[..cut]),
+            None => text.to_string(),
+        };
+        ApiError::InvalidBody(format!(
+            "the payload holds the number {shown}, which cannot be stored: at most \
+             {MAX_INTEGER_DIGITS} digits before the decimal point and {MAX_FRACTION_DIGITS} \
+             after it"
+        ))
+    })?;
+    Ok(compact_len(payload) - written + longest)
+}
+
+/// Adds up the lengths of the numbers in `value` as serde_json writes them,
+/// and the longer of that and their length as PostgreSQL stores them;
+/// stops at one it cannot store.
+fn number_lens<'v>(
+    value: &'v Value,
+    written: &mut usize,
+    longest: &mut usize,
+) -> Result<(), &'v Number> {
+    match value {
+        Value::Number(n) => {
+            let text = n.as_str();
+            *written += text.len();
+            *longest += stored_number_len(text).ok_or(n)?.max(text.len());
+        }
+        Value::Array(items) => {
+            for item in items {
+                number_lens(item, written, longest)?;
+            }
+        }
+        Value::Object(map) => {
+            for item in map.values() {
+                number_lens(item, written, longest)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The length of the JSON number `text` as PostgreSQL stores it in `jsonb`
+/// and writes it back: as an exact `numeric`, in plain decimal with the
+/// digits after the point that the text implies (`1e3` is `1000`, `1.50e1`
+/// is `15.0`, `-0.00` is `0.00`). `None` when `numeric` cannot hold it
+/// (more than [`MAX_INTEGER_DIGITS`] digits before the point or
+/// [`MAX_FRACTION_DIGITS`] after) or `text` is not a JSON number.
+pub fn stored_number_len(text: &str) -> Option<usize> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(at) => (&rest[..at], exponent(&rest[at + 1..])?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let well_formed = !int.is_empty()
+        && digits(int)
+        && (int == "0" || !int.starts_with('0'))
+        && digits(frac)
+        && !(mantissa.contains('.') && frac.is_empty());
+    if !well_formed {
+        return None;
+    }
+    let (int_len, frac_len) = (int.len() as i64, frac.len() as i64);
+    // The exponent moves the point; digits after it are kept, zeros too.
+    let scale = (frac_len - exponent).max(0);
+    if scale > MAX_FRACTION_DIGITS as i64 {
+        return None;
+    }
+    let fraction = if scale > 0 { 1 + scale } else { 0 };
+    let leading_zeros = int
+        .bytes()
+        .chain(frac.bytes())
+        .take_while(|&b| b == b'0')
+        .count() as i64;
+    if leading_zeros == int_len + frac_len {
+        // Zero, written without a sign.
+        return Some((1 + fraction) as usize);
+    }
+    let integer_digits = int_len + exponent - leading_zeros;
+    if integer_digits > MAX_INTEGER_DIGITS as i64 {
+        return None;
+    }
+    Some((i64::from(negative) + integer_digits.max(1) + fraction) as usize)
+}
+
+/// An exponent's value, `None` past what PostgreSQL accepts (half of
+/// `i32::MAX`, beyond which every number but zero is out of range anyway).
+fn exponent(text: &str) -> Option<i64> {
+    let (negative, digits) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = digits.trim_start_matches('0');
+    if digits.len() > 10 {
+        return None;
+    }
+    let value: i64 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
+    if value >= i64::from(i32::MAX / 2) {
+        return None;
+    }
+    Some(if negative { -value } else { value })
 }
 
 /// The size of `value` as compact JSON, without building the text.
@@ -379,6 +518,90 @@ mod tests {
             parse(br#"[{"payload":1},7]"#, &LIMITS),
             Err(ApiError::InvalidItem(1, _))
         ));
+    }
+
+    #[test]
+    fn numbers_are_kept_as_sent() {
+        let e = one(r#"{"payload":[123456789012345678901234567890,1.00,-0.5e-3,7]}"#).unwrap();
+        assert_eq!(
+            e.payload.to_string(),
+            "[123456789012345678901234567890,1.00,-0.5e-3,7]"
+        );
+        assert_eq!(
+            one(r#"{"payload":1e40}"#).unwrap().payload.to_string(),
+            "1e+40"
+        );
+        // Exponents count as written out: 1e63 is 64 digits, the limit.
+        assert!(one(r#"{"payload":1e63}"#).is_ok());
+        assert!(one(r#"{"payload":[1e61]}"#).is_ok());
+        // And as sent when that is longer: 1e0 is kept as 1e+0, stored as 1.
+        let sent_long = format!(r#"{{"payload":[{}1e0]}}"#, "1e0,".repeat(12));
+        for over in [r#"{"payload":1e64}"#, r#"{"payload":[1e62]}"#, &sent_long] {
+            assert_eq!(one(over), Err(ApiError::PayloadTooLarge(64)), "{over}");
+        }
+        let sent_short = format!(r#"{{"payload":[{}1e0]}}"#, "1e0,".repeat(11));
+        assert!(one(&sent_short).is_ok());
+        match one(r#"{"payload":{"a":[1e131072]}}"#) {
+            Err(ApiError::InvalidBody(d)) => assert!(d.contains("1e+131072"), "{d}"),
+            other => panic!("{other:?}"),
+        }
+        let long = format!(r#"{{"payload":0.{}1}}"#, "0".repeat(16_383));
+        match one(&long) {
+            Err(ApiError::InvalidBody(d)) => assert!(d.contains("0.000") && d.contains('…'), "{d}"),
+            other => panic!("{other:?}"),
+        }
+        match parse(br#"[{"payload":1},{"payload":-1e-99999}]"#, &LIMITS) {
+            Err(ApiError::InvalidItem(1, inner)) => {
+                assert!(matches!(*inner, ApiError::InvalidBody(_)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn numbers_are_measured_as_stored() {
+        let cases: &[(&str, Option<usize>)] = &[
+            ("0", Some(1)),
+            ("-0", Some(1)),
+            ("-0.00", Some(4)),
+            ("7", Some(1)),
+            ("-12", Some(3)),
+            ("1.00", Some(4)),
+            ("1e3", Some(4)),
+            ("1E+3", Some(4)),
+            ("1e+0005", Some(6)),
+            ("1.50e1", Some(4)),
+            ("10e-1", Some(3)),
+            ("123.456e-1", Some(7)),
+            ("0.001", Some(5)),
+            ("-0.001", Some(6)),
+            ("0.0e5", Some(1)),
+            ("5e-324", Some(326)),
+            ("1e400", Some(401)),
+            ("1e131071", Some(131_072)),
+            ("0.1e131072", Some(131_072)),
+            ("1e131072", None),
+            ("1e-16383", Some(16_385)),
+            ("-1e-16383", Some(16_386)),
+            ("0e-16383", Some(16_385)),
+            ("1e-16384", None),
+            ("0e-16384", None),
+            ("1.5e-16383", None),
+            ("0e1073741822", Some(1)),
+            ("0e1073741823", None),
+            ("1e99999999999999999999", None),
+            ("00", None),
+            ("1.", None),
+            (".5", None),
+            ("1e", None),
+            ("1e+", None),
+            ("", None),
+            ("-", None),
+            ("x", None),
+        ];
+        for (text, len) in cases {
+            assert_eq!(stored_number_len(text), *len, "{text}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub use crate::pool::{Manager, Outage, RESPONSE_GRACE};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::auth::Scope;
 use crate::config::Config;
 
 /// The schema, embedded so the binary can create its tables anywhere.
@@ -149,8 +150,33 @@ pub struct Submission {
     /// The body was an array, even of one event: its answer is a batch's,
     /// and its `Idempotency-Key` stands for the whole list.
     pub batch: bool,
-    /// The request's `Idempotency-Key`.
-    pub idempotency_key: Option<String>,
+    /// The request's `Idempotency-Key`, in its client's scope.
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// An `Idempotency-Key` and the scope of the client that sent it: the same
+/// key sent with another API key is another key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// Whose key it is.
+    pub scope: Scope,
+    /// The header's value, visible ASCII (so without a space).
+    pub key: String,
+}
+
+impl IdempotencyKey {
+    /// The key as `idempotency_keys.key` holds it: the key alone in the
+    /// open scope, which is how every earlier version stored every key, so
+    /// that they and this one agree on open deployments; otherwise the
+    /// scope, a space and the key. A client's key holds no space, so a key
+    /// of one scope can never be taken for another's, nor for an open one.
+    pub fn stored(&self) -> String {
+        if self.scope.is_open() {
+            self.key.clone()
+        } else {
+            format!("{} {}", self.scope.as_str(), self.key)
+        }
+    }
 }
 
 impl Submission {
@@ -193,7 +219,8 @@ pub struct EventRecord {
     pub status: String,
     /// Completed processing attempts.
     pub attempts: i32,
-    /// The client's payload, as sent.
+    /// The client's payload, as stored: as sent, numbers exact (in plain
+    /// decimal), key order and spacing as `jsonb` normalises them.
     pub payload: Value,
     /// The client's name for the kind of event.
     pub event_type: Option<String>,
@@ -790,8 +817,9 @@ impl Store {
         if created.iter().any(|c| !*c) {
             // Some ids exist: each must hold exactly this item's content,
             // compared as the idempotency fingerprint compares it (jsonb
-            // text: key order and spacing do not matter, 1 and 1.0 differ).
-            // NULL means the row is gone.
+            // text: key order and spacing do not matter; numbers compare by
+            // their stored digits, so 1, 1.0 and 1.00 differ while 1e2 and
+            // 100 do not). NULL means the row is gone.
             let rows = tx.query(
                 "SELECT m.ord::int, CASE WHEN e.id IS NULL THEN NULL ELSE \
                         e.payload::text = m.payload::text \
@@ -959,13 +987,14 @@ impl<'a> Columns<'a> {
     }
 }
 
-// SHA-256 of a body's normalised content (jsonb sorts keys and drops
-// insignificant whitespace), over $2 to $5: the payloads, types, keys and
-// client-chosen ids (NULL for generated ones) in the request's order. One
-// event hashes `[payload, type, key, id]`, as keys stored by earlier
-// versions did; a batch hashes `{"batch": [[payload, type, key, id], ...]}`,
-// so order matters, and a body of one event and a batch of that event
-// differ.
+// SHA-256 of a body's normalised content (jsonb sorts keys, drops
+// insignificant whitespace and writes numbers in plain decimal, keeping the
+// digits after the point that were sent), over $2 to $5: the payloads,
+// types, keys and client-chosen ids (NULL for generated ones) in the
+// request's order. One event hashes `[payload, type, key, id]`, as keys
+// stored by earlier versions did; a batch hashes
+// `{"batch": [[payload, type, key, id], ...]}`, so order matters, and a
+// body of one event and a batch of that event differ.
 const FINGERPRINT_ONE: &str = "sha256(convert_to(jsonb_build_array(($2::jsonb[])[1], \
                                ($3::text[])[1], ($4::text[])[1], ($5::uuid[])[1])::text, 'UTF8'))";
 const FINGERPRINT_BATCH: &str = "sha256(convert_to(jsonb_build_object('batch', \
@@ -986,13 +1015,14 @@ fn claim_key(
     let (Some(key), Some(first)) = (&submission.idempotency_key, columns.ids.first()) else {
         return Ok(None);
     };
+    let key = key.stored();
     let fingerprint = if submission.batch {
         FINGERPRINT_BATCH
     } else {
         FINGERPRINT_ONE
     };
     let content: [&(dyn postgres::types::ToSql + Sync); 5] = [
-        key,
+        &key,
         &columns.payloads,
         &columns.types,
         &columns.keys,

@@ -28,7 +28,10 @@ use crate::store::{self, Store};
 pub struct Event {
     /// The event's id.
     pub id: Uuid,
-    /// The client's payload.
+    /// The client's payload, as stored. Its numbers are exact: serde_json
+    /// keeps each as its text (`Number::as_str`), in PostgreSQL's plain
+    /// decimal (`1e3` arrives as `1000`, `1.50` as `1.50`), and `as_f64`,
+    /// `as_i64` or `as_u64` read it when it fits.
     pub payload: Value,
     /// The client's name for the kind of event.
     pub event_type: Option<String>,
@@ -485,5 +488,9 @@ mod tests {
         assert!(parse_message(b"{}").is_err());
         assert!(parse_message(br#"{"id":"nope"}"#).is_err());
         assert!(parse_message(br#"{"id":7}"#).is_err());
+        // A payload with numbers beyond f64 (as PostgreSQL writes 1e400)
+        // does not make the message unreadable.
+        let body = format!(r#"{{"id":"{id}","payload":[1{},1e-400]}}"#, "0".repeat(400));
+        assert_eq!(parse_message(body.as_bytes()), Ok(id));
     }
 }

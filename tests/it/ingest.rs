@@ -90,8 +90,8 @@ fn a_batch_is_written_all_or_nothing_in_order() {
 }
 
 /// PostgreSQL's `jsonb` writes numbers out in full (`1.7976931348623157e308`
-/// as 309 digits); what the API accepted must read back as it was sent,
-/// both from the event route and in the worker's message.
+/// as 309 digits); what the API accepted must read back as the same
+/// numbers, both from the event route and in the worker's message.
 #[test]
 fn numbers_at_the_edges_of_f64_read_back_as_sent() {
     let env = TestEnv::new("bignum");
@@ -110,9 +110,216 @@ fn numbers_at_the_edges_of_f64_read_back_as_sent() {
         "{:?}",
         String::from_utf8_lossy(&event.body)
     );
+    // Written out in plain decimal, each is still the number sent.
+    let as_f64 = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_f64().unwrap())
+            .collect()
+    };
     let sent: Value = serde_json::from_str(body).unwrap();
-    assert_eq!(event.json()["payload"], sent["payload"]);
+    assert_eq!(as_f64(&event.json()["payload"]), as_f64(&sent["payload"]));
+    assert_eq!(
+        event.json()["payload"][5].to_string(),
+        "12345678901234567890123"
+    );
     app.shutdown().unwrap();
+}
+
+/// The payload of the precision tests, as sent and as PostgreSQL stores
+/// it: every digit kept, exponents written out, trailing zeros kept.
+const PRECISE_SENT: &str = r#"{"big":123456789012345678901234567890,"neg":-98765432109876543210987,
+    "dec":1.00,"pi":3.14159265358979323846264338327950288,"money":12345678901234567.89,
+    "exp":1.50e3,"small":-2.5e-20,"list":[18446744073709551616,0.1000]}"#;
+const PRECISE_STORED: &str = r#"{"big":123456789012345678901234567890,"neg":-98765432109876543210987,
+    "dec":1.00,"pi":3.14159265358979323846264338327950288,"money":12345678901234567.89,
+    "exp":1500,"small":-0.000000000000000000025,"list":[18446744073709551616,0.1000]}"#;
+
+/// Numbers beyond f64 keep every digit on every path: the stored `jsonb`,
+/// `GET /v1/events/<id>`, the message the relay publishes and the
+/// processor's `Event.payload`. Before, they went through f64:
+/// `123456789012345678901234567890` came back as `1.2345678901234568e+29`.
+#[test]
+fn big_integers_and_decimals_keep_every_digit_to_the_processor() {
+    let env = TestEnv::new("precise");
+    let config = env.config();
+    // No workers at first: the message stays queued for the test to read.
+    let api = env.start_role(&config, Role::Api);
+    let relay = env.start_role(&config, Role::Relay);
+    let addr = api.http_addr().unwrap();
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    let mut conn = broker::connect(&url, Duration::from_secs(5)).unwrap();
+    let channel = conn.open_channel(None).unwrap();
+    env.topology().declare(&channel).unwrap();
+
+    let resp = post_json(
+        addr,
+        "/v1/events",
+        &format!(r#"{{"payload":{PRECISE_SENT}}}"#),
+    );
+    assert_eq!(resp.status, 202, "{:?}", resp.json());
+    let id = id_of(&resp);
+    let expected: Value = serde_json::from_str(PRECISE_STORED).unwrap();
+
+    let stored: Value = env
+        .sql()
+        .query_one("SELECT payload FROM events WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, expected, "the stored jsonb");
+    let text: String = env
+        .sql()
+        .query_one("SELECT payload::text FROM events WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert!(
+        text.contains("\"big\": 123456789012345678901234567890"),
+        "{text}"
+    );
+
+    let event = get(addr, &format!("/v1/events/{id}"));
+    assert_eq!(event.json()["payload"], expected, "GET");
+    let raw = String::from_utf8(event.body.clone()).unwrap();
+    for digits in [
+        "123456789012345678901234567890",
+        "3.14159265358979323846264338327950288",
+    ] {
+        assert!(raw.contains(digits), "{raw}");
+    }
+
+    let queue = env.topology().queue;
+    wait_until(Duration::from_secs(10), "the message is queued", || {
+        env.queue_depth(&queue) == 1
+    });
+    let got = channel
+        .basic_get(queue.clone(), false)
+        .unwrap()
+        .expect("a message");
+    let body: Value = serde_json::from_slice(&got.delivery.body).unwrap();
+    assert_eq!(body["payload"], expected, "the message");
+    // Back to the queue, for a worker.
+    got.delivery.nack(&channel, true).unwrap();
+    let _ = conn.close();
+
+    let worker = env.start_role(&config, Role::Worker);
+    env.wait_processed(&[id], Duration::from_secs(10));
+    let seen = env.processor.payload(id).expect("the processor ran");
+    assert_eq!(seen, expected, "the processor's Event.payload");
+    assert_eq!(
+        seen["big"].as_number().unwrap().as_str(),
+        "123456789012345678901234567890"
+    );
+    assert_eq!(seen["list"][0].as_u64(), None, "past u64, kept as text");
+    assert_eq!(seen["exp"].as_i64(), Some(1500));
+    worker.shutdown().unwrap();
+    relay.shutdown().unwrap();
+    api.shutdown().unwrap();
+}
+
+/// `1e400`, past f64, is stored as the 401-digit integer it denotes (and
+/// counts as 401 bytes against the payload limit); a number PostgreSQL's
+/// `numeric` cannot hold is refused with `400 invalid_body` naming it.
+#[test]
+fn huge_exponents_are_stored_written_out_or_refused_past_numeric() {
+    let env = TestEnv::new("exponent");
+    let app = env.start_with(&[("INGEST_MAX_PAYLOAD_BYTES", "1000")]);
+    let addr = app.http_addr().unwrap();
+    let resp = post_json(addr, "/v1/events", r#"{"payload":[1e400,-1e-400]}"#);
+    assert_eq!(resp.status, 202, "{:?}", resp.json());
+    let id = id_of(&resp);
+    let expected: Value =
+        serde_json::from_str(&format!("[1{},-0.{}1]", "0".repeat(400), "0".repeat(399))).unwrap();
+    assert_eq!(
+        get(addr, &format!("/v1/events/{id}")).json()["payload"],
+        expected
+    );
+    env.wait_processed(&[id], Duration::from_secs(10));
+    assert_eq!(env.processor.payload(id), Some(expected));
+
+    // Written out, 1e999 is 1,000 digits, and 1,002 bytes with its brackets.
+    assert_eq!(
+        post_json(addr, "/v1/events", r#"{"payload":1e999}"#).status,
+        202
+    );
+    let resp = post_json(addr, "/v1/events", r#"{"payload":[1e999]}"#);
+    assert_eq!(
+        (resp.status, &resp.json()["error"]),
+        (413, &json!("payload_too_large"))
+    );
+
+    for (body, index) in [
+        (r#"{"payload":{"n":1e131072}}"#, None),
+        (r#"[{"payload":1},{"payload":[2.5e-16383]}]"#, Some(1)),
+    ] {
+        let resp = post_json(addr, "/v1/events", body);
+        assert_eq!(resp.status, 400, "{body}");
+        let error = resp.json();
+        assert_eq!(error["error"], "invalid_body", "{body}");
+        let detail = error["detail"].as_str().unwrap();
+        assert!(detail.contains("cannot be stored"), "{detail}");
+        assert_eq!(error.get("index").and_then(Value::as_u64), index, "{body}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM events"), 2);
+    app.shutdown().unwrap();
+}
+
+/// The API's measure of a number as stored, which its payload limit and its
+/// refusals rest on, agrees with PostgreSQL's own `jsonb` on every case.
+#[test]
+fn stored_number_lengths_match_postgresql() {
+    let env = TestEnv::new("numlen");
+    let mut sql = env.sql();
+    let long = format!("0.{}1", "0".repeat(16_382));
+    let too_long = format!("0.{}1", "0".repeat(16_383));
+    let wide = format!("9{}", "9".repeat(131_071));
+    let too_wide = format!("1{}", "0".repeat(131_072));
+    let cases = [
+        "0",
+        "-0",
+        "-0.00",
+        "7",
+        "-12",
+        "1.00",
+        "1e3",
+        "1E+3",
+        "1e+0005",
+        "1.50e1",
+        "10e-1",
+        "123.456e-1",
+        "0.001",
+        "-0.001",
+        "0.0e5",
+        "5e-324",
+        "1.7976931348623157e308",
+        "1e400",
+        "-1e-400",
+        "1e131071",
+        "0.1e131072",
+        "1e131072",
+        "1e-16383",
+        "-1e-16383",
+        "0e-16383",
+        "1e-16384",
+        "0e-16384",
+        "1.5e-16383",
+        "0e1073741822",
+        "0e1073741823",
+        "1e1073741822",
+        "123456789012345678901234567890",
+        &long,
+        &too_long,
+        &wide,
+        &too_wide,
+    ];
+    for text in cases {
+        let postgres: Option<i32> = sql
+            .query_one("SELECT length($1::text::jsonb::text)", &[&text])
+            .ok()
+            .map(|r| r.get(0));
+        let ours = ingestd::ingest::stored_number_len(text);
+        assert_eq!(ours, postgres.map(|n| n as usize), "{:.40}", text);
+    }
 }
 
 #[test]
@@ -479,6 +686,12 @@ fn a_schema_without_batch_keys_upgrades_in_place() {
     assert_eq!(first.status, 202, "{:?}", first.json());
     let again = post_with(addr, &[key], r#"[{"payload":1},{"payload":2}]"#);
     assert_eq!((again.status, ids_of(&again)), (200, ids_of(&first)));
+    // Without API keys a key is stored as it is, as earlier versions stored
+    // every key, so that they and this one see each other's keys.
+    assert_eq!(
+        env.count("SELECT count(*) FROM idempotency_keys WHERE key = 'new-batch'"),
+        1
+    );
     assert_eq!(env.count("SELECT count(*) FROM events"), 3);
     assert_eq!(
         env.count("SELECT count(*) FROM ingestd_schema WHERE fingerprint <> '0123456789abcdef'"),
@@ -566,6 +779,150 @@ fn client_ids_make_batch_items_idempotent() {
     env.wait_processed(&all, Duration::from_secs(10));
     assert_eq!(env.count("SELECT count(*) FROM events"), 5);
     assert!(all.iter().all(|id| env.runs(*id) == 1));
+    app.shutdown().unwrap();
+}
+
+/// Idempotency compares numbers as PostgreSQL stores them: by their digits,
+/// trailing zeros included, after writing exponents out. `1.0` and `1.00`
+/// are different content; `1.0`, `10e-1` and `0.10e1` are the same. Before,
+/// numbers went through f64, so `1.0` and `1.00` replayed each other, and
+/// so did two integers past 2^53 that differ in their last digit.
+#[test]
+fn numbers_are_compared_as_stored_for_idempotency() {
+    let env = TestEnv::new("idemnums");
+    let app = env.start_role(&env.config(), Role::Api);
+    let addr = app.http_addr().unwrap();
+
+    let key = ("Idempotency-Key", "amount-1");
+    let first = post_with(addr, &[key], r#"{"payload":{"amount":1.0}}"#);
+    assert_eq!(first.status, 202, "{:?}", first.json());
+    for same in [
+        r#"{"payload":{"amount":10e-1}}"#,
+        r#"{"payload":{"amount":0.10e1}}"#,
+    ] {
+        let resp = post_with(addr, &[key], same);
+        assert_eq!((resp.status, id_of(&resp)), (200, id_of(&first)), "{same}");
+    }
+    for other in [
+        r#"{"payload":{"amount":1.00}}"#,
+        r#"{"payload":{"amount":1}}"#,
+    ] {
+        let resp = post_with(addr, &[key], other);
+        assert_eq!(resp.status, 409, "{other}");
+        assert_eq!(resp.json()["error"], "idempotency_conflict", "{other}");
+    }
+
+    // The same rule for a batch under a key, and for client ids.
+    let key = ("Idempotency-Key", "batch-amounts");
+    let batch = r#"[{"payload":123456789012345678901234567890},{"payload":2.50}]"#;
+    assert_eq!(post_with(addr, &[key], batch).status, 202);
+    let near = r#"[{"payload":123456789012345678901234567891},{"payload":2.50}]"#;
+    assert_eq!(
+        post_with(addr, &[key], near).status,
+        409,
+        "the last digit counts"
+    );
+    let zeros = r#"[{"payload":123456789012345678901234567890},{"payload":2.5}]"#;
+    assert_eq!(
+        post_with(addr, &[key], zeros).status,
+        409,
+        "trailing zeros count"
+    );
+    let written_out = r#"[{"payload":1.23456789012345678901234567890e29},{"payload":25.0e-1}]"#;
+    assert_eq!(post_with(addr, &[key], written_out).status, 200);
+
+    let id = Uuid::new_v4();
+    let with_id = |payload: &str| format!(r#"{{"id":"{id}","payload":{payload}}}"#);
+    assert_eq!(post_json(addr, "/v1/events", &with_id("1.0")).status, 202);
+    assert_eq!(
+        post_json(addr, "/v1/events", &with_id("0.10e1")).status,
+        200
+    );
+    let resp = post_json(addr, "/v1/events", &with_id("1.00"));
+    assert_eq!(
+        (resp.status, &resp.json()["error"]),
+        (409, &json!("id_conflict"))
+    );
+    assert_eq!(rows(&env), (4, 4, 2));
+    app.shutdown().unwrap();
+}
+
+/// With API keys, an `Idempotency-Key` belongs to the API key that sent it:
+/// two clients using the same one get their own events and never see each
+/// other's ids. The database keeps a hash of the API key, never the key.
+/// Client-chosen event ids stay global, as the events' primary key.
+#[test]
+fn idempotency_keys_are_scoped_per_api_key() {
+    let env = TestEnv::new("idemscope");
+    let keys = format!("{KEY},{OTHER_KEY}");
+    let app = env.start_role(&env.config_with(&[("INGEST_API_KEYS", &keys)]), Role::Api);
+    let addr = app.http_addr().unwrap();
+    let bearer = format!("Bearer {KEY}");
+    let one = [
+        ("Authorization", bearer.as_str()),
+        ("Idempotency-Key", "order-1"),
+    ];
+    let other = [("X-Api-Key", OTHER_KEY), ("Idempotency-Key", "order-1")];
+    let body = r#"{"payload":{"order":1}}"#;
+
+    let first = post_with(addr, &one, body);
+    assert_eq!(first.status, 202, "{:?}", first.json());
+    let theirs = post_with(addr, &other, body);
+    assert_eq!(
+        theirs.status,
+        202,
+        "not the first client's replay: {:?}",
+        theirs.json()
+    );
+    assert_ne!(id_of(&theirs), id_of(&first));
+    // Each replays its own, and conflicts only with itself.
+    let again = post_with(addr, &one, body);
+    assert_eq!((again.status, id_of(&again)), (200, id_of(&first)));
+    let again = post_with(addr, &other, body);
+    assert_eq!((again.status, id_of(&again)), (200, id_of(&theirs)));
+    assert_eq!(
+        post_with(addr, &other, r#"{"payload":{"order":2}}"#).status,
+        409
+    );
+    assert_eq!(rows(&env), (2, 2, 2));
+    // Batches too, and the Bearer and X-Api-Key forms of one key agree.
+    let batch = r#"[{"payload":1},{"payload":2}]"#;
+    let k2 = ("Idempotency-Key", "batch-1");
+    let mine = post_with(addr, &[("Authorization", &bearer), k2], batch);
+    let same = post_with(addr, &[("X-Api-Key", KEY), k2], batch);
+    assert_eq!((same.status, ids_of(&same)), (200, ids_of(&mine)));
+    let theirs = post_with(addr, &[("X-Api-Key", OTHER_KEY), k2], batch);
+    assert_eq!(theirs.status, 202);
+    assert!(ids_of(&theirs).iter().all(|id| !ids_of(&mine).contains(id)));
+
+    let stored: Vec<String> = env
+        .sql()
+        .query("SELECT key FROM idempotency_keys ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored.len(), 4, "{stored:?}");
+    assert!(
+        stored
+            .iter()
+            .all(|k| !k.contains("0123456789abcdef") && !k.contains("key-")),
+        "{stored:?}"
+    );
+    assert_eq!(stored.iter().filter(|k| k.ends_with(" order-1")).count(), 2);
+
+    // A client-chosen id is the event's own, whichever key sends it.
+    let id = Uuid::new_v4();
+    let event = format!(r#"{{"id":"{id}","payload":1}}"#);
+    assert_eq!(post_with(addr, &[("X-Api-Key", KEY)], &event).status, 202);
+    let replay = post_with(addr, &[("X-Api-Key", OTHER_KEY)], &event);
+    assert_eq!((replay.status, id_of(&replay)), (200, id));
+    let changed = format!(r#"{{"id":"{id}","payload":2}}"#);
+    let resp = post_with(addr, &[("X-Api-Key", OTHER_KEY)], &changed);
+    assert_eq!(
+        (resp.status, &resp.json()["error"]),
+        (409, &json!("id_conflict"))
+    );
     app.shutdown().unwrap();
 }
 

@@ -84,7 +84,7 @@ fn quorum_queues_carry_the_pipeline() {
 #[test]
 fn retention_deletes_old_processed_events_only() {
     let env = TestEnv::new("retention");
-    let app = env.start_with(&[("INGEST_RETENTION", "1h")]);
+    let app = env.start_with(&[("INGEST_RETENTION", "1h"), ("INGEST_IDEMPOTENCY_TTL", "1h")]);
     let addr = app.http_addr().unwrap();
     let old: Vec<Uuid> = (0..3).map(|i| ingest(addr, &json!(i))).collect();
     let recent = ingest(addr, &json!("recent"));
@@ -106,7 +106,7 @@ fn retention_deletes_old_processed_events_only() {
     app.shutdown().unwrap();
 
     // The retention pass runs at start-up, then every 15 minutes for 1h.
-    let app = env.start_with(&[("INGEST_RETENTION", "1h")]);
+    let app = env.start_with(&[("INGEST_RETENTION", "1h"), ("INGEST_IDEMPOTENCY_TTL", "1h")]);
     wait_until(
         Duration::from_secs(10),
         "old processed events deleted",

@@ -306,6 +306,7 @@ impl Drop for Binary {
 #[derive(Default)]
 pub struct Scripted {
     calls: Mutex<HashMap<Uuid, Vec<Instant>>>,
+    payloads: Mutex<HashMap<Uuid, Value>>,
     healed: AtomicBool,
 }
 
@@ -318,6 +319,12 @@ impl Scripted {
             .get(&id)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// The payload the last attempt on `id` was handed, as the processor
+    /// saw it.
+    pub fn payload(&self, id: Uuid) -> Option<Value> {
+        self.payloads.lock().unwrap().get(&id).cloned()
     }
 
     /// From now on permanent failures stop failing.
@@ -334,6 +341,10 @@ impl Processor for Scripted {
             .entry(event.id)
             .or_default()
             .push(Instant::now());
+        self.payloads
+            .lock()
+            .unwrap()
+            .insert(event.id, event.payload.clone());
         match event.payload.get("fail").and_then(Value::as_str) {
             Some("transient") => {
                 let times = event.payload["times"].as_i64().unwrap_or(1);
