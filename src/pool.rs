@@ -101,8 +101,9 @@ pub struct Outage {
 
 impl Outage {
     /// True if the caller may use the database now: always when it is not
-    /// known to be down; during an outage, for one caller every
-    /// [`PROBE_INTERVAL`] (the probe), and false for everyone else.
+    /// known to be down; during an outage, for one caller once
+    /// [`PROBE_INTERVAL`] has passed since the last probe began or the
+    /// last failure was seen (the probe), and false for everyone else.
     pub fn admits(&self) -> bool {
         self.admits_at(Instant::now())
     }
@@ -123,6 +124,14 @@ impl Outage {
 
     /// Records what a connect, a check or a returned connection showed.
     pub fn observe(&self, healthy: bool) {
+        if !healthy {
+            // The next probe waits from the end of a failure, not from the
+            // start of the last probe: a probe of a refused database waits
+            // out the whole checkout timeout, so callers served one after
+            // another (a committer's keyed requests) would each become the
+            // next probe and wait a whole timeout of their own.
+            *self.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
         let was_down = self.down.swap(!healthy, Ordering::AcqRel);
         if was_down && healthy {
             log::info!("postgres: reachable again");
@@ -144,13 +153,18 @@ mod tests {
     #[test]
     fn an_outage_admits_one_probe_per_interval() {
         let outage = Outage::default();
-        let t0 = Instant::now();
+        let now = Instant::now();
         assert!(
-            outage.admits_at(t0) && outage.admits_at(t0),
+            outage.admits_at(now) && outage.admits_at(now),
             "healthy: everyone"
         );
         outage.observe(false);
         assert!(outage.is_down());
+        let t0 = Instant::now() + PROBE_INTERVAL;
+        assert!(
+            !outage.admits_at(Instant::now()),
+            "not right after a failure"
+        );
         assert!(outage.admits_at(t0), "the first caller probes");
         assert!(!outage.admits_at(t0), "the others fail at once");
         assert!(!outage.admits_at(t0 + PROBE_INTERVAL / 2));
@@ -158,6 +172,9 @@ mod tests {
             outage.admits_at(t0 + PROBE_INTERVAL),
             "a probe again after the interval"
         );
+        // A failure, such as the end of that probe, starts the wait again.
+        outage.observe(false);
+        assert!(!outage.admits_at(Instant::now()));
         outage.observe(true);
         assert!(!outage.is_down());
         assert!(outage.admits_at(t0) && outage.admits_at(t0));

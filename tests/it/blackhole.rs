@@ -254,7 +254,7 @@ fn requeues_back_off_while_the_database_is_down() {
             .to_string()
             .as_bytes(),
     );
-    wait_until(Duration::from_secs(10), "the first redelivery", || {
+    wait_until(Duration::from_secs(30), "the first redelivery", || {
         metric(addr, "ingestd_deliveries_total") >= 2.0
     });
     let started = Instant::now();

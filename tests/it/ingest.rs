@@ -14,7 +14,7 @@ use ingestd::store::{NewEvent, Store, Submission, Written};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::util::{Resp, TestEnv, amqp_url, get, post_json, request, wait_until};
+use crate::util::{PrivateDatabase, Resp, TestEnv, amqp_url, get, post_json, request, wait_until};
 
 const JSON: (&str, &str) = ("Content-Type", "application/json");
 
@@ -360,7 +360,7 @@ fn type_and_key_travel_in_the_message() {
 #[test]
 fn an_idempotency_key_replays_the_first_answer() {
     let env = TestEnv::new("idemkey");
-    let app = env.start_with(&[("INGEST_IDEMPOTENCY_TTL", "2s")]);
+    let app = env.start_with(&[("INGEST_IDEMPOTENCY_TTL", "1h")]);
     let addr = app.http_addr().unwrap();
     let key = ("Idempotency-Key", "order-42");
 
@@ -409,8 +409,16 @@ fn an_idempotency_key_replays_the_first_answer() {
     env.wait_processed(&[id], Duration::from_secs(10));
     assert_eq!(env.runs(id), 1);
 
-    // Once the key expires it may be used again.
-    thread::sleep(Duration::from_millis(2500));
+    // Once the key expires it may be used again: it is aged past the TTL
+    // in the database rather than waited for.
+    let aged = env
+        .sql()
+        .execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '2 hours' WHERE key = $1",
+            &[&key.1],
+        )
+        .unwrap();
+    assert_eq!(aged, 1);
     let later = post_with(addr, &[key], r#"{"payload":"new"}"#);
     assert_eq!(later.status, 202, "{:?}", later.json());
     assert_ne!(id_of(&later), id);
@@ -928,11 +936,43 @@ fn idempotency_keys_are_scoped_per_api_key() {
 
 /// Batches that share client ids, written at once in different orders,
 /// lock their rows in the same order: each is stored or replayed, never
-/// refused by a deadlock, and every id is stored once.
+/// refused by a deadlock, and every id is stored once. A deadlock would be
+/// retried silently, so the test counts them: it runs in a database of its
+/// own, whose `pg_stat_database.deadlocks` only it can move.
 #[test]
 fn concurrent_batches_sharing_ids_do_not_deadlock() {
     let env = TestEnv::new("idorder");
-    let store = Store::open_sized(&env.config(), 8).unwrap();
+    let db = PrivateDatabase::create(&env.name);
+    let config = env.config_with(&[("INGEST_DATABASE_URL", &db.url)]);
+    ingestd::app::migrate(&config).unwrap();
+    // The counter is live: a deadlock made on purpose is counted.
+    postgres::Client::connect(&db.url, postgres::NoTls)
+        .unwrap()
+        .batch_execute(&format!(
+            "CREATE TABLE {}.pair (n int PRIMARY KEY); INSERT INTO {0}.pair VALUES (1), (2)",
+            env.name
+        ))
+        .unwrap();
+    let start = Arc::new(Barrier::new(2));
+    let crossed: Vec<bool> = [(1, 2), (2, 1)]
+        .map(|(first, second): (i32, i32)| {
+            let (url, schema, start) = (db.url.clone(), env.name.clone(), start.clone());
+            thread::spawn(move || {
+                let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                let mut tx = c.transaction().unwrap();
+                let update = format!("UPDATE {schema}.pair SET n = n WHERE n = $1");
+                tx.execute(&update, &[&first]).unwrap();
+                start.wait();
+                tx.execute(&update, &[&second]).is_err()
+            })
+        })
+        .map(|t| t.join().unwrap())
+        .into();
+    assert_eq!(crossed.iter().filter(|e| **e).count(), 1, "one deadlock");
+    let before = db.deadlocks();
+    assert_eq!(before, 1, "the deliberate deadlock is counted");
+
+    let store = Store::open_sized(&config, 8).unwrap();
     let events: Vec<NewEvent> = (0..1000)
         .map(|n| NewEvent {
             id: Uuid::new_v4(),
@@ -977,8 +1017,17 @@ fn concurrent_batches_sharing_ids_do_not_deadlock() {
         }
     }
     assert_eq!(created, 1000, "each id created by exactly one writer");
-    assert_eq!(env.count("SELECT count(*) FROM events"), 1000);
-    assert_eq!(env.count("SELECT count(*) FROM outbox"), 1000);
+    let mut check = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    let count = |c: &mut postgres::Client, table: &str| -> i64 {
+        c.query_one(&format!("SELECT count(*) FROM {}.{table}", env.name), &[])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(count(&mut check, "events"), 1000);
+    assert_eq!(count(&mut check, "outbox"), 1000);
+    // Closing every session makes each report its statistics.
+    drop((check, store));
+    assert_eq!(db.deadlocks() - before, 0, "no deadlock was retried");
 }
 
 const KEY: &str = "key-one-0123456789abcdef";

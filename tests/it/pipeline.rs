@@ -14,7 +14,8 @@ use serde_json::json;
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::util::{TestEnv, amqp_url, ingest, wait_until};
+use crate::ops::{metric, scrape};
+use crate::util::{TestEnv, amqp_proxy, amqp_url, get, ingest, wait_until};
 
 #[test]
 fn ingest_to_processed_end_to_end() {
@@ -47,27 +48,110 @@ fn serial_config(env: &TestEnv) -> ingestd::Config {
     env.config_with(&[("INGEST_WORKERS", "1"), ("INGEST_PREFETCH", "1")])
 }
 
+/// Copies of a message arrive while its event is still being processed
+/// (another worker holds the event's row) and after it was processed; the
+/// processor runs once, and every copy is acknowledged as a duplicate.
 #[test]
 fn a_message_delivered_twice_is_processed_once() {
     let env = TestEnv::new("dup");
-    let app = env.start_role(&serial_config(&env), Role::All);
+    // Each delivery goes to a worker of its own, so that a copy meets the
+    // original in the database rather than waiting behind it.
+    let app = env.start_with(&[
+        ("INGEST_WORKERS", "3"),
+        ("INGEST_WORKER_BATCH", "1"),
+        ("INGEST_PREFETCH", "8"),
+    ]);
     let addr = app.http_addr().unwrap();
+    let counter = |name: &str| metric(&scrape(addr), name).unwrap();
 
-    let id = ingest(addr, &json!("once"));
-    env.wait_processed(&[id], Duration::from_secs(10));
-
-    // The broker delivers the same message again, twice.
+    let id = ingest(addr, &json!({ "hold": true }));
+    wait_until(Duration::from_secs(10), "processing under way", || {
+        env.processor.calls(id).len() == 1
+    });
+    // The broker delivers the same message again, twice, while the first
+    // delivery is still being processed.
     let body = json!({ "id": id.to_string(), "payload": "once" }).to_string();
     env.publish_raw(body.as_bytes());
     env.publish_raw(body.as_bytes());
-    let sentinel = ingest(addr, &json!("after"));
-    env.wait_processed(&[sentinel], Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "both copies delivered", || {
+        counter("ingestd_deliveries_total") == 3.0
+    });
+    assert_eq!(
+        env.status(id).as_deref(),
+        Some("pending"),
+        "the copies arrived while the event was pending"
+    );
+    env.processor.release();
+    env.wait_processed(&[id], Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "both copies skipped", || {
+        counter("ingestd_duplicates_skipped_total") == 2.0
+    });
+
+    // And twice more once it is processed.
+    env.publish_raw(body.as_bytes());
+    env.publish_raw(body.as_bytes());
+    wait_until(Duration::from_secs(10), "the late copies skipped", || {
+        counter("ingestd_duplicates_skipped_total") == 4.0
+    });
     wait_until(Duration::from_secs(10), "queue drained", || {
         env.queue_depth(&env.topology().queue) == 0
     });
 
-    assert_eq!(env.runs(id), 1, "the duplicate was skipped");
+    assert_eq!(
+        env.processor.calls(id).len(),
+        1,
+        "no copy reached the processor"
+    );
+    assert_eq!(env.runs(id), 1, "the duplicates were skipped");
     assert_eq!(env.status(id).as_deref(), Some("processed"));
+    assert_eq!(counter("ingestd_events_processed_total"), 1.0);
+    assert_eq!(env.queue_depth(&env.topology().dead_queue), 0);
+    app.shutdown().unwrap();
+}
+
+/// The worker commits, and the ack then never reaches the broker (its
+/// connection vanished in between): the broker delivers the message again
+/// and the worker skips it, so the event is processed once.
+#[test]
+fn an_ack_lost_after_the_commit_is_redelivered_and_skipped() {
+    let env = TestEnv::new("lostack");
+    let (proxy, url) = amqp_proxy("heartbeat=1");
+    let app = env.start_with(&[("INGEST_AMQP_URL", &url)]);
+    let addr = app.http_addr().unwrap();
+    let counter = |name: &str| metric(&scrape(addr), name).unwrap();
+
+    let id = ingest(addr, &json!({ "hold": true }));
+    wait_until(Duration::from_secs(10), "processing under way", || {
+        env.processor.calls(id).len() == 1
+    });
+    // From now on nothing the consumer sends reaches the broker: the ack
+    // for the commit below is lost on its way.
+    proxy.blackhole();
+    env.processor.release();
+    env.wait_processed(&[id], Duration::from_secs(10));
+    wait_until(
+        Duration::from_secs(20),
+        "the consumer lost its broker",
+        || get(addr, "/readyz").json()["checks"]["broker_consumer"] == "down",
+    );
+    assert_eq!(counter("ingestd_duplicates_skipped_total"), 0.0);
+
+    proxy.up();
+    wait_until(Duration::from_secs(30), "the redelivery skipped", || {
+        counter("ingestd_duplicates_skipped_total") == 1.0
+    });
+    wait_until(Duration::from_secs(10), "queue drained", || {
+        env.queue_depth(&env.topology().queue) == 0
+    });
+    assert_eq!(counter("ingestd_deliveries_total"), 2.0, "delivered again");
+    assert_eq!(env.processor.calls(id).len(), 1, "the processor ran once");
+    assert_eq!(env.runs(id), 1);
+    let attempts: i32 = env
+        .sql()
+        .query_one("SELECT attempts FROM events WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 1);
     app.shutdown().unwrap();
 }
 

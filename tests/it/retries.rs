@@ -1,13 +1,17 @@
 //! Processing failures: retries through delay queues, dead letters, and
 //! sending failed events back.
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use amiquip::{AmqpValue, FieldTable, QueueDeclareOptions};
+use ingestd::broker::{self, AmqpUrl};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{TestEnv, amqp_url, db_url, get, ingest, request, wait_until};
+use crate::ops::{metric, scrape};
+use crate::util::{TestEnv, amqp_proxy, amqp_url, db_url, get, ingest, request, wait_until};
 
 fn wait_status(env: &TestEnv, id: Uuid, status: &str) {
     wait_until(Duration::from_secs(20), &format!("event {status}"), || {
@@ -208,5 +212,118 @@ fn many_retries_at_once_are_all_scheduled_and_processed() {
         30
     );
     assert_eq!(env.processed_twice(), 0);
+    app.shutdown().unwrap();
+}
+
+/// What every retry copy that was not confirmed must leave behind once the
+/// original came back: the failed attempt recorded once; the original not
+/// run again early but its delayed copy scheduled again, and confirmed
+/// once (one retry counted); the next attempt run once, from that copy, and
+/// processed.
+fn assert_retried_once_through_the_original(env: &TestEnv, addr: SocketAddr, id: Uuid) {
+    env.wait_processed(&[id], Duration::from_secs(30));
+    let event = get(addr, &format!("/v1/events/{id}")).json();
+    assert_eq!(event["attempts"], 2, "{event}");
+    assert!(event["last_error"].is_null(), "{event}");
+    assert_eq!(env.processor.calls(id).len(), 2, "two attempts ran");
+    assert_eq!(env.runs(id), 1);
+    let text = scrape(addr);
+    assert_eq!(metric(&text, "ingestd_retries_total"), Some(1.0));
+    assert_eq!(metric(&text, "ingestd_events_processed_total"), Some(1.0));
+    assert_eq!(env.queue_depth(&env.topology().dead_queue), 0);
+}
+
+fn attempts(env: &TestEnv, id: Uuid) -> i32 {
+    env.sql()
+        .query_one("SELECT attempts FROM events WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0)
+}
+
+/// The broker nacks a retry copy (its delay queue refuses every message):
+/// the consumer acks nothing, gives its connection up, and the original
+/// comes back for the next attempt.
+#[test]
+fn a_nacked_retry_copy_leaves_the_original_to_come_back() {
+    let env = TestEnv::new("retrynack");
+    let app = env.start();
+    let addr = app.http_addr().unwrap();
+    wait_until(Duration::from_secs(10), "ready", || {
+        get(addr, "/readyz").status == 200
+    });
+    // The consumer declared its topology when it connected; the first
+    // delay queue is now swapped for one that nacks every publish. Its
+    // arguments differ from the topology's, so the consumer cannot
+    // reconnect while it is there.
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    let mut conn = broker::connect(&url, Duration::from_secs(5)).unwrap();
+    let channel = conn.open_channel(None).unwrap();
+    let delay = env.topology().delay_queue(0);
+    channel.queue_delete(&delay, Default::default()).unwrap();
+    let mut arguments = FieldTable::new();
+    arguments.insert("x-max-length".into(), AmqpValue::LongInt(0));
+    arguments.insert(
+        "x-overflow".into(),
+        AmqpValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            &delay,
+            QueueDeclareOptions {
+                durable: true,
+                arguments,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .unwrap();
+
+    let id = ingest(addr, &json!({ "fail": "transient", "times": 1 }));
+    wait_until(Duration::from_secs(10), "the consumer gave up", || {
+        get(addr, "/readyz").json()["checks"]["broker_consumer"] == "down"
+    });
+    assert_eq!(env.processor.calls(id).len(), 1);
+    assert_eq!(attempts(&env, id), 1, "the failure is recorded once");
+    assert_eq!(env.status(id).as_deref(), Some("pending"));
+
+    channel.queue_delete(&delay, Default::default()).unwrap();
+    let _ = conn.close();
+    assert_retried_once_through_the_original(&env, addr, id);
+    app.shutdown().unwrap();
+}
+
+/// A retry copy whose confirm never comes (the broker vanished right after
+/// the failure) is not confirmed either: the original is left unacked and
+/// comes back once the broker does.
+#[test]
+fn a_retry_copy_whose_confirm_times_out_leaves_the_original_to_come_back() {
+    let env = TestEnv::new("retrytimeout");
+    // Heartbeats slower than the confirm timeout, so the copy's confirm
+    // times out before the connection is found dead.
+    let (proxy, url) = amqp_proxy("heartbeat=2");
+    let app = env.start_with(&[("INGEST_AMQP_URL", &url), ("INGEST_CONFIRM_TIMEOUT", "1s")]);
+    let addr = app.http_addr().unwrap();
+
+    let id = ingest(
+        addr,
+        &json!({ "fail": "transient", "times": 1, "hold": true }),
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the first attempt under way",
+        || env.processor.calls(id).len() == 1,
+    );
+    proxy.blackhole();
+    env.processor.release();
+    wait_until(Duration::from_secs(10), "the failure recorded", || {
+        attempts(&env, id) == 1
+    });
+    wait_until(Duration::from_secs(20), "the consumer gave up", || {
+        get(addr, "/readyz").json()["checks"]["broker_consumer"] == "down"
+    });
+    assert_eq!(env.status(id).as_deref(), Some("pending"));
+    assert_eq!(env.processor.calls(id).len(), 1);
+
+    proxy.up();
+    assert_retried_once_through_the_original(&env, addr, id);
     app.shutdown().unwrap();
 }

@@ -1,12 +1,14 @@
 //! The status page in a real headless Chromium, and `/v1/stats`.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ingestd::Role;
-use serde_json::json;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::ops::{metric, scrape};
@@ -49,6 +51,156 @@ fn chromium_sized(url: &str, screenshot: Option<&PathBuf>, size: &str) -> String
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Headless Chromium driven over the DevTools protocol, for a test that
+/// acts in the page rather than only reading it. The protocol runs on a
+/// pipe (`--remote-debugging-pipe`): Chromium reads commands on its file
+/// descriptor 3 and writes answers and events on 4, each a JSON text ended
+/// by a NUL byte.
+struct Browser {
+    child: Child,
+    commands: ChildStdin,
+    answers: mpsc::Receiver<Value>,
+    session: Option<String>,
+    next_id: u64,
+    profile: PathBuf,
+}
+
+impl Browser {
+    /// Starts Chromium and opens `url` in a tab, which later calls drive.
+    fn open(url: &str) -> Browser {
+        let profile = std::env::temp_dir().join(format!("ingestd-chromium-{}", Uuid::new_v4()));
+        // The shell puts the two pipes where Chromium looks for them.
+        let script = format!(
+            "exec chromium --headless --no-sandbox --disable-gpu \
+             --disable-background-networking --disable-component-update \
+             --disable-sync --no-first-run --window-size=1200,1500 \
+             --remote-debugging-pipe --user-data-dir='{}' about:blank \
+             3<&0 4>&1 </dev/null >/dev/null 2>/dev/null",
+            profile.display()
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run chromium (apt-get install chromium): {e}"));
+        let commands = child.stdin.take().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, answers) = mpsc::channel();
+        thread::spawn(move || {
+            let mut message = Vec::new();
+            while matches!(out.read_until(0, &mut message), Ok(n) if n > 0) {
+                message.pop_if(|b| *b == 0);
+                if let Ok(value) = serde_json::from_slice(&message)
+                    && tx.send(value).is_err()
+                {
+                    break;
+                }
+                message.clear();
+            }
+        });
+        let mut browser = Browser {
+            child,
+            commands,
+            answers,
+            session: None,
+            next_id: 0,
+            profile,
+        };
+        let target = browser.call("Target.createTarget", json!({ "url": url }));
+        let attached = browser.call(
+            "Target.attachToTarget",
+            json!({ "targetId": target["targetId"], "flatten": true }),
+        );
+        browser.session = Some(attached["sessionId"].as_str().unwrap().to_string());
+        browser
+    }
+
+    /// Sends one command (to the tab, once one is attached) and returns
+    /// its result.
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut command = json!({ "id": id, "method": method, "params": params });
+        if let Some(session) = &self.session {
+            command["sessionId"] = json!(session);
+        }
+        let mut bytes = command.to_string().into_bytes();
+        bytes.push(0);
+        self.commands.write_all(&bytes).expect("write to chromium");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answer = self
+                .answers
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("no answer from chromium to {method}: {e}"));
+            if answer["id"] == id {
+                assert!(answer.get("error").is_none(), "{method}: {answer}");
+                return answer["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates a JavaScript expression in the page and returns its value.
+    fn eval(&mut self, expression: &str) -> Value {
+        let result = self.call(
+            "Runtime.evaluate",
+            json!({ "expression": expression, "returnByValue": true }),
+        );
+        assert!(
+            result.get("exceptionDetails").is_none(),
+            "{expression}: {result}"
+        );
+        result["result"]["value"].clone()
+    }
+
+    /// Waits until a JavaScript expression is true in the page.
+    fn wait_for(&mut self, what: &str, expression: &str) {
+        wait_until(Duration::from_secs(20), what, || {
+            self.eval(expression) == json!(true)
+        });
+    }
+
+    /// Clicks the middle of the element `selector` names with the mouse,
+    /// as a user would: the browser's own hit testing decides what the
+    /// click lands on.
+    fn click(&mut self, selector: &str) {
+        let at = self.eval(&format!(
+            "(() => {{ const el = document.querySelector({selector:?}); \
+             el.scrollIntoView({{block: 'center'}}); const r = el.getBoundingClientRect(); \
+             return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+        ));
+        let (x, y) = (at[0].as_f64().unwrap(), at[1].as_f64().unwrap());
+        for (kind, button) in [
+            ("mouseMoved", "none"),
+            ("mousePressed", "left"),
+            ("mouseReleased", "left"),
+        ] {
+            self.call(
+                "Input.dispatchMouseEvent",
+                json!({ "type": kind, "x": x, "y": y, "button": button, "clickCount": 1 }),
+            );
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        self.session = None;
+        let _ = self
+            .commands
+            .write_all(b"{\"id\":0,\"method\":\"Browser.close\"}\0");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
 }
 
 /// The opening tag of the element with `id`, from a DOM dump.
@@ -116,6 +268,38 @@ fn the_status_page_follows_the_pipeline_in_a_browser() {
     // Without JavaScript the server-rendered page carries the same figures.
     let plain = String::from_utf8(get(addr, "/status").body).unwrap();
     assert_eq!(text_of(&plain, "count-processed"), "12");
+
+    // An operator clicks the failed event's Retry button: the event goes
+    // back through the pipeline and, the processor healed, is processed,
+    // and the page follows.
+    env.processor.heal();
+    let mut browser = Browser::open(&url);
+    let button = format!("tr[data-id=\"{bad}\"] button.retry");
+    browser.wait_for(
+        "the Retry button",
+        &format!("document.querySelector({button:?}) !== null"),
+    );
+    browser.click(&button);
+    browser.wait_for(
+        "the page reports the retry",
+        &format!(
+            "document.getElementById('retry-note').textContent === {:?}",
+            format!("{bad}: requeued")
+        ),
+    );
+    env.wait_processed(&[bad], Duration::from_secs(10));
+    assert_eq!(env.runs(bad), 1);
+    let event = get(addr, &format!("/v1/events/{bad}")).json();
+    assert_eq!(event["attempts"], 1, "one attempt since the retry: {event}");
+    browser.wait_for(
+        "the page shows it processed",
+        &format!(
+            "document.getElementById('count-processed').textContent === '13' \
+             && document.getElementById('count-failed').textContent === '0' \
+             && document.querySelector({button:?}) === null"
+        ),
+    );
+    drop(browser);
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
     std::fs::create_dir_all(&dir).unwrap();

@@ -262,6 +262,76 @@ impl Drop for TestEnv {
     }
 }
 
+/// A database of its own, for a test that reads figures PostgreSQL keeps
+/// per database (`pg_stat_database`), which every other test running
+/// beside it in the shared database would move. Dropped with the guard.
+pub struct PrivateDatabase {
+    /// Its name.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl PrivateDatabase {
+    /// Creates database `name` on the tests' server.
+    pub fn create(name: &str) -> PrivateDatabase {
+        let mut admin = Client::connect(&db_url(), NoTls).expect("connect");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
+        let pg: postgres::Config = db_url().parse().unwrap();
+        let host = match pg.get_hosts().first() {
+            Some(postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let url = format!(
+            "postgres://{}@{host}:{port}/{name}",
+            pg.get_user().unwrap_or("postgres")
+        );
+        PrivateDatabase {
+            name: name.to_string(),
+            url,
+        }
+    }
+
+    /// Deadlocks PostgreSQL detected in this database. A backend reports
+    /// its statistics lazily, at the latest as it exits, and before it
+    /// leaves `pg_stat_activity`: so this first waits until no session is
+    /// connected to the database, and the caller must have closed its own.
+    pub fn deadlocks(&self) -> i64 {
+        let mut admin = Client::connect(&db_url(), NoTls).expect("connect");
+        wait_until(Duration::from_secs(20), "the sessions gone", || {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                    &[&self.name],
+                )
+                .unwrap()
+                .get(0);
+            n == 0
+        });
+        admin
+            .query_one(
+                "SELECT deadlocks FROM pg_stat_database WHERE datname = $1",
+                &[&self.name],
+            )
+            .unwrap()
+            .get(0)
+    }
+}
+
+impl Drop for PrivateDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut c) = Client::connect(&db_url(), NoTls) {
+            let _ = c.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
 /// A running `ingestd` binary; killed when dropped.
 pub struct Binary {
     /// The process.
@@ -303,11 +373,15 @@ impl Drop for Binary {
 /// and it fails on request, as the payload says:
 /// `{"fail": "transient", "times": n}` fails the first n attempts;
 /// `{"fail": "permanent"}` fails every attempt until [`Scripted::heal`].
+/// `{"hold": true}` makes an attempt wait, inside the worker's transaction
+/// and so holding the event's row lock, until [`Scripted::release`] (a
+/// minute at most), then go on as the rest of the payload says.
 #[derive(Default)]
 pub struct Scripted {
     calls: Mutex<HashMap<Uuid, Vec<Instant>>>,
     payloads: Mutex<HashMap<Uuid, Value>>,
     healed: AtomicBool,
+    released: AtomicBool,
 }
 
 impl Scripted {
@@ -331,6 +405,11 @@ impl Scripted {
     pub fn heal(&self) {
         self.healed.store(true, Ordering::SeqCst);
     }
+
+    /// Lets held attempts go on, and later ones pass without holding.
+    pub fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Processor for Scripted {
@@ -345,6 +424,12 @@ impl Processor for Scripted {
             .lock()
             .unwrap()
             .insert(event.id, event.payload.clone());
+        if event.payload.get("hold") == Some(&Value::Bool(true)) {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !self.released.load(Ordering::SeqCst) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
         match event.payload.get("fail").and_then(Value::as_str) {
             Some("transient") => {
                 let times = event.payload["times"].as_i64().unwrap_or(1);
