@@ -104,7 +104,7 @@ impl Relay {
             // only make a batch wait for its confirms in vain: rows stay in
             // the outbox until it takes messages again.
             if let Some(p) = &publisher {
-                match blocked.update(p, &self.health, &self.metrics) {
+                match blocked.update(p.blocked_notifications(), &self.health, &self.metrics) {
                     Change::Closed => {
                         publisher = None;
                         blocked = Blocked::default();
@@ -124,7 +124,8 @@ impl Relay {
                         let notifications = p.blocked_notifications().clone();
                         select! {
                             recv(stop) -> _ => break,
-                            recv(notifications) -> _ => {},
+                            // Kept for `update`, which acts on it.
+                            recv(notifications) -> note => blocked.pending = note.ok(),
                             default(self.poll) => {},
                         }
                         continue;
@@ -164,7 +165,7 @@ impl Relay {
                         // blocked us: wait for it to unblock, then
                         // reconnect; otherwise reconnect now.
                         if let Some(p) = &publisher {
-                            blocked.update(p, &self.health, &self.metrics);
+                            blocked.update(p.blocked_notifications(), &self.health, &self.metrics);
                         }
                         if blocked.reason.is_some() {
                             blocked.spent = true;
@@ -234,6 +235,8 @@ struct Blocked {
     reason: Option<String>,
     /// A batch failed while blocked: reconnect once unblocked.
     spent: bool,
+    /// A notification taken off the channel while waiting, not yet acted on.
+    pending: Option<ConnectionBlockedNotification>,
 }
 
 /// What the notifications that arrived changed.
@@ -248,13 +251,21 @@ enum Change {
 
 impl Blocked {
     /// Takes the notifications that arrived.
-    fn update(&mut self, publisher: &Publisher, health: &Health, metrics: &Metrics) -> Change {
+    fn update(
+        &mut self,
+        notifications: &Receiver<ConnectionBlockedNotification>,
+        health: &Health,
+        metrics: &Metrics,
+    ) -> Change {
         let mut change = Change::None;
         loop {
-            let notification = match publisher.blocked_notifications().try_recv() {
-                Ok(notification) => notification,
-                Err(TryRecvError::Empty) => return change,
-                Err(TryRecvError::Disconnected) => return Change::Closed,
+            let notification = match self.pending.take() {
+                Some(notification) => notification,
+                None => match notifications.try_recv() {
+                    Ok(notification) => notification,
+                    Err(TryRecvError::Empty) => return change,
+                    Err(TryRecvError::Disconnected) => return Change::Closed,
+                },
             };
             match notification {
                 ConnectionBlockedNotification::Blocked(reason) => {
@@ -404,5 +415,50 @@ pub fn resend_lost(store: Store, idle: Duration, stop: Receiver<()>) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blocked_relay_follows_the_brokers_notifications() {
+        let health = Health::new(true, false);
+        health.set_relay(true);
+        let metrics = Metrics::default();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut blocked = Blocked::default();
+        assert!(matches!(
+            blocked.update(&rx, &health, &metrics),
+            Change::None
+        ));
+        tx.send(ConnectionBlockedNotification::Blocked(
+            "low on memory".into(),
+        ))
+        .unwrap();
+        assert!(matches!(
+            blocked.update(&rx, &health, &metrics),
+            Change::None
+        ));
+        assert_eq!(blocked.reason.as_deref(), Some("low on memory"));
+        assert!(health.relay_blocked());
+        assert_eq!(metrics.broker_blocked.get(), 1);
+        // The wait takes the unblocking off the channel; update still acts
+        // on it (it once was dropped there, and the relay stayed blocked).
+        tx.send(ConnectionBlockedNotification::Unblocked).unwrap();
+        blocked.pending = rx.recv().ok();
+        assert!(matches!(
+            blocked.update(&rx, &health, &metrics),
+            Change::Unblocked
+        ));
+        assert_eq!(blocked.reason, None);
+        assert!(!health.relay_blocked());
+        assert_eq!(metrics.broker_blocked.get(), 0);
+        drop(tx);
+        assert!(matches!(
+            blocked.update(&rx, &health, &metrics),
+            Change::Closed
+        ));
     }
 }
