@@ -156,6 +156,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             batch: config.relay_batch,
             poll: config.relay_poll,
             confirm_timeout: config.confirm_timeout,
+            late_after: config.redeliver_after / 2,
             connect_timeout: config.db_timeout.max(Duration::from_secs(5)),
             health: health.clone(),
             metrics: metrics.clone(),

@@ -57,18 +57,12 @@ pub fn parsed_bound(body: &[u8]) -> usize {
     let (mut values, mut members, mut strings, mut events) = (1usize, 0usize, 0usize, 1usize);
     // Objects with at least one member (an empty map allocates nothing).
     let (mut objects, mut opened_object) = (0usize, false);
-    let (mut in_string, mut escaped, mut depth) = (false, false, 0usize);
+    let (mut text, mut depth) = (crate::ingest::Strings::default(), 0usize);
     // Numbers, the bytes they span, and the longest one.
     let (mut numbers, mut number_bytes, mut longest) = (0usize, 0usize, 0usize);
     let (mut in_number, mut number_len) = (false, 0usize);
     for &b in body {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
+        if !text.outside(b) {
             continue;
         }
         // A number starts with a digit or a minus sign and runs on through
@@ -86,10 +80,7 @@ pub fn parsed_bound(body: &[u8]) -> usize {
         }
         in_number = false;
         match b {
-            b'"' => {
-                in_string = true;
-                strings += 1;
-            }
+            b'"' => strings += 1,
             // Each element or member after the first, and each first one.
             b',' => {
                 values += 1;

@@ -367,22 +367,41 @@ fn compact_len(value: &Value) -> usize {
     count.0
 }
 
+/// Follows JSON text byte by byte and tells which bytes lie outside its
+/// strings, for scans that count structure without parsing.
+#[derive(Debug, Default)]
+pub struct Strings {
+    inside: bool,
+    escaped: bool,
+}
+
+impl Strings {
+    /// True if `b` is outside every string; the quote that opens a string
+    /// counts as outside, so the caller sees each string start once.
+    pub fn outside(&mut self, b: u8) -> bool {
+        if self.inside {
+            match b {
+                _ if self.escaped => self.escaped = false,
+                b'\\' => self.escaped = true,
+                b'"' => self.inside = false,
+                _ => {}
+            }
+            return false;
+        }
+        self.inside = b == b'"';
+        true
+    }
+}
+
 /// True when arrays and objects in `body` nest deeper than `max`. Brackets
 /// inside strings do not count; the text need not be valid JSON.
 pub fn nesting_exceeds(body: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let (mut depth, mut strings) = (0usize, Strings::default());
     for &b in body {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
+        if !strings.outside(b) {
             continue;
         }
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {

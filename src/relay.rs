@@ -17,6 +17,7 @@ use amiquip::ConnectionBlockedNotification;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, never, select};
 use log::{debug, info, warn};
 use postgres::fallible_iterator::FallibleIterator;
+use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
@@ -38,6 +39,9 @@ pub struct Relay {
     pub poll: Duration,
     /// How long to wait for a batch's confirms.
     pub confirm_timeout: Duration,
+    /// An event published this long after it was accepted restarts its
+    /// idle clock for the lost-message sweeper (half `INGEST_REDELIVER_AFTER`).
+    pub late_after: Duration,
     /// TCP and handshake timeout.
     pub connect_timeout: Duration,
     /// Where the connection state is published.
@@ -210,7 +214,13 @@ impl Relay {
         let mut conn = self.store.conn()?;
         let mut tx = conn.transaction()?;
         let started = Instant::now();
-        let ids = publish_claimed(&mut tx, publisher, self.batch, self.confirm_timeout)?;
+        let ids = publish_claimed(
+            &mut tx,
+            publisher,
+            self.batch,
+            self.confirm_timeout,
+            self.late_after,
+        )?;
         if ids.is_empty() {
             // Nothing published (nothing due, or every message refused and
             // recorded as such).
@@ -299,6 +309,7 @@ pub fn publish_claimed(
     publisher: &mut Publisher,
     batch: usize,
     confirm_timeout: Duration,
+    late_after: Duration,
 ) -> Result<Vec<i64>, Error> {
     let rows = store::claim_outbox(tx, batch as i64)?;
     if rows.is_empty() {
@@ -309,6 +320,14 @@ pub fn publish_claimed(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let ids: Vec<i64> = rows.iter().map(|r| r.outbox_id).collect();
+    // Events accepted this long ago are published late (the outbox held
+    // them through a broker outage): their idle clock restarts below.
+    let late_before = now.saturating_sub(late_after.as_secs()) as i64;
+    let late: Vec<(i64, Uuid)> = rows
+        .iter()
+        .filter(|r| r.created_epoch < late_before)
+        .map(|r| (r.outbox_id, r.event_id))
+        .collect();
     let messages: Vec<Message> = rows
         .into_iter()
         .map(|r| Message {
@@ -332,6 +351,14 @@ pub fn publish_claimed(
             );
             refused.push(id);
         }
+    }
+    let late: Vec<Uuid> = late
+        .into_iter()
+        .filter(|(outbox_id, _)| published.contains(outbox_id))
+        .map(|(_, event)| event)
+        .collect();
+    if !late.is_empty() {
+        store::touch_published(tx, &late)?;
     }
     if !refused.is_empty() {
         let failed = store::refuse_outbox(tx, &refused, BROKER_REFUSED)?;

@@ -1094,21 +1094,25 @@ pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRo
         .collect())
 }
 
-/// Deletes published outbox rows, and restarts their events' idle clock
-/// (`attempted_at`): an event handed to the broker just now is waiting in
-/// a queue, not lost, however old it is. Without it, after a broker outage
-/// or a worker outage longer than `INGEST_REDELIVER_AFTER`, every event
-/// still queued looked lost and was published again. An event a worker
-/// holds locked is being handled right now and is skipped, so that the
-/// relay never waits for a processor. Returns how many events were
-/// touched.
+/// Deletes published outbox rows.
 pub fn delete_outbox(tx: &mut Transaction<'_>, ids: &[i64]) -> Result<u64, Error> {
+    Ok(tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])?)
+}
+
+/// Restarts the idle clock (`attempted_at`) of events just handed to the
+/// broker long after they were accepted (a broker outage held them in the
+/// outbox): they wait in a queue, not lost. Without it, after an outage
+/// longer than `INGEST_REDELIVER_AFTER`, every event still queued looked
+/// lost and was published again. Only such late events are touched, so a
+/// relay keeping up writes nothing more; an event a worker holds locked is
+/// being handled right now and is skipped, so that the relay never waits
+/// for a processor. Returns how many events were touched.
+pub fn touch_published(tx: &mut Transaction<'_>, events: &[Uuid]) -> Result<u64, Error> {
     Ok(tx.execute(
-        "WITH published AS (DELETE FROM outbox WHERE id = ANY($1) RETURNING event_id), \
-         idle AS (SELECT id FROM events WHERE id IN (SELECT event_id FROM published) \
-                  AND status = 'pending' FOR UPDATE SKIP LOCKED) \
+        "WITH idle AS (SELECT id FROM events WHERE id = ANY($1) AND status = 'pending' \
+                       FOR UPDATE SKIP LOCKED) \
          UPDATE events SET attempted_at = now() WHERE id IN (SELECT id FROM idle)",
-        &[&ids],
+        &[&events],
     )?)
 }
 

@@ -13,7 +13,10 @@ use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{Resp, TestEnv, get, parse_response, wait_until};
+use crate::ops::{metric, scrape};
+use crate::util::{
+    Resp, TestEnv, assert_healthz_instant, parse_response, read_to_close, wait_until,
+};
 
 /// A whole, valid ingest that must never run: it is hidden in the body of
 /// the request before it, where a proxy framing that request differently
@@ -32,15 +35,7 @@ fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (Vec<u8>, Duratio
     stream.set_read_timeout(Some(wait)).unwrap();
     // The server may answer and close before it reads everything.
     let _ = stream.write_all(bytes);
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(_) => break,
-        }
-    }
+    let raw = read_to_close(&mut stream);
     (raw, started.elapsed())
 }
 
@@ -430,15 +425,10 @@ fn upgrade_tricklers_do_not_stall_the_api() {
     // being buffered on their connections' threads, not by handlers.
     wait_until(Duration::from_secs(5), "eight connections open", || {
         // Eight tricklers and the scrape's own connection.
-        metric(addr, "ingestd_http_connections") >= 9.0
+        metric(&scrape(addr), "ingestd_http_connections") >= Some(9.0)
     });
     let started = Instant::now();
-    assert_eq!(get(addr, "/healthz").status, 200);
-    let healthz = started.elapsed();
-    assert!(
-        healthz < Duration::from_secs(1),
-        "/healthz took {healthz:?}"
-    );
+    assert_healthz_instant(addr);
     // Meanwhile everyone else is served.
     let ids: Vec<Uuid> = (0..40)
         .map(|i| crate::util::ingest(addr, &json!(i)))
@@ -469,12 +459,4 @@ fn upgrade_tricklers_do_not_stall_the_api() {
     }
     assert_eq!(env.count("SELECT count(*) FROM events"), 40);
     app.shutdown().unwrap();
-}
-
-/// One unlabelled gauge of `/metrics`.
-fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let text = String::from_utf8(get(addr, "/metrics").body).unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }

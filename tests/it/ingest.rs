@@ -1115,12 +1115,8 @@ fn api_keys_guard_the_ingest_and_query_routes() {
     );
 }
 
-/// A panic in one reply of a committed batch spares the replies after it:
-/// every request whose events committed hears so. The batch is made by
-/// holding the committer on a table lock while two requests queue behind.
-#[test]
-fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
-    let env = TestEnv::new("replypanic");
+/// One committer thread over `env`'s schema, to submit to directly.
+fn one_committer(env: &TestEnv) -> (Committer, Vec<std::thread::JoinHandle<()>>) {
     let settings = commit::Settings {
         threads: 1,
         max_batch: 100,
@@ -1130,8 +1126,12 @@ fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
         metrics: Arc::new(Metrics::default()),
     };
     let store = Store::open_sized(&env.config(), 2).unwrap();
-    let (committer, threads) = Committer::start(store, settings, None);
-    let one = |n: i32| Submission {
+    Committer::start(store, settings, None)
+}
+
+/// A submission of one new event with payload `n`.
+fn one_event(n: i32) -> Submission {
+    Submission {
         events: vec![NewEvent {
             id: Uuid::new_v4(),
             payload: json!(n),
@@ -1141,7 +1141,17 @@ fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
         }],
         batch: false,
         idempotency_key: None,
-    };
+    }
+}
+
+/// A panic in one reply of a committed batch spares the replies after it:
+/// every request whose events committed hears so. The batch is made by
+/// holding the committer on a table lock while two requests queue behind.
+#[test]
+fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
+    let env = TestEnv::new("replypanic");
+    let (committer, threads) = one_committer(&env);
+    let one = one_event;
     let mut sql = env.sql();
     let mut lock = sql.transaction().unwrap();
     lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
@@ -1194,27 +1204,8 @@ fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
 #[test]
 fn a_panic_in_a_commit_batch_spares_the_committer() {
     let env = TestEnv::new("commitpanic");
-    let settings = commit::Settings {
-        threads: 1,
-        max_batch: 100,
-        key_ttl: Duration::from_secs(60),
-        queue: 16,
-        notify: false,
-        metrics: Arc::new(Metrics::default()),
-    };
-    let store = Store::open_sized(&env.config(), 2).unwrap();
-    let (committer, threads) = Committer::start(store, settings, None);
-    let one = |n: i32| Submission {
-        events: vec![NewEvent {
-            id: Uuid::new_v4(),
-            payload: json!(n),
-            event_type: None,
-            key: None,
-            client_id: false,
-        }],
-        batch: false,
-        idempotency_key: None,
-    };
+    let (committer, threads) = one_committer(&env);
+    let one = one_event;
     let (tx, rx) = std::sync::mpsc::channel();
     let first = tx.clone();
     committer.submit(

@@ -169,8 +169,14 @@ fn a_relay_crash_between_publish_and_delete_is_processed_once() {
     {
         let mut conn = store.conn().unwrap();
         let mut tx = conn.transaction().unwrap();
-        let published =
-            relay::publish_claimed(&mut tx, &mut publisher, 10, Duration::from_secs(5)).unwrap();
+        let published = relay::publish_claimed(
+            &mut tx,
+            &mut publisher,
+            10,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        )
+        .unwrap();
         assert_eq!(published.len(), 1);
         drop(tx);
     }
@@ -345,9 +351,10 @@ fn a_pending_event_whose_message_was_lost_is_sent_again() {
 }
 
 /// The lost-message sweeper tells "published, waiting in a queue" from
-/// "lost": an old event handed to the broker recently (no worker is
-/// running, so its message waits in the queue) is not re-sent, while one
-/// handed over long ago and gone from the queue is, in the same pass.
+/// "lost": events accepted long ago and published only now (the outbox
+/// held them through a broker outage; no worker is running, so their
+/// messages wait in the queue) are not re-sent, while one handed over long
+/// ago and gone from the queue is, in the same pass.
 #[test]
 fn the_sweeper_re_sends_lost_events_but_not_queued_ones() {
     let env = TestEnv::new("sweeper");
@@ -355,21 +362,21 @@ fn the_sweeper_re_sends_lost_events_but_not_queued_ones() {
     let api = env.start_role(&config, Role::Api);
     let addr = api.http_addr().unwrap();
     let queued: Vec<Uuid> = (0..5).map(|i| ingest(addr, &json!(i))).collect();
-    let queue = env.topology().queue.to_string();
-    // No worker: the relay publishes them and they wait in the queue.
-    let relay = env.start_role(&config, Role::Relay);
-    wait_until(Duration::from_secs(10), "five messages queued", || {
-        queued_messages(&queue) == Some(5)
-    });
-    // All of them were created long ago (a long outage) ...
+    // An hour-long broker outage: no relay ran since they were accepted.
     env.sql()
         .execute(
             "UPDATE events SET created_at = now() - interval '1 hour'",
             &[],
         )
         .unwrap();
-    // ... and one more was handed over long ago and never arrived: its
-    // message was lost.
+    let queue = env.topology().queue.to_string();
+    // The broker is back; no worker runs, so the messages wait in the queue.
+    let relay = env.start_role(&config, Role::Relay);
+    wait_until(Duration::from_secs(10), "five messages queued", || {
+        queued_messages(&queue) == Some(5)
+    });
+    // One more was handed over long ago and never arrived: its message was
+    // lost.
     let lost = Uuid::new_v4();
     env.sql()
         .execute(

@@ -611,18 +611,35 @@ pub fn raw_request(
     if half_close {
         stream.shutdown(Shutdown::Write)?;
     }
+    let raw = read_to_close(&mut stream);
+    if raw.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "no answer before the connection closed or the wait ran out",
+        ));
+    }
+    parse_response(&raw)
+}
+
+/// Everything `stream` sends until it closes, resets (what arrived before a
+/// reset still counts) or its read timeout passes.
+pub fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
         match stream.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) | Err(_) => return raw,
             Ok(n) => raw.extend_from_slice(&buf[..n]),
-            // A reset after the answer arrived still leaves the answer.
-            Err(_) if !raw.is_empty() => break,
-            Err(e) => return Err(e),
         }
     }
-    parse_response(&raw)
+}
+
+/// Fails the test unless `/healthz` answers 200 within a second.
+pub fn assert_healthz_instant(addr: SocketAddr) {
+    let started = Instant::now();
+    assert_eq!(get(addr, "/healthz").status, 200);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "/healthz took {took:?}");
 }
 
 pub fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
