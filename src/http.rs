@@ -576,12 +576,13 @@ impl Api {
         };
         // What the parse will take is reserved before it runs, and stays
         // reserved, in place of the body, until the request is answered.
-        ingest::check_text(&body, &self.limits)?;
         let parsed_bound = footprint::parsed_bound(&body);
         if let Some(held) = &mut held {
             let needs = held.bytes().saturating_add(parsed_bound);
             if needs > held.limit() {
-                // Invalid JSON is answered as such, not as too large.
+                // Invalid or too deep JSON is answered as such, not as too
+                // large (`parse` checks the same on the usual path).
+                ingest::check_text(&body, &self.limits)?;
                 ingest::check_syntax(&body)?;
                 return Err(ApiError::TooManyValues(needs, held.limit()));
             }

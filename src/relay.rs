@@ -319,14 +319,12 @@ pub fn publish_claimed(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let ids: Vec<i64> = rows.iter().map(|r| r.outbox_id).collect();
     // Events accepted this long ago are published late (the outbox held
     // them through a broker outage): their idle clock restarts below.
     let late_before = now.saturating_sub(late_after.as_secs()) as i64;
-    let late: Vec<(i64, Uuid)> = rows
+    let claimed: Vec<(i64, Uuid, bool)> = rows
         .iter()
-        .filter(|r| r.created_epoch < late_before)
-        .map(|r| (r.outbox_id, r.event_id))
+        .map(|r| (r.outbox_id, r.event_id, r.created_epoch < late_before))
         .collect();
     let messages: Vec<Message> = rows
         .into_iter()
@@ -338,25 +336,20 @@ pub fn publish_claimed(
         })
         .collect();
     let taken = publisher.publish_each(&messages, confirm_timeout)?;
-    let mut published = Vec::with_capacity(ids.len());
-    let mut refused = Vec::new();
-    for ((id, m), taken) in ids.into_iter().zip(&messages).zip(taken) {
+    let (mut published, mut late, mut refused) =
+        (Vec::with_capacity(claimed.len()), vec![], vec![]);
+    for ((id, event, is_late), taken) in claimed.into_iter().zip(taken) {
         if taken {
-            debug!("event {}: published", m.id);
+            debug!("event {event}: published");
             published.push(id);
+            if is_late {
+                late.push(event);
+            }
         } else {
-            warn!(
-                "event {}: the broker refused its message; trying again later",
-                m.id
-            );
+            warn!("event {event}: the broker refused its message; trying again later");
             refused.push(id);
         }
     }
-    let late: Vec<Uuid> = late
-        .into_iter()
-        .filter(|(outbox_id, _)| published.contains(outbox_id))
-        .map(|(_, event)| event)
-        .collect();
     if !late.is_empty() {
         store::touch_published(tx, &late)?;
     }

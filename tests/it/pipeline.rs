@@ -373,7 +373,7 @@ fn the_sweeper_re_sends_lost_events_but_not_queued_ones() {
     // The broker is back; no worker runs, so the messages wait in the queue.
     let relay = env.start_role(&config, Role::Relay);
     wait_until(Duration::from_secs(10), "five messages queued", || {
-        queued_messages(&queue) == Some(5)
+        crate::util::queued_messages(&queue) == Some(5)
     });
     // One more was handed over long ago and never arrived: its message was
     // lost.
@@ -406,19 +406,6 @@ fn the_sweeper_re_sends_lost_events_but_not_queued_ones() {
     );
     relay.shutdown().unwrap();
     api.shutdown().unwrap();
-}
-
-/// Messages ready in `queue`, or `None` while it does not exist yet.
-fn queued_messages(queue: &str) -> Option<u32> {
-    let url = AmqpUrl::parse(&amqp_url()).unwrap();
-    let mut conn = ingestd::broker::connect(&url, Duration::from_secs(5)).expect("amqp connect");
-    let channel = conn.open_channel(None).expect("channel");
-    let depth = channel
-        .queue_declare_passive(queue)
-        .ok()
-        .map(|q| q.declared_message_count().unwrap_or(0));
-    let _ = conn.close();
-    depth
 }
 
 /// An attempt counts once and the next never starts before its delay: when

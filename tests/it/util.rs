@@ -215,13 +215,7 @@ impl TestEnv {
 
     /// Messages ready in a queue (not counting unacknowledged ones).
     pub fn queue_depth(&self, queue: &str) -> u32 {
-        let url = AmqpUrl::parse(&amqp_url()).unwrap();
-        let mut conn = broker::connect(&url, Duration::from_secs(5)).expect("amqp connect");
-        let channel = conn.open_channel(None).expect("channel");
-        let q = channel.queue_declare_passive(queue).expect("queue exists");
-        let n = q.declared_message_count().unwrap_or(0);
-        let _ = conn.close();
-        n
+        queued_messages(queue).expect("queue exists")
     }
 
     /// Publishes a raw body to this environment's events exchange.
@@ -902,4 +896,17 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: &Arc<ProxyState>, generat
             let _ = from.shutdown(Shutdown::Both);
         }
     });
+}
+
+/// Messages ready in `queue`, or `None` while it does not exist yet.
+pub fn queued_messages(queue: &str) -> Option<u32> {
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    let mut conn = broker::connect(&url, Duration::from_secs(5)).expect("amqp connect");
+    let channel = conn.open_channel(None).expect("channel");
+    let depth = channel
+        .queue_declare_passive(queue)
+        .ok()
+        .map(|q| q.declared_message_count().unwrap_or(0));
+    let _ = conn.close();
+    depth
 }
