@@ -17,16 +17,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, bounded};
 use log::{info, warn};
 
+use crate::api::commit::{self, Committer};
+use crate::api::{self, Api};
 use crate::broker::{AmqpUrl, Topology};
-use crate::commit::{self, Committer};
 use crate::config::Config;
-use crate::consumer::Consumer;
-use crate::health::Health;
-use crate::http::{self, Api};
-use crate::metrics::Metrics;
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
+use crate::ops::stats::Stats;
 use crate::relay::{self, Relay};
-use crate::stats::Stats;
 use crate::store::{self, Store};
+use crate::worker::consumer::Consumer;
 use crate::worker::{Processor, Worker};
 
 /// Which parts of the pipeline this process runs.
@@ -171,12 +171,12 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         }
         {
             let (store, stop) = (store.clone(), stop_rx.clone());
-            let ages = crate::retention::Ages {
+            let ages = crate::relay::retention::Ages {
                 events: config.retention,
                 idempotency_keys: config.idempotency_ttl,
             };
             background.push(spawn("retention", move || {
-                crate::retention::run(store, ages, stop)
+                crate::relay::retention::run(store, ages, stop)
             }));
         }
     }
@@ -227,12 +227,14 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             write_timeout: config.http_body_timeout,
             // A body that its head alone refuses (no API key, not JSON, too
             // large, no such route) is never read.
-            head_check: Some(http::head_check(
+            head_check: Some(api::head::head_check(
                 config.api_keys.clone(),
                 config.metrics_auth,
                 config.max_body_bytes,
                 metrics.clone(),
             )),
+            // The server's own refusals answer in the API's error format.
+            refusal: api::error::refusal,
         };
         let server = match tiny_http::Server::http_with_limits(config.http_addr, limits) {
             Ok(s) => Arc::new(s),
@@ -285,7 +287,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
             store,
             committer,
             max_body_bytes: config.max_body_bytes,
-            limits: crate::ingest::Limits {
+            limits: crate::api::ingest::Limits {
                 max_batch: config.max_batch,
                 max_payload_bytes: config.max_payload_bytes,
                 max_depth: config.max_json_depth,
@@ -302,7 +304,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         for i in 0..config.http_threads {
             let (server, api, stopping) = (server.clone(), api.clone(), stopping.clone());
             app.http_threads.push(spawn(&format!("http-{i}"), move || {
-                http::serve(server, api, stopping)
+                api::server::serve(server, api, stopping)
             }));
         }
         if let Some(addr) = addr {

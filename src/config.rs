@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::auth::ApiKeys;
+use crate::api::auth::ApiKeys;
 
 /// One documented configuration variable.
 pub struct Var {

@@ -2,27 +2,19 @@
 //! worker threads, processing every accepted event in effect exactly once.
 //!
 //! The binary is a thin wrapper over [`app::start`]; everything lives here so
-//! that the integration tests can drive it. See `ARCHITECTURE.md` for the data
-//! path and the invariants each module keeps.
+//! that the integration tests can drive it. The folders are the roles
+//! ([`api`], [`relay`], [`worker`]) and the services they share ([`store`],
+//! [`broker`], [`ops`]); no role imports another. See `ARCHITECTURE.md` for
+//! the data path and the invariants each folder keeps.
 
+pub mod api;
 pub mod app;
-pub mod auth;
 pub mod backoff;
 pub mod broker;
-pub mod commit;
 pub mod config;
-pub mod consumer;
-pub mod footprint;
-pub mod health;
-pub mod http;
-pub mod ingest;
-pub mod logging;
-pub mod metrics;
-pub mod pool;
+pub mod lifecycle;
+pub mod ops;
 pub mod relay;
-pub mod retention;
-pub mod signals;
-pub mod stats;
 pub mod store;
 pub mod worker;
 

@@ -25,7 +25,7 @@ Options:
 ";
 
 fn main() -> ExitCode {
-    ingestd::footprint::tune_allocator();
+    ingestd::api::footprint::tune_allocator();
     let arg = std::env::args().nth(1);
     let role = match arg.as_deref() {
         None | Some("all") => Some(Role::All),
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ingestd::logging::init(&config);
+    ingestd::ops::logging::init(&config);
     let result = match role {
         Some(role) => run(&config, role),
         None if arg.as_deref() == Some("replay") => replay(&config),
@@ -69,8 +69,8 @@ fn main() -> ExitCode {
 }
 
 fn run(config: &config::Config, role: Role) -> Result<(), String> {
-    let signals =
-        ingestd::signals::channel().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let signals = ingestd::lifecycle::channel()
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let processor = Arc::new(DefaultProcessor {
         work: config.simulated_work,
     });

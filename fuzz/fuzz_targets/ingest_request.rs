@@ -5,10 +5,10 @@
 //! error answered with a JSON body.
 #![no_main]
 
-use ingestd::auth::{self, ApiKeys};
+use ingestd::api::auth::{self, ApiKeys};
 use ingestd::config::MetricsAuth;
-use ingestd::http::{self, ApiError};
-use ingestd::ingest::{self, Limits};
+use ingestd::api::{self, ApiError};
+use ingestd::api::ingest::{self, Limits};
 use libfuzzer_sys::fuzz_target;
 use tiny_http::{Header, Method, Request, TestRequest};
 

@@ -608,7 +608,7 @@ fn a_body_too_costly_to_parse_gets_413_and_writes_nothing() {
     let addr = app.http_addr().unwrap();
     // 400 kB of text, but 200,000 values: tens of megabytes once parsed.
     let body = format!("{{\"payload\":[{}0]}}", "0,".repeat(200_000));
-    assert!(ingestd::footprint::parsed_bound(body.as_bytes()) > 2_097_152);
+    assert!(ingestd::api::footprint::parsed_bound(body.as_bytes()) > 2_097_152);
     let r = post_json(addr, "/v1/events", &body);
     assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"], "body_too_large");
@@ -642,7 +642,7 @@ fn a_body_too_costly_to_parse_gets_413_and_writes_nothing() {
 fn parsed_events_stay_counted_until_the_answer() {
     let env = TestEnv::new("heldparsed");
     let body = json!({ "payload": vec!["x".repeat(50); 2000] }).to_string();
-    let bound = ingestd::footprint::parsed_bound(body.as_bytes());
+    let bound = ingestd::api::footprint::parsed_bound(body.as_bytes());
     let budget = (bound + bound / 2).to_string();
     let app = env.start_with(&[
         ("INGEST_HTTP_BUFFER_BYTES", &budget),

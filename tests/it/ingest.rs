@@ -7,9 +7,9 @@ use std::thread;
 use std::time::Duration;
 
 use ingestd::Role;
+use ingestd::api::commit::{self, Committer};
 use ingestd::broker::{self, AmqpUrl};
-use ingestd::commit::{self, Committer};
-use ingestd::metrics::Metrics;
+use ingestd::ops::metrics::Metrics;
 use ingestd::store::{NewEvent, Store, Submission, Written};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -317,7 +317,7 @@ fn stored_number_lengths_match_postgresql() {
             .query_one("SELECT length($1::text::jsonb::text)", &[&text])
             .ok()
             .map(|r| r.get(0));
-        let ours = ingestd::ingest::stored_number_len(text);
+        let ours = ingestd::api::ingest::stored_number_len(text);
         assert_eq!(ours, postgres.map(|n| n as usize), "{:.40}", text);
     }
 }

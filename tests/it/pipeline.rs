@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use ingestd::Role;
 use ingestd::broker::{AmqpUrl, Publisher};
-use ingestd::health::Health;
-use ingestd::metrics::Metrics;
+use ingestd::ops::health::Health;
+use ingestd::ops::metrics::Metrics;
 use ingestd::relay;
 use ingestd::store::Store;
 use ingestd::worker::{Outcome, Worker};

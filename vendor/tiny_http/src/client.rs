@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::common::{HTTPVersion, Header, Method};
 use crate::util::RefinedTcpStream;
-use crate::util::{BufferedBody, Budget, Deadline, ErrorResponse, Reservation, DRAIN_LIMIT};
+use crate::util::{write_refusal, BufferedBody, Budget, Deadline, Refusal, Reservation, DRAIN_LIMIT};
 use crate::util::{Framing, FramingError};
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::{Limits, Request, Response, ResponseBox};
@@ -306,17 +306,17 @@ impl ClientConnection {
 
     /// ingestd patch: answers `response` and leaves the connection to close.
     /// Only for errors met before a `Request` (and so its writer) exists.
-    fn refuse(&mut self, response: ErrorResponse) {
+    fn refuse(&mut self, refusal: Refusal) {
         let writer = self.sink.next().unwrap();
-        self.write_refusal(writer, response);
+        self.write_refusal(writer, refusal);
     }
 
     /// ingestd patch: writes one of the library's own refusals through
     /// `writer` and leaves the connection to close without reading anything
     /// more (not even the rest of a body).
-    fn write_refusal<W: Write>(&mut self, writer: W, response: ErrorResponse) {
+    fn write_refusal<W: Write>(&mut self, writer: W, refusal: Refusal) {
         self.deadline.close();
-        let sent = response.write_to(writer).is_ok();
+        let sent = write_refusal(self.limits.refusal, &refusal, writer).is_ok();
         self.refusal_unsent |= !sent;
     }
 
@@ -354,7 +354,7 @@ impl ClientConnection {
     ///
     /// On error the request must not be handed out, and the connection
     /// closes, after the response returned if there is one.
-    fn buffer_body(&mut self, rq: &mut Request) -> Result<(), Option<ErrorResponse>> {
+    fn buffer_body(&mut self, rq: &mut Request) -> Result<(), Option<Refusal>> {
         let limit = self.limits.buffer_body_bytes;
         match rq.framing() {
             Framing::Empty | Framing::Length(0) => Ok(()),
@@ -379,7 +379,7 @@ impl ClientConnection {
         &mut self,
         rq: &mut Request,
         length: usize,
-    ) -> Result<(), Option<ErrorResponse>> {
+    ) -> Result<(), Option<Refusal>> {
         // sends the `100 Continue` first if the client asked for one
         let (data, reservation) = self.read_reserved(rq.as_reader(), length)?;
         if data.len() < length {
@@ -389,7 +389,7 @@ impl ClientConnection {
         Ok(())
     }
 
-    fn buffer_chunked(&mut self, rq: &mut Request) -> Result<(), Option<ErrorResponse>> {
+    fn buffer_chunked(&mut self, rq: &mut Request) -> Result<(), Option<Refusal>> {
         let limit = self.limits.buffer_body_bytes.saturating_add(1);
         // sends the `100 Continue` first if the client asked for one
         let (data, reservation) = self.read_reserved(rq.as_reader(), limit)?;
@@ -417,7 +417,7 @@ impl ClientConnection {
         &self,
         reader: &mut dyn Read,
         max: usize,
-    ) -> Result<(Vec<u8>, Reservation), Option<ErrorResponse>> {
+    ) -> Result<(Vec<u8>, Reservation), Option<Refusal>> {
         let mut reservation = Reservation::new(&self.budget);
         let mut data: Vec<u8> = Vec::new();
         let mut filled = 0;
@@ -467,18 +467,18 @@ impl ClientConnection {
     /// The response for an error met while buffering a body, if any: a
     /// client whose connection broke mid-body gets none; one that ended its
     /// side early (a truncated body) gets a 400 it can still read.
-    fn body_error(&self, err: IoError) -> Option<ErrorResponse> {
+    fn body_error(&self, err: IoError) -> Option<Refusal> {
         if matches!(err.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionAborted) {
-            Some(ErrorResponse::bad_request(
-                "the request body ended before its announced length",
+            Some(Refusal::BadRequest(
+                "the request body ended before its announced length".to_owned(),
             ))
         } else if err.kind() == ErrorKind::TimedOut || self.deadline.expired() {
-            Some(ErrorResponse::request_timeout(&format!(
+            Some(Refusal::Timeout(format!(
                 "the request body did not arrive within {}",
                 describe_duration(self.limits.body_timeout)
             )))
         } else if err.kind() == ErrorKind::InvalidData {
-            Some(ErrorResponse::bad_request("the chunked request body is malformed"))
+            Some(Refusal::BadRequest("the chunked request body is malformed".to_owned()))
         } else {
             None
         }
@@ -486,8 +486,8 @@ impl ClientConnection {
 }
 
 // ingestd patch: the budget of buffered bodies is spent
-fn busy() -> ErrorResponse {
-    ErrorResponse::busy("the server is holding too many request bodies; retry shortly")
+fn busy() -> Refusal {
+    Refusal::Busy("the server is holding too many request bodies; retry shortly".to_owned())
 }
 
 /// ingestd patch: "2 seconds", "1 second", "1500 milliseconds", for the
@@ -608,34 +608,34 @@ impl Iterator for ClientConnection {
         loop {
             let mut rq = match self.read() {
                 Err(ReadError::WrongRequestLine) => {
-                    self.refuse(ErrorResponse::bad_request("the request line is malformed"));
+                    self.refuse(Refusal::BadRequest("the request line is malformed".to_owned()));
                     return None; // we don't know where the next request would start,
                                  // se we have to close
                 }
 
                 Err(ReadError::WrongHeader(_)) => {
-                    self.refuse(ErrorResponse::bad_request("a request header is malformed"));
+                    self.refuse(Refusal::BadRequest("a request header is malformed".to_owned()));
                     return None; // we don't know where the next request would start,
                                  // se we have to close
                 }
 
                 Err(ReadError::NotAscii) => {
-                    self.refuse(ErrorResponse::bad_request("the request head is not ASCII"));
+                    self.refuse(Refusal::BadRequest("the request head is not ASCII".to_owned()));
                     return None;
                 }
 
                 Err(ReadError::MalformedLine(detail)) => {
-                    self.refuse(ErrorResponse::bad_request(detail));
+                    self.refuse(Refusal::BadRequest(detail.to_owned()));
                     return None;
                 }
 
                 Err(ReadError::Framing(FramingError::BadRequest(detail))) => {
-                    self.refuse(ErrorResponse::bad_request(detail));
+                    self.refuse(Refusal::BadRequest(detail.to_owned()));
                     return None;
                 }
 
                 Err(ReadError::Framing(FramingError::NotImplemented(detail))) => {
-                    self.refuse(ErrorResponse::not_implemented(detail));
+                    self.refuse(Refusal::NotImplemented(detail));
                     return None;
                 }
 
@@ -644,7 +644,7 @@ impl Iterator for ClientConnection {
                         "the request headers exceed {} bytes",
                         self.limits.max_head_bytes
                     );
-                    self.refuse(ErrorResponse::header_too_large(detail));
+                    self.refuse(Refusal::HeadTooLarge(detail));
                     return None;
                 }
 
@@ -653,7 +653,7 @@ impl Iterator for ClientConnection {
                         "the request has more than {} header lines",
                         self.limits.max_headers
                     );
-                    self.refuse(ErrorResponse::header_too_large(detail));
+                    self.refuse(Refusal::HeadTooLarge(detail));
                     return None;
                 }
 
@@ -665,7 +665,7 @@ impl Iterator for ClientConnection {
                             "the request headers did not arrive within {}",
                             describe_duration(self.limits.head_timeout)
                         );
-                        self.refuse(ErrorResponse::request_timeout(&detail));
+                        self.refuse(Refusal::Timeout(detail));
                     }
                     return None; // closing the connection
                 }

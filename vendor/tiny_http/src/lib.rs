@@ -117,6 +117,7 @@ pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
+pub use util::{plain_refusal, Refusal, RefusalHook};
 pub use test::TestRequest;
 // ingestd patch: the framing decision, public so that it can be fuzzed.
 pub use util::{Framing, FramingError};
@@ -156,6 +157,9 @@ pub struct Server {
 
     // ingestd patch: requests handed out whose answers are not yet written
     answers: Arc<AtomicUsize>,
+
+    // ingestd patch: renders the server's own refusals
+    refusal: RefusalHook,
 }
 
 enum Message {
@@ -221,6 +225,11 @@ pub struct Limits {
     /// connection's thread, before any of the body is read or buffered (see
     /// `HeadCheck`).
     pub head_check: Option<HeadCheck>,
+    /// Renders the server's own refusals (a malformed head, a timeout, a
+    /// spent budget, too many connections, shutting down) as responses;
+    /// the server marks each as the connection's last and writes it. The
+    /// default is `plain_refusal`: the status and a sentence as text.
+    pub refusal: RefusalHook,
 }
 
 /// ingestd patch: a check of a request's head (method, URL, headers) run
@@ -265,6 +274,7 @@ impl Default for Limits {
             buffer_budget: 256 * 1024 * 1024,
             write_timeout: Duration::from_secs(30),
             head_check: None,
+            refusal: util::plain_refusal,
         }
     }
 }
@@ -299,11 +309,8 @@ const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// not read.
 fn refuse_connection(mut sock: Connection, limits: &Limits) {
     let _ = sock.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
-    let detail = format!(
-        "the server already has {} connections open",
-        limits.max_connections
-    );
-    let _ = util::ErrorResponse::too_many_connections(detail).write_to(&mut sock);
+    let refusal = Refusal::TooManyConnections(limits.max_connections);
+    let _ = util::write_refusal(limits.refusal, &refusal, &mut sock);
     let _ = sock.shutdown(Shutdown::Write);
 }
 
@@ -345,9 +352,9 @@ fn linger(sock: &mut Connection) {
 
 /// ingestd patch: answers a request that no handler will see, the server
 /// being gone, with a 503.
-fn refuse_request(message: Message) {
+fn refuse_request(message: Message, hook: RefusalHook) {
     if let Message::NewRequest(rq) = message {
-        let _ = rq.respond(util::ErrorResponse::shutting_down().into_response());
+        let _ = rq.respond(hook(&Refusal::ShuttingDown).closing());
     }
 }
 
@@ -529,6 +536,7 @@ impl Server {
         // ingestd patch: shared with the connections
         let connections = Arc::new(AtomicUsize::new(0));
         let budget = util::Budget::new(limits.buffer_budget);
+        let refusal_hook = limits.refusal;
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
@@ -632,7 +640,7 @@ impl Server {
                                         Ok(()) => false,
                                         // the server is gone: refuse here
                                         Err(message) => {
-                                            refuse_request(message);
+                                            refuse_request(message, refusal_hook);
                                             true
                                         }
                                     };
@@ -716,6 +724,7 @@ impl Server {
             connections,
             budget,
             answers,
+            refusal: refusal_hook,
         })
     }
 
@@ -762,7 +771,7 @@ impl Server {
     /// queue no one reads. Dropping the server does this too.
     pub fn refuse_requests(&self) {
         for message in self.messages.close() {
-            refuse_request(message);
+            refuse_request(message, self.refusal);
         }
     }
 

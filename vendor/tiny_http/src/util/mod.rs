@@ -1,10 +1,11 @@
 // ingestd patch: buffered bodies, deadlines, bounded chunked decoding and
-// the library's own error responses.
+// the library's own refusals.
 pub use self::buffered_body::{BufferedBody, Budget, Reservation};
 pub use self::chunked_reader::ChunkedReader;
 pub use self::custom_stream::CustomStream;
 pub use self::deadline::{Deadline, Remaining};
-pub use self::error_response::ErrorResponse;
+pub use self::refusal::{plain_refusal, Refusal, RefusalHook};
+pub(crate) use self::refusal::write_refusal;
 pub use self::framing::{Framing, FramingError};
 pub use self::equal_reader::{EqualReader, DRAIN_LIMIT};
 pub use self::fused_reader::FusedReader;
@@ -20,7 +21,7 @@ mod buffered_body;
 mod chunked_reader;
 mod custom_stream;
 mod deadline;
-mod error_response;
+mod refusal;
 mod equal_reader;
 mod framing;
 mod fused_reader;

@@ -13,15 +13,17 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
 use r2d2::PooledConnection;
 
-pub use crate::pool::{Manager, Outage, RESPONSE_GRACE};
+pub mod pool;
+
+pub use pool::{Manager, Outage, RESPONSE_GRACE};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::auth::Scope;
+use crate::api::auth::Scope;
 use crate::config::Config;
 
 /// The schema, embedded so the binary can create its tables anywhere.
-pub const SCHEMA_SQL: &str = include_str!("../schema.sql");
+pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
 /// A fingerprint of [`SCHEMA_SQL`] (64-bit FNV-1a, hex).
 pub fn schema_fingerprint() -> String {

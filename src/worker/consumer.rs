@@ -19,7 +19,7 @@ use log::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, ConfirmChannel, Message, Topology};
-use crate::health::Health;
+use crate::ops::health::Health;
 use crate::worker::{self, Done, Job, Outcome, Worker};
 
 /// What the consumer needs to run.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use log::{error, warn};
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::store::{NewEvent, Store, Submission, Written};
 
 /// Why an event was not committed.

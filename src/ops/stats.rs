@@ -20,8 +20,8 @@ use log::{debug, info, warn};
 use serde_json::{Value, json};
 
 use crate::broker::{self, AmqpUrl, Topology};
-use crate::health::Health;
-use crate::metrics::{Metrics, SECONDS};
+use crate::ops::health::Health;
+use crate::ops::metrics::{Metrics, SECONDS};
 use crate::store::{self, Count, EXACT_UP_TO, OutboxFigures, StatusCounts, Store};
 
 /// Samples kept: five minutes at one a second.

@@ -21,7 +21,7 @@ use std::io;
 use serde_json::{Map, Number, Value};
 use uuid::Uuid;
 
-use crate::http::ApiError;
+use crate::api::ApiError;
 use crate::store::NewEvent;
 
 /// Longest `Idempotency-Key`, in bytes (it is ASCII).

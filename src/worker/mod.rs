@@ -6,6 +6,8 @@
 //! back to the consumer thread, which alone talks to the broker; a worker never
 //! acks, publishes or sleeps to retry.
 
+pub mod consumer;
+
 use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -19,8 +21,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::broker::attempt_header;
-use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
 use crate::store::{self, Store};
 
 /// An event handed to a [`Processor`].

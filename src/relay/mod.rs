@@ -10,6 +10,8 @@
 //! broker that blocks publishers (an alarm) is waited out, the rows staying
 //! in the outbox. Only the relay publishes to the broker.
 
+pub mod retention;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,8 +23,8 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
-use crate::health::{Health, Link};
-use crate::metrics::Metrics;
+use crate::ops::health::{Health, Link};
+use crate::ops::metrics::Metrics;
 use crate::store::{self, Store};
 
 /// What the relay needs to run.

@@ -57,7 +57,7 @@ pub fn parsed_bound(body: &[u8]) -> usize {
     let (mut values, mut members, mut strings, mut events) = (1usize, 0usize, 0usize, 1usize);
     // Objects with at least one member (an empty map allocates nothing).
     let (mut objects, mut opened_object) = (0usize, false);
-    let (mut text, mut depth) = (crate::ingest::Strings::default(), 0usize);
+    let (mut text, mut depth) = (crate::api::ingest::Strings::default(), 0usize);
     // Numbers, the bytes they span, and the longest one.
     let (mut numbers, mut number_bytes, mut longest) = (0usize, 0usize, 0usize);
     let (mut in_number, mut number_len) = (false, 0usize);
@@ -206,14 +206,14 @@ mod tests {
     /// The peak of bytes live while `body` is parsed into an ingest body
     /// and the result is held, above what was live before.
     fn parse_peak(body: &[u8]) -> usize {
-        let limits = crate::ingest::Limits {
+        let limits = crate::api::ingest::Limits {
             max_batch: 100_000,
             max_payload_bytes: usize::MAX,
             max_depth: 100,
         };
         let before = LIVE.with(Cell::get);
         PEAK.with(|peak| peak.set(before));
-        let parsed = crate::ingest::parse(body, &limits).expect("valid body");
+        let parsed = crate::api::ingest::parse(body, &limits).expect("valid body");
         let peak = PEAK.with(Cell::get) - before;
         drop(parsed);
         peak

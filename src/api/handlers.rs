@@ -1,0 +1,180 @@
+//! The handlers: what each route does once its head has passed. Ingest
+//! parses and reserves memory for the body and hands the events on; the
+//! others read the store, the health links and the figures the stats
+//! refresher keeps, so that no probe or scrape waits for PostgreSQL
+//! except `/readyz`, whose job it is.
+
+use log::warn;
+use serde_json::json;
+use tiny_http::{Request, Response};
+
+use crate::api::error::{ApiError, HttpResponse, error_response};
+use crate::api::head::{check_head, header_value, presented_key};
+use crate::api::reply::{accepted, header, json_response};
+use crate::api::route::Route;
+use crate::api::{Api, Handled, Ingest, footprint, ingest};
+use crate::ops::health::Link;
+use crate::ops::metrics::Gauges;
+use crate::store::{IdempotencyKey, RetryResult, Submission};
+
+impl Api {
+    /// Handles one request already matched to `route`; errors become
+    /// responses here.
+    pub fn handle(&self, request: &mut Request, route: Result<Route, ApiError>) -> Handled {
+        match self.dispatch(request, route) {
+            Ok(handled) => handled,
+            Err(err) => Handled::Respond(error_response(&err)),
+        }
+    }
+
+    fn dispatch(
+        &self,
+        request: &mut Request,
+        route: Result<Route, ApiError>,
+    ) -> Result<Handled, ApiError> {
+        let route = check_head(
+            &self.keys,
+            self.metrics_auth,
+            self.max_body_bytes,
+            request,
+            route,
+        )?;
+        let response = match route {
+            Route::Ingest => return self.ingest(request).map(Handled::Commit),
+            Route::GetEvent(id) => {
+                let event = self
+                    .store
+                    .get_event(id)?
+                    .ok_or(ApiError::EventNotFound(id))?;
+                json_response(200, &event.to_json())
+            }
+            Route::RetryEvent(id) => match self.store.retry_event(id, self.notify)? {
+                RetryResult::Requeued => {
+                    self.wake_relay();
+                    accepted(id)
+                }
+                RetryResult::NotFound => return Err(ApiError::EventNotFound(id)),
+                RetryResult::NotFailed(status) => {
+                    return Err(ApiError::Conflict(format!(
+                        "the event is {status}; only failed events can be retried"
+                    )));
+                }
+            },
+            Route::Healthz => json_response(200, &json!({ "status": "ok" })),
+            Route::Readyz => self.readyz(),
+            Route::Metrics => self.metrics(),
+            Route::Stats => json_response(200, &self.stats.snapshot()),
+            Route::StatusPage => {
+                Response::from_data(self.stats.page(!self.keys.is_open()).into_bytes())
+                    .with_header(header("Content-Type", "text/html; charset=utf-8"))
+                    .with_header(header("Cache-Control", "no-store"))
+            }
+        };
+        Ok(Handled::Respond(response))
+    }
+
+    /// An ingest whose head [`check_head`] passed. An `Idempotency-Key`
+    /// covers the whole body, one event or a batch, and belongs to the API
+    /// key that sent it.
+    fn ingest(&self, request: &mut Request) -> Result<Ingest, ApiError> {
+        let key = header_value(request, "Idempotency-Key")
+            .map(ingest::idempotency_key)
+            .transpose()?;
+        let scope = self
+            .keys
+            .scope(presented_key(request))
+            .ok_or(ApiError::Unauthorized)?;
+        let idempotency_key = key.map(|key| IdempotencyKey { scope, key });
+        // The body read whole into memory (always, but for a chunked body
+        // over the limit), taken without a copy with the reservation that
+        // counts it against INGEST_HTTP_BUFFER_BYTES.
+        let (body, mut held) = match request.take_whole_body() {
+            Some((body, reservation)) => (body, Some(reservation)),
+            // Not whole in memory: no body at all, or a chunked one longer
+            // than the limit (a longer Content-Length was refused on its
+            // head), which is not read into memory at all.
+            None if request.body_length().unwrap_or(0) == 0
+                && header_value(request, "Transfer-Encoding").is_none() =>
+            {
+                (Vec::new(), None)
+            }
+            None => return Err(ApiError::BodyTooLarge(self.max_body_bytes)),
+        };
+        // What the parse will take is reserved before it runs, and stays
+        // reserved, in place of the body, until the request is answered.
+        let parsed_bound = footprint::parsed_bound(&body);
+        if let Some(held) = &mut held {
+            let needs = held.bytes().saturating_add(parsed_bound);
+            if needs > held.limit() {
+                // Invalid or too deep JSON is answered as such, not as too
+                // large (`parse` checks the same on the usual path).
+                ingest::check_text(&body, &self.limits)?;
+                ingest::check_syntax(&body)?;
+                return Err(ApiError::TooManyValues(needs, held.limit()));
+            }
+            if !held.grow(parsed_bound) {
+                return Err(ApiError::MemoryBusy);
+            }
+        }
+        let parsed = ingest::parse(&body, &self.limits)?;
+        drop(body);
+        if let Some(held) = &mut held {
+            held.shrink_to(parsed_bound);
+        }
+        let submission = Submission {
+            events: parsed.events,
+            batch: parsed.batch,
+            idempotency_key,
+        };
+        Ok(Ingest { submission, held })
+    }
+
+    fn wake_relay(&self) {
+        if let Some(wake) = &self.wake {
+            // A full channel means a wake-up is already pending.
+            let _ = wake.try_send(());
+        }
+    }
+
+    /// The metrics; the database figures are the stats refresher's last
+    /// read, so a scrape never queries or waits for PostgreSQL.
+    fn metrics(&self) -> HttpResponse {
+        let db = self.stats.db();
+        let (pool_in_use, pool_idle) = self.store.pool_state();
+        let text = self.metrics.render(&Gauges {
+            outbox: db.figures.map(|f| f.outbox),
+            stats_age_seconds: db.age.map(|a| a.as_secs_f64()),
+            pool_in_use,
+            pool_idle,
+            http_connections: self.server.num_connections(),
+            http_buffered_bytes: self.server.buffered_bytes(),
+        });
+        Response::from_data(text.into_bytes()).with_header(header(
+            "Content-Type",
+            "text/plain; version=0.0.4; charset=utf-8",
+        ))
+    }
+
+    fn readyz(&self) -> HttpResponse {
+        let mut checks = serde_json::Map::new();
+        let mut ready = true;
+        let db = match self.store.ping() {
+            Ok(()) => "up",
+            Err(e) => {
+                warn!("readyz: postgres is down: {e}");
+                ready = false;
+                "down"
+            }
+        };
+        checks.insert("postgres".into(), db.into());
+        for (name, link) in self.health.broker_links() {
+            ready &= link == Link::Up;
+            checks.insert(name.into(), link.as_str().into());
+        }
+        let status = if ready { "ready" } else { "unavailable" };
+        json_response(
+            if ready { 200 } else { 503 },
+            &json!({ "status": status, "checks": checks }),
+        )
+    }
+}

@@ -1,0 +1,120 @@
+//! The head check: what a request's line and headers alone decide (route,
+//! API key, a body where none is taken, media type, `Idempotency-Key`,
+//! announced length). It runs twice with the same code: on the server's
+//! connection thread before any body byte is read ([`head_check`]), and in
+//! the handler ([`check_head`]), so a refusal costs no body and a handler
+//! never sees a request the head would have refused.
+
+use std::sync::Arc;
+
+use tiny_http::{HeadCheck, Request};
+
+use crate::api::auth::{self, ApiKeys};
+use crate::api::error::{ApiError, error_response};
+use crate::api::ingest;
+use crate::api::route::{Route, route};
+use crate::config::MetricsAuth;
+use crate::ops::metrics::Metrics;
+
+/// The value of the first header called `name`, if any.
+pub fn header_value<'r>(request: &'r Request, name: &'static str) -> Option<&'r str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// The API key a request presents, if any.
+pub fn presented_key(request: &Request) -> Option<&str> {
+    auth::presented_key(
+        header_value(request, "Authorization"),
+        header_value(request, "X-Api-Key"),
+    )
+}
+
+/// What a request's head alone decides, in the order the handler checks it:
+/// the route, the API key on protected routes when keys are configured
+/// (`metrics` says whether `/metrics` is one), no body on a route that
+/// takes none, and for an ingest its media type, its `Idempotency-Key` and
+/// its announced length (`max_body_bytes` at most).
+pub fn check_head(
+    keys: &ApiKeys,
+    metrics: MetricsAuth,
+    max_body_bytes: usize,
+    request: &Request,
+    route: Result<Route, ApiError>,
+) -> Result<Route, ApiError> {
+    let route = route?;
+    if route.is_protected(metrics) && !keys.is_open() && !keys.allows(presented_key(request)) {
+        return Err(ApiError::Unauthorized);
+    }
+    let length = request.body_length();
+    let has_body =
+        length.is_some_and(|n| n > 0) || header_value(request, "Transfer-Encoding").is_some();
+    if has_body && !route.takes_body() {
+        return Err(ApiError::BodyNotAllowed);
+    }
+    if route == Route::Ingest {
+        let content_type = header_value(request, "Content-Type");
+        if !content_type.is_some_and(is_json_media_type) {
+            return Err(ApiError::UnsupportedMediaType(
+                content_type.map(str::to_string),
+            ));
+        }
+        if let Some(key) = header_value(request, "Idempotency-Key") {
+            ingest::idempotency_key(key)?;
+        }
+        if length.is_some_and(|n| n > max_body_bytes) {
+            return Err(ApiError::BodyTooLarge(max_body_bytes));
+        }
+    }
+    Ok(route)
+}
+
+/// [`check_head`] for the server's connection threads: a request with a
+/// body that its head alone refuses is answered there, before the body is
+/// read or buffered, and counted in the metrics as the handler would.
+pub fn head_check(
+    keys: ApiKeys,
+    metrics_auth: MetricsAuth,
+    max_body_bytes: usize,
+    metrics: Arc<Metrics>,
+) -> HeadCheck {
+    HeadCheck::new(move |request| {
+        let matched = route(request.method(), request.url());
+        let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
+        let err = check_head(&keys, metrics_auth, max_body_bytes, request, matched).err()?;
+        let response = error_response(&err);
+        metrics.request(name, response.status_code().0);
+        Some(response.boxed())
+    })
+}
+
+/// Maps a method and a URL to a route. The legacy path matches without
+/// Checks that a Content-Type names JSON (`application/json`, optionally
+/// with parameters, or any `+json` type).
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_types() {
+        assert!(is_json_media_type("application/json"));
+        assert!(is_json_media_type("Application/JSON; charset=utf-8"));
+        assert!(is_json_media_type("application/cloudevents+json"));
+        assert!(!is_json_media_type("text/plain"));
+        assert!(!is_json_media_type(""));
+    }
+}

@@ -1,0 +1,10 @@
+//! Operations: what lets a person see and run the service. Counters and
+//! their Prometheus text ([`metrics`]), the links each role reports
+//! ([`health`]), the figures of `/v1/stats` and the status page ([`stats`]),
+//! and log output ([`logging`]). Every role writes into these; nothing here
+//! drives the pipeline.
+
+pub mod health;
+pub mod logging;
+pub mod metrics;
+pub mod stats;
