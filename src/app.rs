@@ -14,20 +14,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use log::{info, warn};
 
 use crate::api::commit::{self, Committer};
-use crate::api::{self, Api};
-use crate::broker::{AmqpUrl, Topology};
+use crate::api::{self, Api, ingest};
+use crate::broker::{self, AmqpUrl, Topology};
+use crate::cli::Command;
 use crate::config::Config;
+use crate::lifecycle::{self, Stop, spawn};
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::ops::stats::Stats;
-use crate::relay::{self, Relay};
-use crate::store::{self, Store};
+use crate::relay::{self, Relay, retention};
+use crate::store::{self, Store, Wakeup};
 use crate::worker::consumer::Consumer;
-use crate::worker::{Processor, Worker};
+use crate::worker::{DefaultProcessor, Processor, Worker};
 
 /// Which parts of the pipeline this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,226 +103,283 @@ pub struct App {
     shutdown_timeout: Duration,
 }
 
+/// Runs a command that needs the configuration: a role until SIGTERM or
+/// SIGINT, a migration, or a replay.
+pub fn run(config: &Config, command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        Command::Run(role) => {
+            let signals =
+                lifecycle::signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+            let processor = Arc::new(DefaultProcessor {
+                work: config.simulated_work,
+            });
+            info!("{} starting as {role:?}", crate::version());
+            let app = start(config, role, processor)?;
+            let signal = signals.recv().map_err(|_| "signal thread ended")?;
+            info!("received {signal}");
+            app.shutdown()?;
+        }
+        Command::Migrate => migrate(config)?,
+        Command::Replay { since } => {
+            let n = replay_failed(config, since.as_ref())?;
+            println!("requeued {n} failed events");
+        }
+        Command::Help | Command::Version => {}
+    }
+    Ok(())
+}
+
 /// Applies the schema without starting anything (`ingestd migrate`).
 pub fn migrate(config: &Config) -> Result<(), Error> {
-    let store = Store::open_sized(config, 1)
-        .map_err(|e| Error::Database(redact_db_url(&config.database_url), e))?;
-    store
-        .migrate()
-        .map_err(|e| Error::Database(redact_db_url(&config.database_url), e))
+    open_store(config, 1).map(drop)
 }
 
 /// Sends failed events back through the outbox (`ingestd replay --failed`).
 pub fn replay_failed(config: &Config, since: Option<&store::Since>) -> Result<u64, Error> {
+    let store = open_store(config, 1)?;
+    store
+        .replay_failed(since)
+        .map_err(|e| Error::Database(redact_db_url(&config.database_url), e))
+}
+
+/// Opens a pool of `size` connections and applies the schema.
+fn open_store(config: &Config, size: u32) -> Result<Store, Error> {
     let name = redact_db_url(&config.database_url);
-    let store = Store::open_sized(config, 1).map_err(|e| Error::Database(name.clone(), e))?;
+    let store = Store::open(&store::Settings::of(config).sized(size))
+        .map_err(|e| Error::Database(name.clone(), e))?;
     store
         .migrate()
         .map_err(|e| Error::Database(name.clone(), e))?;
-    store
-        .replay_failed(since)
-        .map_err(|e| Error::Database(name, e))
+    info!("database ready: {name} schema {}", config.db_schema);
+    Ok(store)
+}
+
+/// What every role of one process shares.
+struct Shared {
+    store: Store,
+    url: AmqpUrl,
+    topology: Topology,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    stop: Stop,
 }
 
 /// Starts `role` with `processor` as the business logic.
 pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Result<App, Error> {
-    let db_name = redact_db_url(&config.database_url);
-    let store = Store::open(config).map_err(|e| Error::Database(db_name.clone(), e))?;
-    store
-        .migrate()
-        .map_err(|e| Error::Database(db_name.clone(), e))?;
-    info!("database ready: {db_name} schema {}", config.db_schema);
-
-    let url = AmqpUrl::parse(&config.amqp_url).expect("Config validated the AMQP URL");
-    let topology =
-        Topology::new(&config.amqp_prefix, &config.retry_delays).with_quorum(config.quorum_queues);
-    let health = Arc::new(Health::new(role.relay(), role.worker()));
-    let metrics = Arc::new(Metrics::default());
-    let (stop_tx, stop_rx) = bounded::<()>(0);
+    let store = open_store(config, config.db_pool_size)?;
+    let (stop_tx, stop) = Stop::new();
+    let shared = Shared {
+        store,
+        url: AmqpUrl::parse(&config.amqp_url).expect("Config validated the AMQP URL"),
+        topology: Topology::new(&config.amqp_prefix, &config.retry_delays)
+            .with_quorum(config.quorum_queues),
+        health: Arc::new(Health::new(role.relay(), role.worker())),
+        metrics: Arc::new(Metrics::default()),
+        stop,
+    };
+    // Whether a relay runs in this process decides how the commits that
+    // write the outbox wake relays.
     let (wake_tx, wake_rx) = bounded::<()>(1);
-    let mut background = Vec::new();
-
-    if role.relay() {
-        // Even beside an API, other processes (more APIs, `ingestd replay`)
-        // may write the outbox; their commits NOTIFY.
-        {
-            let (store, wake, stop) = (store.clone(), wake_tx.clone(), stop_rx.clone());
-            background.push(spawn("relay-listen", move || {
-                relay::listen(store, wake, stop)
-            }));
-        }
-        let relay = Relay {
-            store: store.clone(),
-            url: url.clone(),
-            topology: topology.clone(),
-            batch: config.relay_batch,
-            poll: config.relay_poll,
-            confirm_timeout: config.confirm_timeout,
-            late_after: config.redeliver_after / 2,
-            connect_timeout: config.db_timeout.max(Duration::from_secs(5)),
-            health: health.clone(),
-            metrics: metrics.clone(),
-        };
-        let (wake, stop) = (wake_rx.clone(), stop_rx.clone());
-        background.push(spawn("relay", move || relay.run(wake, stop)));
-        {
-            let (store, stop, idle) = (store.clone(), stop_rx.clone(), config.redeliver_after);
-            background.push(spawn("resend", move || {
-                relay::resend_lost(store, idle, stop)
-            }));
-        }
-        {
-            let (store, stop) = (store.clone(), stop_rx.clone());
-            let ages = crate::relay::retention::Ages {
-                events: config.retention,
-                idempotency_keys: config.idempotency_ttl,
-            };
-            background.push(spawn("retention", move || {
-                crate::relay::retention::run(store, ages, stop)
-            }));
-        }
-    }
-    if role.worker() {
-        let consumer = Consumer {
-            url: url.clone(),
-            topology: topology.clone(),
-            prefetch: config.prefetch,
-            workers: config.workers,
-            batch: config.worker_batch,
-            connect_timeout: Duration::from_secs(5),
-            worker: Worker {
-                store: store.clone(),
-                processor,
-                retries: config.retry_delays.len(),
-                health: health.clone(),
-                metrics: metrics.clone(),
-            },
-            confirm_timeout: config.confirm_timeout,
-            health: health.clone(),
-        };
-        let stop = stop_rx.clone();
-        background.push(spawn("consumer", move || consumer.run(stop)));
-    }
-
-    let stopping = Arc::new(AtomicBool::new(false));
+    let wakeup = if role.relay() {
+        Wakeup::Local(wake_tx.clone())
+    } else {
+        Wakeup::Notify
+    };
     let mut app = App {
         http_addr: None,
         server: None,
-        stopping: stopping.clone(),
+        stopping: Arc::new(AtomicBool::new(false)),
         http_threads: Vec::new(),
         committers: Vec::new(),
-        background,
+        background: Vec::new(),
         stop: Some(stop_tx),
         shutdown_timeout: config.shutdown_timeout,
     };
-    if role.api() {
-        let limits = tiny_http::Limits {
-            max_connections: config.http_max_connections,
-            max_head_bytes: config.http_max_header_bytes,
-            max_headers: 100,
-            head_timeout: config.http_header_timeout,
-            body_timeout: config.http_body_timeout,
-            // Every body the API accepts is read by its connection's
-            // thread, so handler threads never wait on a client.
-            buffer_body_bytes: config.max_body_bytes,
-            buffer_budget: config.http_buffer_bytes,
-            write_timeout: config.http_body_timeout,
-            // A body that its head alone refuses (no API key, not JSON, too
-            // large, no such route) is never read.
-            head_check: Some(api::head::head_check(
-                config.api_keys.clone(),
-                config.metrics_auth,
-                config.max_body_bytes,
-                metrics.clone(),
-            )),
-            // The server's own refusals answer in the API's error format.
-            refusal: api::error::refusal,
-        };
-        let server = match tiny_http::Server::http_with_limits(config.http_addr, limits) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                let err = Error::Bind(config.http_addr, e.to_string());
-                let _ = app.shutdown();
-                return Err(err);
-            }
-        };
-        let addr = server.server_addr().to_ip();
-        let settings = commit::Settings {
-            threads: config.committers,
-            max_batch: config.commit_batch,
-            queue: config.commit_queue,
-            key_ttl: config.idempotency_ttl,
-            notify: !role.relay(),
-            metrics: metrics.clone(),
-        };
-        let wake = role.relay().then(|| wake_tx.clone());
-        let (committer, committers) = Committer::start(store.clone(), settings, wake);
-        app.committers = committers;
-        let stats = Arc::new(Stats::new(
-            metrics.clone(),
-            health.clone(),
-            store.clone(),
-            config.stats_interval,
-        ));
-        // The first read of the database figures happens before the port
-        // serves, so no request sees the figures missing while the database
-        // is up; after it, only the refresher thread reads them, and request
-        // threads copy its last result.
-        stats.refresh();
-        {
-            let (stats, stop) = (stats.clone(), stop_rx.clone());
-            app.background
-                .push(spawn("stats-db", move || stats.run_refresher(stop)));
-        }
-        {
-            let (stats, url, topology, stop) = (
-                stats.clone(),
-                url.clone(),
-                topology.clone(),
-                stop_rx.clone(),
-            );
-            app.background.push(spawn("stats", move || {
-                stats.run_sampler(url, topology, stop)
-            }));
-        }
-        let api = Arc::new(Api {
-            store,
-            committer,
-            max_body_bytes: config.max_body_bytes,
-            limits: crate::api::ingest::Limits {
-                max_batch: config.max_batch,
-                max_payload_bytes: config.max_payload_bytes,
-                max_depth: config.max_json_depth,
-            },
-            keys: config.api_keys.clone(),
-            metrics_auth: config.metrics_auth,
-            wake: role.relay().then_some(wake_tx),
-            notify: !role.relay(),
-            health,
-            metrics,
-            stats,
-            server: server.clone(),
-        });
-        for i in 0..config.http_threads {
-            let (server, api, stopping) = (server.clone(), api.clone(), stopping.clone());
-            app.http_threads.push(spawn(&format!("http-{i}"), move || {
-                api::server::serve(server, api, stopping)
-            }));
-        }
-        if let Some(addr) = addr {
-            info!("http: listening on {addr}");
-        }
-        app.http_addr = addr;
-        app.server = Some(server);
+    if role.relay() {
+        app.background
+            .extend(start_relay(config, &shared, wake_tx, wake_rx));
+    }
+    if role.worker() {
+        app.background
+            .push(start_worker(config, &shared, processor));
+    }
+    if role.api()
+        && let Err(e) = start_api(config, shared, wakeup, &mut app)
+    {
+        let _ = app.shutdown();
+        return Err(e);
     }
     Ok(app)
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
-    thread::Builder::new()
-        .name(name.to_string())
-        .spawn(f)
-        .unwrap_or_else(|e| panic!("cannot spawn thread {name}: {e}"))
+/// The relay and the tasks beside it: its `LISTEN` wake-up, the sweeper
+/// of lost messages and retention.
+fn start_relay(
+    config: &Config,
+    shared: &Shared,
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+) -> Vec<JoinHandle<()>> {
+    let Shared { store, stop, .. } = shared;
+    let relay = Relay {
+        store: store.clone(),
+        url: shared.url.clone(),
+        topology: shared.topology.clone(),
+        batch: config.relay_batch,
+        poll: config.relay_poll,
+        confirm_timeout: config.confirm_timeout,
+        late_after: config.redeliver_after / 2,
+        connect_timeout: broker::CONNECT_TIMEOUT,
+        health: shared.health.clone(),
+        metrics: shared.metrics.clone(),
+    };
+    let ages = retention::Ages {
+        events: config.retention,
+        idempotency_keys: config.idempotency_ttl,
+    };
+    let idle = config.redeliver_after;
+    // Even beside an API, other processes (more APIs, `ingestd replay`)
+    // may write the outbox; their commits NOTIFY.
+    let (listen_store, listen_stop) = (store.clone(), stop.clone());
+    let relay_stop = stop.clone();
+    let (resend_store, resend_stop) = (store.clone(), stop.clone());
+    let (retention_store, retention_stop) = (store.clone(), stop.clone());
+    vec![
+        spawn("relay-listen", move || {
+            relay::listen(listen_store, wake_tx, listen_stop)
+        }),
+        spawn("relay", move || relay.run(wake_rx, relay_stop)),
+        spawn("resend", move || {
+            relay::resend_lost(resend_store, idle, resend_stop)
+        }),
+        spawn("retention", move || {
+            retention::run(retention_store, ages, retention_stop)
+        }),
+    ]
+}
+
+/// The consumer, which starts the worker threads.
+fn start_worker(config: &Config, shared: &Shared, processor: Arc<dyn Processor>) -> JoinHandle<()> {
+    let consumer = Consumer {
+        url: shared.url.clone(),
+        topology: shared.topology.clone(),
+        prefetch: config.prefetch,
+        workers: config.workers,
+        batch: config.worker_batch,
+        connect_timeout: broker::CONNECT_TIMEOUT,
+        worker: Worker {
+            store: shared.store.clone(),
+            processor,
+            retries: config.retry_delays.len(),
+            health: shared.health.clone(),
+            metrics: shared.metrics.clone(),
+        },
+        confirm_timeout: config.confirm_timeout,
+        health: shared.health.clone(),
+    };
+    let stop = shared.stop.clone();
+    spawn("consumer", move || consumer.run(stop))
+}
+
+/// The HTTP server, its handler threads, the committers and the figures
+/// of the status page.
+fn start_api(config: &Config, shared: Shared, wakeup: Wakeup, app: &mut App) -> Result<(), Error> {
+    let Shared {
+        store,
+        url,
+        topology,
+        health,
+        metrics,
+        stop,
+    } = shared;
+    let limits = http_limits(config, &metrics);
+    let server = tiny_http::Server::http_with_limits(config.http_addr, limits)
+        .map(Arc::new)
+        .map_err(|e| Error::Bind(config.http_addr, e.to_string()))?;
+    let settings = commit::Settings {
+        threads: config.committers,
+        max_batch: config.commit_batch,
+        queue: config.commit_queue,
+        key_ttl: config.idempotency_ttl,
+        wakeup: wakeup.clone(),
+        metrics: metrics.clone(),
+    };
+    let (committer, committers) = Committer::start(store.clone(), settings);
+    app.committers = committers;
+    let stats = Arc::new(Stats::new(
+        metrics.clone(),
+        health.clone(),
+        store.clone(),
+        config.stats_interval,
+    ));
+    // The first read of the database figures happens before the port
+    // serves, so no request sees the figures missing while the database is
+    // up; after it, only the refresher thread reads them, and request
+    // threads copy its last result.
+    stats.refresh();
+    let (refresher, refresher_stop) = (stats.clone(), stop.clone());
+    app.background.push(spawn("stats-db", move || {
+        refresher.run_refresher(refresher_stop)
+    }));
+    let sampler = stats.clone();
+    app.background.push(spawn("stats", move || {
+        sampler.run_sampler(url, topology, stop)
+    }));
+    let api = Arc::new(Api {
+        store,
+        committer,
+        max_body_bytes: config.max_body_bytes,
+        limits: ingest::Limits {
+            max_batch: config.max_batch,
+            max_payload_bytes: config.max_payload_bytes,
+            max_depth: config.max_json_depth,
+        },
+        keys: config.api_keys.clone(),
+        metrics_auth: config.metrics_auth,
+        wakeup,
+        health,
+        metrics,
+        stats,
+        server: server.clone(),
+    });
+    for i in 0..config.http_threads {
+        let (server, api, stopping) = (server.clone(), api.clone(), app.stopping.clone());
+        app.http_threads.push(spawn(&format!("http-{i}"), move || {
+            api::server::serve(server, api, stopping)
+        }));
+    }
+    app.http_addr = server.server_addr().to_ip();
+    if let Some(addr) = app.http_addr {
+        info!("http: listening on {addr}");
+    }
+    app.server = Some(server);
+    Ok(())
+}
+
+/// The HTTP server's limits, from the configuration.
+fn http_limits(config: &Config, metrics: &Arc<Metrics>) -> tiny_http::Limits {
+    tiny_http::Limits {
+        max_connections: config.http_max_connections,
+        max_head_bytes: config.http_max_header_bytes,
+        max_headers: 100,
+        head_timeout: config.http_header_timeout,
+        body_timeout: config.http_body_timeout,
+        // Every body the API accepts is read by its connection's thread, so
+        // handler threads never wait on a client.
+        buffer_body_bytes: config.max_body_bytes,
+        buffer_budget: config.http_buffer_bytes,
+        write_timeout: config.http_body_timeout,
+        // A body that its head alone refuses (no API key, not JSON, too
+        // large, no such route) is never read.
+        head_check: Some(api::head::head_check(
+            config.api_keys.clone(),
+            config.metrics_auth,
+            config.max_body_bytes,
+            metrics.clone(),
+        )),
+        // The server's own refusals answer in the API's error format.
+        refusal: api::error::refusal,
+    }
 }
 
 impl App {

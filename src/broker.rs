@@ -12,18 +12,20 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, AmqpValue, Auth, Channel, Confirm, ConfirmSmoother, Connection,
-    ConnectionBlockedNotification, ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions,
-    ExchangeType, FieldTable, Publish, QueueDeclareOptions, Return,
+    AmqpValue, Auth, Channel, Confirm, ConfirmSmoother, Connection, ConnectionBlockedNotification,
+    ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions, ExchangeType, FieldTable, Publish,
+    QueueDeclareOptions, Return,
 };
 use crossbeam_channel::Receiver;
 
+pub use crate::message::Message;
+
+/// How long a connection to the broker may take (TCP and handshake), for
+/// every role and the status page's sampler alike.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Routing key of event messages on the events exchange.
 pub const EVENT_ROUTING_KEY: &str = "event";
-/// AMQP `type` property of event messages.
-pub const EVENT_MESSAGE_TYPE: &str = "ingestd.event";
-/// Header carrying the number of the attempt a retried message is for.
-pub const ATTEMPT_HEADER: &str = "x-ingestd-attempt";
 
 /// Failures talking to the broker.
 #[derive(Debug)]
@@ -349,19 +351,6 @@ pub fn connect(url: &AmqpUrl, timeout: Duration) -> Result<Connection, Error> {
     })))
 }
 
-/// One message to publish.
-#[derive(Debug, Clone)]
-pub struct Message {
-    /// Becomes the AMQP `message_id`: the event id.
-    pub id: String,
-    /// JSON body.
-    pub body: Vec<u8>,
-    /// Seconds since the epoch, the AMQP `timestamp`.
-    pub timestamp: u64,
-    /// For a retry: the number of the attempt it is for.
-    pub attempt: Option<i32>,
-}
-
 /// A channel in confirm mode: publishes and waits for the broker's confirms.
 /// After any error its state is unknown: drop it and reconnect.
 pub struct ConfirmChannel {
@@ -425,17 +414,7 @@ impl ConfirmChannel {
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
         for m in messages {
-            let mut properties = AmqpProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(m.id.clone())
-                .with_type_(EVENT_MESSAGE_TYPE.into())
-                .with_timestamp(m.timestamp);
-            if let Some(attempt) = m.attempt {
-                let mut headers = FieldTable::new();
-                headers.insert(ATTEMPT_HEADER.into(), AmqpValue::LongInt(attempt));
-                properties = properties.with_headers(headers);
-            }
+            let properties = m.properties();
             self.channel.basic_publish(
                 exchange,
                 Publish {
@@ -543,15 +522,6 @@ impl Publisher {
     pub fn close(self) {
         self.channel.close();
         let _ = self.connection.close();
-    }
-}
-
-/// The attempt number of `delivery`, from the header the consumer sets when
-/// it schedules a retry; a first delivery has none.
-pub fn attempt_header(properties: &AmqpProperties) -> Option<i32> {
-    match properties.headers().as_ref()?.get(ATTEMPT_HEADER)? {
-        AmqpValue::LongInt(n) => Some(*n),
-        _ => None,
     }
 }
 

@@ -13,14 +13,15 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use log::{error, warn};
 
+use crate::lifecycle;
 use crate::ops::metrics::Metrics;
-use crate::store::{NewEvent, Store, Submission, Written};
+use crate::store::{NewEvent, Store, Submission, Wakeup, Written};
 
 /// Why an event was not committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +54,8 @@ pub struct Settings {
     pub key_ttl: Duration,
     /// Capacity of the hand-off queue; beyond it requests get 503 at once.
     pub queue: usize,
-    /// `NOTIFY` relays in other processes after each commit.
-    pub notify: bool,
+    /// How each commit wakes the relays.
+    pub wakeup: Wakeup,
     /// Where batch sizes are counted.
     pub metrics: Arc<Metrics>,
 }
@@ -67,21 +68,14 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the committer threads; `wake` is signalled after each commit.
-    pub fn start(
-        store: Store,
-        settings: Settings,
-        wake: Option<Sender<()>>,
-    ) -> (Committer, Vec<JoinHandle<()>>) {
+    /// Starts the committer threads.
+    pub fn start(store: Store, settings: Settings) -> (Committer, Vec<JoinHandle<()>>) {
         let (tx, rx) = bounded(settings.queue);
         let threads = (0..settings.threads)
             .map(|i| {
-                let (rx, store, wake) = (rx.clone(), store.clone(), wake.clone());
+                let (rx, store) = (rx.clone(), store.clone());
                 let settings = settings.clone();
-                thread::Builder::new()
-                    .name(format!("commit-{i}"))
-                    .spawn(move || run(rx, store, &settings, wake))
-                    .expect("spawn committer thread")
+                lifecycle::spawn(&format!("commit-{i}"), move || run(rx, store, &settings))
             })
             .collect();
         (Committer { queue: tx }, threads)
@@ -98,7 +92,7 @@ impl Committer {
     }
 }
 
-fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, wake: Option<Sender<()>>) {
+fn run(queue: Receiver<Pending>, store: Store, settings: &Settings) {
     while let Ok(first) = queue.recv() {
         let mut events = first.submission.events.len();
         let mut batch = vec![first];
@@ -130,15 +124,12 @@ fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, wake: Option
         if outcome.is_err() {
             error!("commit: a batch panicked; its requests were answered 500");
         }
-        if let Some(wake) = &wake {
-            let _ = wake.try_send(());
-        }
     }
 }
 
 fn commit_idempotent(store: &Store, p: Pending, settings: &Settings) {
     settings.metrics.commit_batch_size.observe(1.0);
-    let result = store.insert_idempotent(&p.submission, settings.key_ttl, settings.notify);
+    let result = store.insert_idempotent(&p.submission, settings.key_ttl, &settings.wakeup);
     let result = match result {
         Ok(written) => {
             if let Written::Stored { created, .. } = &written {
@@ -167,7 +158,7 @@ fn commit(store: &Store, batch: Vec<Pending>, settings: &Settings) {
         .commit_batch_size
         .observe(batch.len() as f64);
     let events: Vec<&NewEvent> = batch.iter().flat_map(|p| &p.submission.events).collect();
-    match store.insert_events(&events, settings.notify) {
+    match store.insert_events(&events, &settings.wakeup) {
         Ok(()) => {
             settings.metrics.events_committed.add(events.len() as u64);
             for p in batch {

@@ -15,7 +15,7 @@ use crate::api::route::Route;
 use crate::api::{Api, Handled, Ingest, footprint, ingest};
 use crate::ops::health::Link;
 use crate::ops::metrics::Gauges;
-use crate::store::{IdempotencyKey, RetryResult, Submission};
+use crate::store::{EventRecord, IdempotencyKey, RetryResult, Submission};
 
 impl Api {
     /// Handles one request already matched to `route`; errors become
@@ -46,13 +46,10 @@ impl Api {
                     .store
                     .get_event(id)?
                     .ok_or(ApiError::EventNotFound(id))?;
-                json_response(200, &event.to_json())
+                json_response(200, &event_json(&event))
             }
-            Route::RetryEvent(id) => match self.store.retry_event(id, self.notify)? {
-                RetryResult::Requeued => {
-                    self.wake_relay();
-                    accepted(id)
-                }
+            Route::RetryEvent(id) => match self.store.retry_event(id, &self.wakeup)? {
+                RetryResult::Requeued => accepted(id),
                 RetryResult::NotFound => return Err(ApiError::EventNotFound(id)),
                 RetryResult::NotFailed(status) => {
                     return Err(ApiError::Conflict(format!(
@@ -129,13 +126,6 @@ impl Api {
         Ok(Ingest { submission, held })
     }
 
-    fn wake_relay(&self) {
-        if let Some(wake) = &self.wake {
-            // A full channel means a wake-up is already pending.
-            let _ = wake.try_send(());
-        }
-    }
-
     /// The metrics; the database figures are the stats refresher's last
     /// read, so a scrape never queries or waits for PostgreSQL.
     fn metrics(&self) -> HttpResponse {
@@ -177,4 +167,19 @@ impl Api {
             &json!({ "status": status, "checks": checks }),
         )
     }
+}
+
+/// The JSON body of `GET /v1/events/<id>`.
+fn event_json(event: &EventRecord) -> serde_json::Value {
+    json!({
+        "id": event.id.to_string(),
+        "status": event.status,
+        "attempts": event.attempts,
+        "type": event.event_type,
+        "key": event.key,
+        "payload": event.payload,
+        "created_at": event.created_at,
+        "processed_at": event.processed_at,
+        "last_error": event.last_error,
+    })
 }

@@ -25,7 +25,6 @@ pub mod server;
 
 use std::sync::Arc;
 
-use crossbeam_channel::Sender;
 use tiny_http::{Reservation, Server};
 
 use crate::api::auth::ApiKeys;
@@ -35,7 +34,7 @@ use crate::config::MetricsAuth;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::ops::stats::Stats;
-use crate::store::{Store, Submission};
+use crate::store::{Store, Submission, Wakeup};
 
 pub use error::{ApiError, HttpResponse, error_response};
 pub use route::Route;
@@ -54,10 +53,8 @@ pub struct Api {
     pub keys: ApiKeys,
     /// Whether `/metrics` needs a key too.
     pub metrics_auth: MetricsAuth,
-    /// Wakes the relay in this process after a commit.
-    pub wake: Option<Sender<()>>,
-    /// Wake relays in other processes with `NOTIFY` (API-only role).
-    pub notify: bool,
+    /// How a retried event's commit wakes the relays.
+    pub wakeup: Wakeup,
     /// Broker connection state for `/readyz`.
     pub health: Arc<Health>,
     /// What `/metrics` shows.

@@ -15,11 +15,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, info, warn};
 use serde_json::{Value, json};
 
 use crate::broker::{self, AmqpUrl, Topology};
+use crate::lifecycle::Stop;
 use crate::ops::health::Health;
 use crate::ops::metrics::{Metrics, SECONDS};
 use crate::store::{self, Count, EXACT_UP_TO, OutboxFigures, StatusCounts, Store};
@@ -204,7 +204,7 @@ impl Stats {
     }
 
     /// Samples every second and polls queue depths until `stop` disconnects.
-    pub fn run_sampler(&self, url: AmqpUrl, topology: Topology, stop: Receiver<()>) {
+    pub fn run_sampler(&self, url: AmqpUrl, topology: Topology, stop: Stop) {
         let mut connection = None;
         // Give the relay and consumer a moment to declare the queues.
         let mut next_probe = Instant::now() + Duration::from_secs(1);
@@ -219,9 +219,8 @@ impl Stats {
                 }
                 *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = depths;
             }
-            match stop.recv_timeout(Duration::from_secs(1)) {
-                Err(RecvTimeoutError::Timeout) => {}
-                _ => break,
+            if stop.wait(Duration::from_secs(1)) {
+                break;
             }
         }
         if let Some(c) = connection {
@@ -273,8 +272,8 @@ impl Stats {
     /// disconnects. The interval runs from the end of one read to the start
     /// of the next, so a slow database gets no more than one read in
     /// flight and a pause after it. The caller did the first read.
-    pub fn run_refresher(&self, stop: Receiver<()>) {
-        while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(self.interval) {
+    pub fn run_refresher(&self, stop: Stop) {
+        while !stop.wait(self.interval) {
             self.refresh();
         }
     }
@@ -529,7 +528,7 @@ fn probe_queues(
 ) -> (Option<u32>, Option<u32>) {
     let result = (|| -> Result<(u32, u32), broker::Error> {
         if connection.is_none() {
-            *connection = Some(broker::connect(url, Duration::from_secs(2))?);
+            *connection = Some(broker::connect(url, broker::CONNECT_TIMEOUT)?);
         }
         let c = connection.as_mut().expect("just connected");
         let channel = c.open_channel(None)?;

@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amiquip::ConnectionBlockedNotification;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, never, select};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, never, select};
 use log::{debug, info, warn};
 use postgres::fallible_iterator::FallibleIterator;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
+use crate::lifecycle::{Failures, Stop};
 use crate::ops::health::{Health, Link};
 use crate::ops::metrics::Metrics;
 use crate::store::{self, Store};
@@ -99,13 +100,13 @@ impl From<postgres::Error> for Error {
 
 impl Relay {
     /// Relays until `stop` disconnects. A batch under way is finished first.
-    pub fn run(self, wake: Receiver<()>, stop: Receiver<()>) {
+    pub fn run(self, wake: Receiver<()>, stop: Stop) {
         let mut wake = wake;
         let mut publisher: Option<Publisher> = None;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut failing = false;
         let mut blocked = Blocked::default();
-        while matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+        while !stop.is_given() {
             // A broker that blocks publishers (a memory or disk alarm) would
             // only make a batch wait for its confirms in vain: rows stay in
             // the outbox until it takes messages again.
@@ -129,7 +130,7 @@ impl Relay {
                     _ if blocked.reason.is_some() => {
                         let notifications = p.blocked_notifications().clone();
                         select! {
-                            recv(stop) -> _ => break,
+                            recv(stop.receiver()) -> _ => break,
                             // Kept for `update`, which acts on it.
                             recv(notifications) -> note => blocked.pending = note.ok(),
                             default(self.poll) => {},
@@ -189,7 +190,7 @@ impl Relay {
                 }
             };
             let stop_now = select! {
-                recv(stop) -> _ => true,
+                recv(stop.receiver()) -> _ => true,
                 recv(wake) -> msg => {
                     if msg.is_err() {
                         // The API side is gone; keep polling.
@@ -232,7 +233,7 @@ impl Relay {
         self.metrics
             .confirm_seconds
             .observe_duration(started.elapsed());
-        store::delete_outbox(&mut tx, &ids)?;
+        store::outbox::delete_outbox(&mut tx, &ids)?;
         tx.commit()?;
         self.metrics.published.add(ids.len() as u64);
         Ok(ids.len())
@@ -313,7 +314,7 @@ pub fn publish_claimed(
     confirm_timeout: Duration,
     late_after: Duration,
 ) -> Result<Vec<i64>, Error> {
-    let rows = store::claim_outbox(tx, batch as i64)?;
+    let rows = store::outbox::claim_outbox(tx, batch as i64)?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -328,15 +329,7 @@ pub fn publish_claimed(
         .iter()
         .map(|r| (r.outbox_id, r.event_id, r.created_epoch < late_before))
         .collect();
-    let messages: Vec<Message> = rows
-        .into_iter()
-        .map(|r| Message {
-            id: r.event_id.to_string(),
-            body: r.body.into_bytes(),
-            timestamp: u64::try_from(r.created_epoch).unwrap_or(now),
-            attempt: None,
-        })
-        .collect();
+    let messages: Vec<Message> = rows.iter().map(|r| Message::for_event(r, now)).collect();
     let taken = publisher.publish_each(&messages, confirm_timeout)?;
     let (mut published, mut late, mut refused) =
         (Vec::with_capacity(claimed.len()), vec![], vec![]);
@@ -353,14 +346,14 @@ pub fn publish_claimed(
         }
     }
     if !late.is_empty() {
-        store::touch_published(tx, &late)?;
+        store::outbox::touch_published(tx, &late)?;
     }
     if !refused.is_empty() {
-        let failed = store::refuse_outbox(tx, &refused, BROKER_REFUSED)?;
+        let failed = store::outbox::refuse_outbox(tx, &refused, BROKER_REFUSED)?;
         for id in failed {
             warn!(
                 "event {id}: the broker refused its message {} times; the event failed",
-                store::MAX_BROKER_REFUSALS
+                store::outbox::MAX_BROKER_REFUSALS
             );
         }
     }
@@ -374,7 +367,7 @@ const BROKER_REFUSED: &str = "the broker refused the event's message (a nack) to
 /// Forwards PostgreSQL `NOTIFY`s on the store's channel to `wake`, so a relay
 /// wakes at once when an API in another process commits. Reconnects by itself
 /// and returns when `stop` disconnects.
-pub fn listen(store: Store, wake: Sender<()>, stop: Receiver<()>) {
+pub fn listen(store: Store, wake: Sender<()>, stop: Stop) {
     let channel = store.notify_channel();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
@@ -383,7 +376,7 @@ pub fn listen(store: Store, wake: Sender<()>, stop: Receiver<()>) {
             backoff.reset();
             debug!("relay: listening on {channel}");
             loop {
-                if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+                if stop.is_given() {
                     return Ok(());
                 }
                 let woke = client
@@ -403,9 +396,8 @@ pub fn listen(store: Store, wake: Sender<()>, stop: Receiver<()>) {
         {
             warn!("relay: LISTEN connection failed, falling back to polling until it returns: {e}");
         }
-        match stop.recv_timeout(backoff.next_delay()) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => return,
+        if stop.wait(backoff.next_delay()) {
+            return;
         }
     }
 }
@@ -416,26 +408,24 @@ pub fn listen(store: Store, wake: Sender<()>, stop: Receiver<()>) {
 /// events exchange at most once, and a quorum queue may dead-letter a
 /// message requeued too often; the database, not the broker, decides that
 /// an event is done.
-pub fn resend_lost(store: Store, idle: Duration, stop: Receiver<()>) {
+pub fn resend_lost(store: Store, idle: Duration, stop: Stop) {
     let every = (idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let mut failing = false;
+    let mut failures = Failures::default();
     loop {
         match store.resend_lost(idle, 1000) {
-            Ok(0) => failing = false,
             Ok(n) => {
-                failing = false;
-                warn!("relay: re-sent {n} pending events whose messages were lost");
-            }
-            Err(e) => {
-                if !failing {
-                    warn!("relay: cannot look for lost events: {e}");
-                    failing = true;
+                if failures.ended() {
+                    info!("relay: looking for lost events again");
+                }
+                if n > 0 {
+                    warn!("relay: re-sent {n} pending events whose messages were lost");
                 }
             }
+            Err(e) if failures.first() => warn!("relay: cannot look for lost events: {e}"),
+            Err(_) => {}
         }
-        match stop.recv_timeout(every) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => return,
+        if stop.wait(every) {
+            return;
         }
     }
 }

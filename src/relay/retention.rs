@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::{info, warn};
 
+use crate::lifecycle::{Failures, Stop};
 use crate::store::{self, Store};
 
 /// Rows deleted per statement.
@@ -25,15 +25,15 @@ pub struct Ages {
 }
 
 /// Deletes expired rows until `stop` disconnects.
-pub fn run(store: Store, ages: Ages, stop: Receiver<()>) {
+pub fn run(store: Store, ages: Ages, stop: Stop) {
     let shortest = ages
         .events
         .map_or(ages.idempotency_keys, |e| e.min(ages.idempotency_keys));
     let every = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
-    let mut failing = false;
+    let mut failures = Failures::default();
     loop {
         if let Some(age) = ages.events {
-            let deleted = sweep(&stop, &mut failing, "processed events", || {
+            let deleted = sweep(&stop, &mut failures, "processed events", || {
                 store.delete_expired(age, BATCH)
             });
             match deleted {
@@ -43,16 +43,15 @@ pub fn run(store: Store, ages: Ages, stop: Receiver<()>) {
             }
         }
         let age = ages.idempotency_keys;
-        if sweep(&stop, &mut failing, "idempotency keys", || {
+        if sweep(&stop, &mut failures, "idempotency keys", || {
             store.purge_idempotency_keys(age, BATCH)
         })
         .is_none()
         {
             return;
         }
-        match stop.recv_timeout(every) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => return,
+        if stop.wait(every) {
+            return;
         }
     }
 }
@@ -60,8 +59,8 @@ pub fn run(store: Store, ages: Ages, stop: Receiver<()>) {
 /// Deletes batches until one comes back short; returns the total, or
 /// `None` when asked to stop. The first of a run of failures is logged.
 fn sweep(
-    stop: &Receiver<()>,
-    failing: &mut bool,
+    stop: &Stop,
+    failures: &mut Failures,
     what: &str,
     mut delete: impl FnMut() -> Result<u64, store::Error>,
 ) -> Option<u64> {
@@ -69,22 +68,21 @@ fn sweep(
     loop {
         match delete() {
             Ok(n) => {
-                *failing = false;
+                failures.ended();
                 total += n;
                 if n < BATCH as u64 {
                     return Some(total);
                 }
             }
             Err(e) => {
-                if !*failing {
+                if failures.first() {
                     warn!("retention: cannot delete expired {what}: {e}");
-                    *failing = true;
                 }
                 return Some(total);
             }
         }
         // Between batches, give way to a shutdown.
-        if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+        if stop.is_given() {
             return None;
         }
     }

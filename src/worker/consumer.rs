@@ -8,17 +8,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{ConsumerMessage, ConsumerOptions};
-use crossbeam_channel::{
-    Receiver, RecvTimeoutError, Sender, after, bounded, never, select, unbounded,
-};
+use crossbeam_channel::{Receiver, Sender, after, bounded, never, select, unbounded};
 use log::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, ConfirmChannel, Message, Topology};
+use crate::lifecycle::{self, Stop};
 use crate::ops::health::Health;
 use crate::worker::{self, Done, Job, Outcome, Worker};
 
@@ -44,6 +42,38 @@ pub struct Consumer {
     pub health: Arc<Health>,
 }
 
+/// What the consumer's loop acts on; see [`Consumer::next_event`].
+enum Event {
+    /// Deliveries, up to one batch, and the reason consumption ended right
+    /// after them, if it did.
+    Deliveries(Vec<amiquip::Delivery>, Option<String>),
+    /// Consumption ended: the channel closed or the consumer was cancelled.
+    Ended(String),
+    /// A worker's results.
+    Done(Done),
+    /// Every worker thread is gone.
+    WorkersGone,
+    /// Deliveries held through a database outage are due back in the queue.
+    RequeueDue,
+    /// The stop was given.
+    Stop,
+}
+
+/// One session's bookkeeping.
+struct State {
+    /// Deliveries handed to workers and not yet settled.
+    in_flight: usize,
+    /// The stop was given: no more deliveries are taken.
+    stopping: bool,
+    /// Deliveries the workers could not process because the database was
+    /// unreachable. They go back to the queue only after a backoff, not at
+    /// once: requeued at once they came straight back, ran into the same
+    /// outage and spun (and, on quorum queues, used up their delivery limit
+    /// within seconds). Held meanwhile, they fill the prefetch window, so
+    /// the broker stops sending more until they are requeued.
+    held: Held,
+}
+
 enum SessionEnd {
     /// Asked to stop; everything dispatched was settled.
     Stopped,
@@ -52,17 +82,16 @@ enum SessionEnd {
 impl Consumer {
     /// Consumes until `stop` disconnects, then lets workers finish and ack
     /// what they hold and returns once all worker threads have exited.
-    pub fn run(self, stop: Receiver<()>) {
+    pub fn run(self, stop: Stop) {
         let (job_tx, job_rx) = bounded::<Job>(self.workers);
         let (done_tx, done_rx) = unbounded::<Done>();
         let workers: Vec<_> = (0..self.workers)
             .map(|i| {
                 let (jobs, done) = (job_rx.clone(), done_tx.clone());
                 let worker = self.worker.clone();
-                thread::Builder::new()
-                    .name(format!("worker-{i}"))
-                    .spawn(move || worker::run(worker, jobs, done))
-                    .expect("spawn worker thread")
+                lifecycle::spawn(&format!("worker-{i}"), move || {
+                    worker::run(worker, jobs, done)
+                })
             })
             .collect();
         drop((job_rx, done_tx));
@@ -82,9 +111,8 @@ impl Consumer {
                         warn!("consumer: cannot reach the broker, retrying: {e}");
                     }
                     self.health.set_consumer(false);
-                    match stop.recv_timeout(backoff.next_delay()) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        _ => break,
+                    if stop.wait(backoff.next_delay()) {
+                        break;
                     }
                 }
             }
@@ -109,7 +137,7 @@ impl Consumer {
         generation: u64,
         jobs: &Sender<Job>,
         done: &Receiver<Done>,
-        stop: &Receiver<()>,
+        stop: &Stop,
     ) -> Result<SessionEnd, broker::Error> {
         let mut connection = broker::connect(&self.url, self.connect_timeout)?;
         let channel = connection.open_channel(None)?;
@@ -128,85 +156,105 @@ impl Consumer {
             self.topology.queue
         );
 
-        let mut in_flight = 0usize;
-        let mut stopping = false;
-        // Deliveries the workers could not process because the database
-        // was unreachable go back to the queue only after a backoff, not at
-        // once: requeued at once they came straight back, ran into the same
-        // outage and spun (and, on quorum queues, used up their delivery
-        // limit within seconds). Held meanwhile, they fill the prefetch
-        // window, so the broker stops sending more until they are requeued.
-        let mut held = Held::default();
-        while !(stopping && in_flight == 0) {
-            let requeue = held.timer();
-            let deliveries = if stopping {
-                never()
-            } else {
-                consumer.receiver().clone()
-            };
-            let stop_rx = if stopping { never() } else { stop.clone() };
-            select! {
-                recv(deliveries) -> msg => match msg {
-                    Ok(ConsumerMessage::Delivery(delivery)) => {
-                        // Take what else is already here, up to one batch:
-                        // an idle pipeline dispatches at once, a busy one
-                        // in batches.
-                        let mut batch = vec![delivery];
-                        let mut ended = None;
-                        while batch.len() < self.batch {
-                            match consumer.receiver().try_recv() {
-                                Ok(ConsumerMessage::Delivery(d)) => batch.push(d),
-                                Ok(other) => {
-                                    ended = Some(other);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        in_flight += batch.len();
-                        self.worker.metrics.deliveries.add(batch.len() as u64);
-                        // Blocks while every worker is busy; prefetch bounds
-                        // what waits behind it in the broker's buffer.
-                        if jobs.send(Job { generation, deliveries: batch }).is_err() {
-                            return Err(broker::Error::Closed);
-                        }
-                        if let Some(other) = ended {
-                            warn!("consumer: consumption ended: {other:?}");
-                            return Err(broker::Error::Closed);
-                        }
-                    }
-                    Ok(other) => {
-                        warn!("consumer: consumption ended: {other:?}");
+        let mut state = State {
+            in_flight: 0,
+            stopping: false,
+            held: Held::default(),
+        };
+        while !(state.stopping && state.in_flight == 0) {
+            match self.next_event(&consumer, &state, done, stop) {
+                Event::Deliveries(batch, ended) => {
+                    state.in_flight += batch.len();
+                    self.worker.metrics.deliveries.add(batch.len() as u64);
+                    // Blocks while every worker is busy; prefetch bounds
+                    // what waits behind it in the broker's buffer.
+                    if jobs
+                        .send(Job {
+                            generation,
+                            deliveries: batch,
+                        })
+                        .is_err()
+                    {
                         return Err(broker::Error::Closed);
                     }
-                    Err(_) => return Err(broker::Error::Closed),
-                },
-                recv(done) -> msg => {
-                    let Ok(d) = msg else { return Err(broker::Error::Closed) };
-                    // Results from an earlier connection: their tags are
-                    // void here, and the broker has redelivered them.
-                    if d.generation != generation {
-                        continue;
+                    if let Some(reason) = ended {
+                        warn!("consumer: consumption ended: {reason}");
+                        return Err(broker::Error::Closed);
                     }
-                    in_flight -= d.results.len();
-                    self.settle(&consumer, &mut retries, d.results, &mut held)?;
-                },
-                recv(requeue) -> _ => held.requeue(&consumer)?,
-                recv(stop_rx) -> _ => {
-                    stopping = true;
-                    held.requeue(&consumer)?;
+                }
+                Event::Ended(reason) => {
+                    warn!("consumer: consumption ended: {reason}");
+                    return Err(broker::Error::Closed);
+                }
+                // Results from an earlier connection: their tags are void
+                // here, and the broker has redelivered them.
+                Event::Done(d) if d.generation != generation => {}
+                Event::Done(d) => {
+                    state.in_flight -= d.results.len();
+                    self.settle(&consumer, &mut retries, d.results, &mut state.held)?;
+                }
+                Event::WorkersGone => return Err(broker::Error::Closed),
+                Event::RequeueDue => state.held.requeue(&consumer)?,
+                Event::Stop => {
+                    state.stopping = true;
+                    state.held.requeue(&consumer)?;
                     // Deliveries prefetched but not dispatched go back to the
                     // queue when the channel closes.
                     let _ = consumer.cancel();
-                },
+                }
             }
         }
-        held.requeue(&consumer)?;
+        state.held.requeue(&consumer)?;
         drop(consumer);
         retries.close();
         let _ = channel.close();
         let _ = connection.close();
         Ok(SessionEnd::Stopped)
+    }
+
+    /// Waits for the next thing to act on: the loop's one `select!`. Once
+    /// stopping, only workers' results are waited for.
+    fn next_event(
+        &self,
+        consumer: &amiquip::Consumer<'_>,
+        state: &State,
+        done: &Receiver<Done>,
+        stop: &Stop,
+    ) -> Event {
+        let requeue = state.held.timer();
+        let deliveries = if state.stopping {
+            never()
+        } else {
+            consumer.receiver().clone()
+        };
+        let stop = if state.stopping {
+            never()
+        } else {
+            stop.receiver().clone()
+        };
+        select! {
+            recv(deliveries) -> msg => match msg {
+                Ok(ConsumerMessage::Delivery(delivery)) => {
+                    // Take what else is already here, up to one batch: an
+                    // idle pipeline dispatches at once, a busy one in
+                    // batches.
+                    let mut batch = vec![delivery];
+                    while batch.len() < self.batch {
+                        match consumer.receiver().try_recv() {
+                            Ok(ConsumerMessage::Delivery(d)) => batch.push(d),
+                            Ok(other) => return Event::Deliveries(batch, Some(format!("{other:?}"))),
+                            Err(_) => break,
+                        }
+                    }
+                    Event::Deliveries(batch, None)
+                }
+                Ok(other) => Event::Ended(format!("{other:?}")),
+                Err(_) => Event::Ended("the channel closed".into()),
+            },
+            recv(done) -> msg => msg.map_or(Event::WorkersGone, Event::Done),
+            recv(requeue) -> _ => Event::RequeueDue,
+            recv(stop) -> _ => Event::Stop,
+        }
     }
 
     /// Tells the broker what became of a worker's deliveries. Retry copies
@@ -233,12 +281,7 @@ impl Consumer {
                 }
                 Outcome::Requeue => held.hold(delivery),
                 Outcome::Retry { step, attempt } => {
-                    let copy = Message {
-                        id: delivery.properties.message_id().clone().unwrap_or_default(),
-                        body: delivery.body.clone(),
-                        timestamp: delivery.properties.timestamp().unwrap_or(0),
-                        attempt: Some(attempt),
-                    };
+                    let copy = Message::retry(&delivery.properties, &delivery.body, attempt);
                     copies.entry(step).or_default().push((delivery, copy));
                 }
             }

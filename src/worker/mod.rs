@@ -20,10 +20,10 @@ use postgres::Transaction;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::broker::attempt_header;
+use crate::message;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
-use crate::store::{self, Store};
+use crate::store::{self, Store, events};
 
 /// An event handed to a [`Processor`].
 #[derive(Debug, Clone, PartialEq)]
@@ -153,7 +153,7 @@ pub fn run(worker: Worker, jobs: Receiver<Job>, done: Sender<Done>) {
         let messages: Vec<(&[u8], i32)> = job
             .deliveries
             .iter()
-            .map(|d| (&d.body[..], attempt_header(&d.properties).unwrap_or(1)))
+            .map(|d| (&d.body[..], message::attempt(&d.properties).unwrap_or(1)))
             .collect();
         let outcomes = worker.handle_messages(&messages);
         let reply = Done {
@@ -166,23 +166,12 @@ pub fn run(worker: Worker, jobs: Receiver<Job>, done: Sender<Done>) {
     }
 }
 
-/// Extracts the event id from a message body `{"id": "<uuid>", ...}`.
-pub fn parse_message(body: &[u8]) -> Result<Uuid, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    let id = value
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or("body has no string \"id\"")?;
-    Uuid::parse_str(id).map_err(|e| format!("id {id:?} is not a UUID: {e}"))
-}
-
 /// Why a batch could not be handled in one transaction.
 enum BatchError {
     /// The database failed: requeue everything.
     Store(store::Error),
-    /// The processor failed on one event: handle the batch one by one.
-    Processor,
+    /// The processor failed on an event: handle the batch one by one.
+    Processor(ProcessError),
 }
 
 impl From<store::Error> for BatchError {
@@ -212,13 +201,13 @@ impl Worker {
         let mut outcomes = vec![Outcome::Reject; messages.len()];
         let mut ids = Vec::with_capacity(messages.len());
         for (i, (body, attempt)) in messages.iter().enumerate() {
-            match parse_message(body) {
+            match message::event_id(body) {
                 Ok(id) => ids.push((i, id, *attempt)),
                 Err(e) => error!("poison message dead-lettered: {e}"),
             }
         }
-        if ids.len() == 1 {
-            outcomes[ids[0].0] = self.handle(ids[0].1, ids[0].2);
+        if let [(i, id, attempt)] = ids[..] {
+            outcomes[i] = self.handle(id, attempt);
             return outcomes;
         }
         match self.process_batch(&ids, &mut outcomes) {
@@ -229,7 +218,7 @@ impl Worker {
                     outcomes[*i] = Outcome::Requeue;
                 }
             }
-            Err(BatchError::Store(_)) | Err(BatchError::Processor) => {
+            Err(BatchError::Store(_)) | Err(BatchError::Processor(_)) => {
                 // The whole batch rolled back; redo it one event at a time so
                 // that only the failing event takes the failure path.
                 for (i, id, attempt) in &ids {
@@ -254,7 +243,7 @@ impl Worker {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let mut events = store::lock_events(&mut tx, &unique)?;
+        let mut events = events::lock(&mut tx, &unique)?;
         let mut processed = Vec::with_capacity(ids.len());
         let mut seen = HashSet::with_capacity(ids.len());
         for &(i, id, attempt) in ids {
@@ -287,8 +276,8 @@ impl Worker {
                         key: event.key,
                         attempt: event.attempts + 1,
                     };
-                    if self.run_processor(&mut tx, &input).is_err() {
-                        return Err(BatchError::Processor);
+                    if let Err(e) = self.run_processor(&mut tx, &input) {
+                        return Err(BatchError::Processor(e));
                     }
                     processed.push((id, event.age_seconds));
                     Outcome::Ack
@@ -296,7 +285,7 @@ impl Worker {
             };
         }
         let ids: Vec<Uuid> = processed.iter().map(|(id, _)| *id).collect();
-        store::mark_processed_many(&mut tx, &ids)?;
+        events::mark_processed(&mut tx, &ids)?;
         tx.commit()?;
         self.metrics.processed.add(processed.len() as u64);
         let took = started.elapsed().as_secs_f64();
@@ -323,79 +312,30 @@ impl Worker {
         }
     }
 
-    /// Handles one event, whose message is for `attempt`, in its own
-    /// transaction.
+    /// Handles one event, whose message is for `attempt`, alone: a batch
+    /// of one, so that a failure is this event's only.
     pub fn handle(&self, id: Uuid, attempt: i32) -> Outcome {
-        match self.process(id, attempt) {
-            Ok(outcome) => {
+        let mut outcome = [Outcome::Reject];
+        match self.process_batch(&[(0, id, attempt)], &mut outcome) {
+            Ok(()) => {
                 self.database_up();
+                let [outcome] = outcome;
                 outcome
             }
-            Err(e) if e.is_unavailable() => {
+            Err(BatchError::Store(e)) if e.is_unavailable() => {
                 self.database_down(&e);
                 debug!("event {id}: requeued: {e}");
                 Outcome::Requeue
             }
             // Not an outage (a statement timeout, a constraint, a
             // transaction the processor left aborted): requeueing would
-            // loop, so it counts as a failed attempt.
-            Err(e) => {
+            // loop, so it counts as a failed attempt. What the processor
+            // wrote was rolled back with the transaction.
+            Err(BatchError::Store(e)) => {
                 self.fail_attempt(id, &ProcessError::Transient(format!("database error: {e}")))
             }
+            Err(BatchError::Processor(err)) => self.fail_attempt(id, &err),
         }
-    }
-
-    fn process(&self, id: Uuid, attempt: i32) -> Result<Outcome, store::Error> {
-        let mut conn = self.store.conn()?;
-        let mut tx = conn.transaction()?;
-        let event = match store::lock_event(&mut tx, id)? {
-            Some(e) => e,
-            None => {
-                error!("event {id}: no such event, message dead-lettered");
-                return Ok(Outcome::Reject);
-            }
-        };
-        if event.status != "pending" {
-            debug!(
-                "event {id}: already {}, duplicate delivery skipped",
-                event.status
-            );
-            self.metrics.duplicates.inc();
-            return Ok(Outcome::Ack);
-        }
-        if event.attempts >= attempt {
-            return Ok(self.reschedule(id, event.attempts));
-        }
-        let started = Instant::now();
-        let attempt = event.attempts + 1;
-        let event_age = event.age_seconds;
-        let input = Event {
-            id,
-            payload: event.payload,
-            event_type: event.event_type,
-            key: event.key,
-            attempt,
-        };
-        let err = match self.run_processor(&mut tx, &input) {
-            Ok(()) => {
-                store::mark_processed(&mut tx, id)?;
-                tx.commit()?;
-                self.metrics.processed.inc();
-                self.metrics
-                    .ingest_to_processed_seconds
-                    .observe(event_age + started.elapsed().as_secs_f64());
-                self.metrics
-                    .processing_seconds
-                    .observe_duration(started.elapsed());
-                debug!("event {id}: processed (attempt {attempt})");
-                return Ok(Outcome::Ack);
-            }
-            Err(err) => err,
-        };
-        // Undo whatever the processor wrote, then record the attempt.
-        tx.rollback()?;
-        drop(conn);
-        Ok(self.fail_attempt(id, &err))
     }
 
     /// The outcome for a message whose attempt already ran and was recorded
@@ -425,7 +365,7 @@ impl Worker {
         let result = (|| -> Result<Outcome, store::Error> {
             let mut conn = self.store.conn()?;
             let mut tx = conn.transaction()?;
-            let Some(event) = store::lock_event(&mut tx, id)? else {
+            let Some(event) = events::lock(&mut tx, &[id])?.remove(&id) else {
                 return Ok(Outcome::Reject);
             };
             if event.status != "pending" {
@@ -440,7 +380,7 @@ impl Worker {
                     attempt: attempt + 1,
                 }),
             };
-            store::record_failure(&mut tx, id, &err.to_string(), retry.is_none())?;
+            events::record_failure(&mut tx, id, &err.to_string(), retry.is_none())?;
             tx.commit()?;
             Ok(match retry {
                 Some(outcome) => {
@@ -474,25 +414,5 @@ impl Worker {
             error!("event {}: the processor panicked", event.id);
             Err(ProcessError::Transient("the processor panicked".into()))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_message_ids() {
-        let id = Uuid::new_v4();
-        let body = format!(r#"{{"id":"{id}","payload":1}}"#);
-        assert_eq!(parse_message(body.as_bytes()), Ok(id));
-        assert!(parse_message(b"not json").is_err());
-        assert!(parse_message(b"{}").is_err());
-        assert!(parse_message(br#"{"id":"nope"}"#).is_err());
-        assert!(parse_message(br#"{"id":7}"#).is_err());
-        // A payload with numbers beyond f64 (as PostgreSQL writes 1e400)
-        // does not make the message unreadable.
-        let body = format!(r#"{{"id":"{id}","payload":[1{},1e-400]}}"#, "0".repeat(400));
-        assert_eq!(parse_message(body.as_bytes()), Ok(id));
     }
 }

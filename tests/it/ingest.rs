@@ -972,7 +972,7 @@ fn concurrent_batches_sharing_ids_do_not_deadlock() {
     let before = db.deadlocks();
     assert_eq!(before, 1, "the deliberate deadlock is counted");
 
-    let store = Store::open_sized(&config, 8).unwrap();
+    let store = Store::open(&ingestd::store::Settings::of(&config).sized(8)).unwrap();
     let events: Vec<NewEvent> = (0..1000)
         .map(|n| NewEvent {
             id: Uuid::new_v4(),
@@ -999,7 +999,11 @@ fn concurrent_batches_sharing_ids_do_not_deadlock() {
             thread::spawn(move || {
                 start.wait();
                 store
-                    .insert_idempotent(&submission, Duration::from_secs(60), false)
+                    .insert_idempotent(
+                        &submission,
+                        Duration::from_secs(60),
+                        &ingestd::store::Wakeup::Notify,
+                    )
                     .map_err(|e| e.to_string())
             })
         })
@@ -1122,11 +1126,11 @@ fn one_committer(env: &TestEnv) -> (Committer, Vec<std::thread::JoinHandle<()>>)
         max_batch: 100,
         key_ttl: Duration::from_secs(60),
         queue: 16,
-        notify: false,
+        wakeup: ingestd::store::Wakeup::Notify,
         metrics: Arc::new(Metrics::default()),
     };
-    let store = Store::open_sized(&env.config(), 2).unwrap();
-    Committer::start(store, settings, None)
+    let store = Store::open(&ingestd::store::Settings::of(&env.config()).sized(2)).unwrap();
+    Committer::start(store, settings)
 }
 
 /// A submission of one new event with payload `n`.

@@ -159,8 +159,8 @@ fn an_ack_lost_after_the_commit_is_redelivered_and_skipped() {
 fn a_relay_crash_between_publish_and_delete_is_processed_once() {
     let env = TestEnv::new("relaycrash");
     let config = serial_config(&env);
-    let store = Store::open_sized(&config, 2).unwrap();
-    let id = store.insert_event(&json!("crash"), false).unwrap();
+    let store = Store::open(&ingestd::store::Settings::of(&config).sized(2)).unwrap();
+    let id = crate::util::insert_event(&store, &json!("crash"), false);
 
     // A relay claims and publishes the row, then dies before deleting it:
     // its transaction rolls back and the row stays in the outbox.
@@ -197,7 +197,7 @@ fn a_relay_crash_between_publish_and_delete_is_processed_once() {
 
     // Workers see both copies; a later event proves both were handled.
     let worker_app = env.start_role(&config, Role::Worker);
-    let sentinel = store.insert_event(&json!("after"), true).unwrap();
+    let sentinel = crate::util::insert_event(&store, &json!("after"), true);
     env.wait_processed(&[id, sentinel], Duration::from_secs(10));
     wait_until(Duration::from_secs(10), "queue drained", || {
         env.queue_depth(&env.topology().queue) == 0
@@ -231,7 +231,7 @@ fn a_poison_message_is_dead_lettered_and_does_not_block() {
 fn worker(env: &TestEnv) -> Worker {
     let config = env.config();
     Worker {
-        store: Store::open_sized(&config, 2).unwrap(),
+        store: Store::open(&ingestd::store::Settings::of(&config).sized(2)).unwrap(),
         processor: env.processor.clone(),
         retries: config.retry_delays.len(),
         health: Arc::new(Health::new(false, true)),
@@ -249,8 +249,8 @@ fn message(id: Uuid) -> Vec<u8> {
 fn copies_of_one_message_in_one_batch_are_processed_once() {
     let env = TestEnv::new("batchdup");
     let worker = worker(&env);
-    let id = worker.store.insert_event(&json!("copied"), false).unwrap();
-    let other = worker.store.insert_event(&json!("other"), false).unwrap();
+    let id = crate::util::insert_event(&worker.store, &json!("copied"), false);
+    let other = crate::util::insert_event(&worker.store, &json!("other"), false);
     let (a, b) = (message(id), message(other));
 
     let outcomes = worker.handle_batch(&[&a, &b, &a, &a]);
@@ -274,14 +274,11 @@ fn one_failing_event_does_not_fail_its_batch() {
     let worker = worker(&env);
     let store = &worker.store;
     let good: Vec<Uuid> = (0..5)
-        .map(|i| store.insert_event(&json!(i), false).unwrap())
+        .map(|i| crate::util::insert_event(store, &json!(i), false))
         .collect();
-    let bad = store
-        .insert_event(&json!({ "fail": "permanent" }), false)
-        .unwrap();
-    let flaky = store
-        .insert_event(&json!({ "fail": "transient", "times": 1 }), false)
-        .unwrap();
+    let bad = crate::util::insert_event(store, &json!({ "fail": "permanent" }), false);
+    let flaky =
+        crate::util::insert_event(store, &json!({ "fail": "transient", "times": 1 }), false);
 
     let mut bodies: Vec<Vec<u8>> = good.iter().map(|id| message(*id)).collect();
     bodies.insert(2, message(bad));
@@ -417,10 +414,11 @@ fn the_sweeper_re_sends_lost_events_but_not_queued_ones() {
 fn an_original_back_after_its_retry_copy_was_lost_waits_for_the_delay() {
     let env = TestEnv::new("retrytwice");
     let worker = worker(&env);
-    let id = worker
-        .store
-        .insert_event(&json!({ "fail": "transient", "times": 1 }), false)
-        .unwrap();
+    let id = crate::util::insert_event(
+        &worker.store,
+        &json!({ "fail": "transient", "times": 1 }),
+        false,
+    );
     let original = message(id);
     let retry = Outcome::Retry {
         step: 0,
@@ -432,7 +430,7 @@ fn an_original_back_after_its_retry_copy_was_lost_waits_for_the_delay() {
     // batch: the processor does not run, and the attempt is not counted
     // again.
     assert_eq!(worker.handle_messages(&[(&original, 1)]), [retry]);
-    let other = worker.store.insert_event(&json!("other"), false).unwrap();
+    let other = crate::util::insert_event(&worker.store, &json!("other"), false);
     assert_eq!(
         worker.handle_messages(&[(&original, 1), (&message(other), 1)]),
         [retry, Outcome::Ack]

@@ -910,3 +910,24 @@ pub fn queued_messages(queue: &str) -> Option<u32> {
     let _ = conn.close();
     depth
 }
+
+/// Writes one event and its outbox row as the API would. With `notify`
+/// the commit wakes relays in other processes; without, it wakes nobody.
+pub fn insert_event(store: &ingestd::store::Store, payload: &Value, notify: bool) -> Uuid {
+    let event = ingestd::store::NewEvent {
+        id: Uuid::new_v4(),
+        payload: payload.clone(),
+        event_type: None,
+        key: None,
+        client_id: false,
+    };
+    let wakeup = if notify {
+        ingestd::store::Wakeup::Notify
+    } else {
+        ingestd::store::Wakeup::Local(crossbeam_channel::bounded(1).0)
+    };
+    store
+        .insert_events(&[&event], &wakeup)
+        .expect("insert event");
+    event.id
+}

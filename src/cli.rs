@@ -1,0 +1,154 @@
+//! The command line: one [`Command`] parsed from the arguments, once.
+//! Everything else `ingestd` is told comes from `INGEST_*` variables
+//! ([`crate::config`]).
+
+use std::fmt;
+
+use crate::app::Role;
+use crate::config;
+use crate::store::Since;
+
+/// The usage text of `--help`, before the configuration's table.
+pub const USAGE: &str = "\
+Usage: ingestd [ROLE]
+
+Roles:
+  (none)    run the API, the relay and the workers in one process
+  api       run only the HTTP API
+  relay     run only the outbox relay
+  worker    run only the consumer and its workers
+  migrate   apply the schema and exit
+  replay --failed [--since WHEN]
+            send failed events back through the outbox; WHEN is a duration
+            (1h, 7d: created that long ago or later) or a timestamp
+
+Options:
+  -h, --help     print this help
+  -V, --version  print the version
+";
+
+/// What `ingestd` was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run a role until SIGTERM or SIGINT.
+    Run(Role),
+    /// Apply the schema and exit.
+    Migrate,
+    /// Send failed events (created since the bound, when given) back
+    /// through the outbox.
+    Replay {
+        /// Only events created at or after this.
+        since: Option<Since>,
+    },
+    /// Print the usage and the configuration variables.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+/// A command line that says nothing `ingestd` can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+impl Command {
+    /// Parses the arguments after the program's name.
+    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageError> {
+        let mut args = args.into_iter();
+        let first = args.next();
+        let command = match first.as_deref() {
+            None | Some("all") => Command::Run(Role::All),
+            Some("api") => Command::Run(Role::Api),
+            Some("relay") => Command::Run(Role::Relay),
+            Some("worker") => Command::Run(Role::Worker),
+            Some("migrate") => Command::Migrate,
+            Some("replay") => return replay(args),
+            Some("-h" | "--help") => Command::Help,
+            Some("-V" | "--version") => Command::Version,
+            Some(other) => return Err(UsageError(format!("unknown argument {other:?}"))),
+        };
+        match args.next() {
+            None => Ok(command),
+            Some(extra) => Err(UsageError(format!("unexpected argument {extra:?}"))),
+        }
+    }
+}
+
+/// The arguments of `replay`.
+fn replay(mut args: impl Iterator<Item = String>) -> Result<Command, UsageError> {
+    let (mut failed, mut since) = (false, None);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--failed" => failed = true,
+            "--since" => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| UsageError("replay: --since needs a value".into()))?;
+                since = Some(match config::parse_duration(&value) {
+                    Ok(d) => Since::Ago(d),
+                    Err(_) => Since::At(value),
+                });
+            }
+            other => return Err(UsageError(format!("replay: unknown argument {other:?}"))),
+        }
+    }
+    if !failed {
+        return Err(UsageError("replay: say which events: --failed".into()));
+    }
+    Ok(Command::Replay { since })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, UsageError> {
+        Command::parse(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn roles_and_commands() {
+        assert_eq!(parse(&[]), Ok(Command::Run(Role::All)));
+        assert_eq!(parse(&["all"]), Ok(Command::Run(Role::All)));
+        assert_eq!(parse(&["api"]), Ok(Command::Run(Role::Api)));
+        assert_eq!(parse(&["relay"]), Ok(Command::Run(Role::Relay)));
+        assert_eq!(parse(&["worker"]), Ok(Command::Run(Role::Worker)));
+        assert_eq!(parse(&["migrate"]), Ok(Command::Migrate));
+        assert_eq!(parse(&["--help"]), Ok(Command::Help));
+        assert_eq!(parse(&["-V"]), Ok(Command::Version));
+        assert!(parse(&["nope"]).unwrap_err().0.contains("\"nope\""));
+        assert!(parse(&["api", "extra"]).is_err());
+    }
+
+    #[test]
+    fn replay_takes_its_own_arguments() {
+        assert_eq!(
+            parse(&["replay", "--failed"]),
+            Ok(Command::Replay { since: None })
+        );
+        assert_eq!(
+            parse(&["replay", "--since", "1h", "--failed"]),
+            Ok(Command::Replay {
+                since: Some(Since::Ago(Duration::from_secs(3600)))
+            })
+        );
+        assert_eq!(
+            parse(&["replay", "--failed", "--since", "2026-01-31T12:00:00Z"]),
+            Ok(Command::Replay {
+                since: Some(Since::At("2026-01-31T12:00:00Z".into()))
+            })
+        );
+        assert!(parse(&["replay"]).unwrap_err().0.contains("--failed"));
+        assert!(parse(&["replay", "--failed", "--since"]).is_err());
+        assert!(parse(&["replay", "--all"]).is_err());
+    }
+}
