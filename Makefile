@@ -5,7 +5,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 export INGEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 STATIC_TARGET ?= $(shell rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && echo x86_64-unknown-linux-musl || echo x86_64-unknown-linux-gnu)
 
-.PHONY: build run migrate test lint static up down logs docker-check bench bench-smoke stress stress-smoke chaos chaos-smoke fuzz clean fuzz-smoke schemathesis
+.PHONY: build run migrate test lint static up down logs docker-check bench bench-smoke stress stress-smoke chaos chaos-smoke fuzz clean fuzz-smoke schemathesis docs
 
 build:
 	$(CARGO) build --release --locked
@@ -28,6 +28,11 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
 	$(COMPOSE) -f docker-compose.yml config --quiet
+
+# Writes the generated docs again (docs/configuration.md, from the table in
+# src/config.rs); `make test` fails while they are stale.
+docs:
+	UPDATE_DOCS=1 $(CARGO) test --locked --test it docs::
 
 # A statically linked, stripped release binary: musl when its target is
 # installed, otherwise glibc linked with crt-static.

@@ -10,19 +10,19 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use log::{info, warn};
 
 use crate::api::commit::{self, Committer};
+use crate::api::server::Http;
 use crate::api::{self, Api, ingest};
 use crate::broker::{self, AmqpUrl, Topology};
 use crate::cli::Command;
 use crate::config::Config;
-use crate::lifecycle::{self, Stop, spawn};
+use crate::lifecycle::{self, Stop, join_until, spawn};
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::ops::stats::Stats;
@@ -94,10 +94,7 @@ impl std::error::Error for Error {
 /// A running service.
 pub struct App {
     http_addr: Option<SocketAddr>,
-    server: Option<Arc<tiny_http::Server>>,
-    stopping: Arc<AtomicBool>,
-    http_threads: Vec<JoinHandle<()>>,
-    committers: Vec<JoinHandle<()>>,
+    http: Option<Http>,
     background: Vec<JoinHandle<()>>,
     stop: Option<Sender<()>>,
     shutdown_timeout: Duration,
@@ -187,10 +184,7 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
     };
     let mut app = App {
         http_addr: None,
-        server: None,
-        stopping: Arc::new(AtomicBool::new(false)),
-        http_threads: Vec::new(),
-        committers: Vec::new(),
+        http: None,
         background: Vec::new(),
         stop: Some(stop_tx),
         shutdown_timeout: config.shutdown_timeout,
@@ -292,9 +286,7 @@ fn start_api(config: &Config, shared: Shared, wakeup: Wakeup, app: &mut App) -> 
         metrics,
         stop,
     } = shared;
-    let limits = http_limits(config, &metrics);
-    let server = tiny_http::Server::http_with_limits(config.http_addr, limits)
-        .map(Arc::new)
+    let server = api::server::bind(config, &metrics)
         .map_err(|e| Error::Bind(config.http_addr, e.to_string()))?;
     let settings = commit::Settings {
         threads: config.committers,
@@ -305,7 +297,6 @@ fn start_api(config: &Config, shared: Shared, wakeup: Wakeup, app: &mut App) -> 
         metrics: metrics.clone(),
     };
     let (committer, committers) = Committer::start(store.clone(), settings);
-    app.committers = committers;
     let stats = Arc::new(Stats::new(
         metrics.clone(),
         health.clone(),
@@ -342,44 +333,13 @@ fn start_api(config: &Config, shared: Shared, wakeup: Wakeup, app: &mut App) -> 
         stats,
         server: server.clone(),
     });
-    for i in 0..config.http_threads {
-        let (server, api, stopping) = (server.clone(), api.clone(), app.stopping.clone());
-        app.http_threads.push(spawn(&format!("http-{i}"), move || {
-            api::server::serve(server, api, stopping)
-        }));
-    }
-    app.http_addr = server.server_addr().to_ip();
-    if let Some(addr) = app.http_addr {
+    let http = Http::start(server, api, config.http_threads, committers);
+    if let Some(addr) = http.addr() {
         info!("http: listening on {addr}");
     }
-    app.server = Some(server);
+    app.http_addr = http.addr();
+    app.http = Some(http);
     Ok(())
-}
-
-/// The HTTP server's limits, from the configuration.
-fn http_limits(config: &Config, metrics: &Arc<Metrics>) -> tiny_http::Limits {
-    tiny_http::Limits {
-        max_connections: config.http_max_connections,
-        max_head_bytes: config.http_max_header_bytes,
-        max_headers: 100,
-        head_timeout: config.http_header_timeout,
-        body_timeout: config.http_body_timeout,
-        // Every body the API accepts is read by its connection's thread, so
-        // handler threads never wait on a client.
-        buffer_body_bytes: config.max_body_bytes,
-        buffer_budget: config.http_buffer_bytes,
-        write_timeout: config.http_body_timeout,
-        // A body that its head alone refuses (no API key, not JSON, too
-        // large, no such route) is never read.
-        head_check: Some(api::head::head_check(
-            config.api_keys.clone(),
-            config.metrics_auth,
-            config.max_body_bytes,
-            metrics.clone(),
-        )),
-        // The server's own refusals answer in the API's error format.
-        refusal: api::error::refusal,
-    }
 }
 
 impl App {
@@ -393,36 +353,9 @@ impl App {
     pub fn shutdown(mut self) -> Result<(), Error> {
         let deadline = Instant::now() + self.shutdown_timeout;
         info!("shutting down");
-        self.stopping.store(true, Ordering::SeqCst);
-        let server = self.server.take();
-        if let Some(server) = &server {
-            for _ in 0..self.http_threads.len() {
-                server.unblock();
-            }
-        }
-        let mut late = join_until(std::mem::take(&mut self.http_threads), deadline);
-        // No handler takes requests any more: those still queued, and any
-        // arriving, are answered 503 by the server.
-        if let Some(server) = &server {
-            server.refuse_requests();
-        }
-        // The HTTP threads held the last handles on the committers, which
-        // now finish what they were given and stop.
-        late.extend(join_until(std::mem::take(&mut self.committers), deadline));
-        // Connection threads write the answers, and a 202 given must reach
-        // its client before the process may exit.
-        if let Some(server) = server {
-            loop {
-                if server.unanswered() == 0 {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    late.push("http connections".to_string());
-                    break;
-                }
-                thread::sleep(Duration::from_millis(2));
-            }
-        }
+        // HTTP first: no request is taken any more, and every answer given
+        // (a 202 among them) reaches its client.
+        let mut late = self.http.take().map_or_else(Vec::new, |h| h.stop(deadline));
         // Disconnecting the stop channel tells every background thread at once.
         drop(self.stop.take());
         late.extend(join_until(std::mem::take(&mut self.background), deadline));
@@ -434,22 +367,6 @@ impl App {
             Err(Error::ShutdownTimeout(late))
         }
     }
-}
-
-/// Joins threads until `deadline`; returns the names of those still running.
-fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> Vec<String> {
-    let mut late = Vec::new();
-    for t in threads {
-        while !t.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
-        if t.is_finished() {
-            let _ = t.join();
-        } else {
-            late.push(t.thread().name().unwrap_or("?").to_string());
-        }
-    }
-    late
 }
 
 /// A database URL without its password, for messages.

@@ -27,6 +27,46 @@ Options:
   -V, --version  print the version
 ";
 
+/// `docs/configuration.md`, generated from [`config::VARS`], the table
+/// `--help` prints: a test fails when the file is stale, and
+/// `make docs` writes it again.
+pub fn configuration_markdown() -> String {
+    let mut out = String::from(
+        "# Configuration\n\n\
+         <!-- Generated from the table in src/config.rs by `make docs`; do not edit. -->\n\n\
+         Environment variables only; `ingestd --help` prints the same table.\n\n\
+         | Variable | Default | Meaning |\n|---|---|---|\n",
+    );
+    for v in config::VARS {
+        let default = if v.default.is_empty() {
+            "none".to_string()
+        } else {
+            format!("`{}`", v.default)
+        };
+        out.push_str(&format!(
+            "| `{}` | {default} | {} |\n",
+            v.name,
+            v.help.replace('|', "\\|")
+        ));
+    }
+    out.push('\n');
+    out.push_str(CONFIGURATION_NOTES);
+    out.push('\n');
+    out
+}
+
+/// The rules every value follows, below the table.
+const CONFIGURATION_NOTES: &str = "\
+A duration is a whole number followed by a unit: `500ms`, `2s`, `5m`, `1h` or
+`7d`. All durations must be greater than zero, except
+`INGEST_SIMULATED_WORK`; `INGEST_RETENTION` is `off` or a duration. All counts
+must be positive whole numbers.
+
+`INGEST_DB_SCHEMA` is a lowercase identifier (`a-z`, `0-9`, `_`),
+`INGEST_AMQP_PREFIX` only letters, digits, `.`, `-` and `_`, and
+`INGEST_AMQP_URL` a plain `amqp://` URL (no TLS). An invalid value stops
+start-up with `invalid <VARIABLE>: <reason>` and exit code 2.";
+
 /// What `ingestd` was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {

@@ -3,7 +3,7 @@
 //! a run of failures is logged once rather than once per retry.
 
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -72,6 +72,23 @@ pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
         .unwrap_or_else(|e| panic!("cannot spawn thread {name}: {e}"))
 }
 
+/// Joins threads until `deadline`; returns the names of those still
+/// running then.
+pub fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> Vec<String> {
+    let mut late = Vec::new();
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            late.push(t.thread().name().unwrap_or("?").to_string());
+        }
+    }
+    late
+}
+
 /// A receiver that yields the name of each SIGTERM or SIGINT received,
 /// from one dedicated thread.
 pub fn signals() -> std::io::Result<Receiver<&'static str>> {
@@ -94,8 +111,6 @@ pub fn signals() -> std::io::Result<Receiver<&'static str>> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod api;
 mod blackhole;
+mod docs;
 mod faults;
 mod framing;
 mod hardening;
