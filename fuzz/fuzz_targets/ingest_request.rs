@@ -28,11 +28,11 @@ fuzz_target!(|data: &[u8]| {
     let line = String::from_utf8_lossy(line);
 
     for method in [Method::Get, Method::Post, Method::Delete] {
-        if let Err(e) = http::route(&method, &line) {
+        if let Err(e) = api::route::route(&method, &line) {
             check_error(&e);
         }
     }
-    let _ = http::is_json_media_type(&line);
+    let _ = api::head::is_json_media_type(&line);
     let _ = auth::presented_key(Some(&line), Some(&line));
     if let Ok(key) = ingest::idempotency_key(&line) {
         assert!(!key.is_empty() && key.len() <= ingest::MAX_NAME_BYTES);
@@ -88,14 +88,14 @@ fn check_head(line: &str, seed: usize) {
         }
         let content_length = Header::from_bytes("Content-Length", length.to_string()).unwrap();
         let request: Request = test.with_header(content_length).into();
-        let route = http::route(&method, path);
-        match http::check_head(&keys, MetricsAuth::Key, MAX_BODY, &request, route) {
+        let route = api::route::route(&method, path);
+        match api::head::check_head(&keys, MetricsAuth::Key, MAX_BODY, &request, route) {
             Ok(route) => {
                 if route.is_protected(MetricsAuth::Key) {
                     assert!(line.contains(KEY), "{route:?} let through without the key");
                 }
-                if route == http::Route::Ingest {
-                    assert!(http::is_json_media_type(line));
+                if route == api::Route::Ingest {
+                    assert!(api::head::is_json_media_type(line));
                     assert!(length <= MAX_BODY);
                 }
             }
@@ -106,7 +106,7 @@ fn check_head(line: &str, seed: usize) {
 
 /// Every error becomes a 4xx with a JSON body naming a code.
 fn check_error(e: &ApiError) {
-    let response = http::error_response(e);
+    let response = api::error_response(e);
     let status = response.status_code().0;
     assert!((400..500).contains(&status), "{e:?} answered {status}");
     let mut body = Vec::new();
