@@ -203,11 +203,17 @@ impl Store {
         // vanished). The kernel gives up sooner on a host that stopped
         // acknowledging: unacknowledged data after 10 s, an idle connection
         // after 10 s + 3 probes 2 s apart.
+        //
+        // A transaction whose client fell silent (the same proxy, a
+        // client that froze) would keep its row locks for as long as the
+        // server keeps the session: the server ends it once it has idled
+        // as long as the client waits for an answer.
         let statement_timeout = settings.statement_timeout;
         pg.options(&format!(
-            "-c search_path={} -c statement_timeout={}ms",
+            "-c search_path={} -c statement_timeout={}ms -c idle_in_transaction_session_timeout={}ms",
             settings.schema,
-            statement_timeout.as_millis()
+            statement_timeout.as_millis(),
+            (statement_timeout + RESPONSE_GRACE).as_millis()
         ))
         .connect_timeout(settings.timeout)
         .tcp_user_timeout(Duration::from_secs(10))

@@ -399,9 +399,15 @@ impl Worker {
                 self.database_down(&e);
                 Outcome::Requeue
             }
+            // The event is still `pending`: dead-lettering its message
+            // would strand it (the sweeper re-sends only events with no
+            // message anywhere). Most often the row is locked by a session
+            // whose client vanished mid-transaction, until the server ends
+            // it (idle_in_transaction_session_timeout); the delivery is
+            // requeued with the outage backoff and tried again.
             Err(e) => {
-                error!("event {id}: cannot record a failed attempt, dead-lettered: {e}");
-                Outcome::Reject
+                warn!("event {id}: cannot record a failed attempt, requeued: {e}");
+                Outcome::Requeue
             }
         }
     }

@@ -260,3 +260,52 @@ fn requeues_back_off_while_the_database_is_down() {
     proxy.up();
     app.shutdown().unwrap();
 }
+
+/// A transaction whose client vanished after taking a row lock (its
+/// connection caught in a blackhole, the server still holding the session)
+/// is ended by the server once it has idled for the statement timeout plus
+/// the response grace, so the lock is freed for the other workers instead
+/// of blocking the event until the connection dies.
+#[test]
+fn a_vanished_transaction_frees_its_row_locks_in_bounded_time() {
+    let env = TestEnv::new("bhlocks");
+    let (proxy, url) = db_proxy();
+    let config = env.config_with(&[
+        ("INGEST_DATABASE_URL", url.as_str()),
+        (
+            "INGEST_DB_STATEMENT_TIMEOUT",
+            &format!("{}ms", STATEMENT_TIMEOUT.as_millis()),
+        ),
+    ]);
+    let store = ingestd::store::Store::open(&ingestd::store::Settings::of(&config).sized(1))
+        .expect("store");
+    let id = crate::util::insert_event(&store, &json!({ "locked": true }), false);
+    let mut conn = store.conn().expect("connection through the proxy");
+    let mut tx = conn.transaction().unwrap();
+    tx.execute("SELECT 1 FROM events WHERE id = $1 FOR UPDATE", &[&id])
+        .unwrap();
+    proxy.blackhole();
+    let vanished = Instant::now();
+
+    // Another session, straight to the server, waits for the lock.
+    let mut other = env.sql();
+    other
+        .batch_execute("SET lock_timeout = '20s'")
+        .expect("lock timeout");
+    other
+        .execute("SELECT 1 FROM events WHERE id = $1 FOR UPDATE", &[&id])
+        .expect("the lock is freed");
+    let waited = vanished.elapsed();
+    let bound = STATEMENT_TIMEOUT + ingestd::store::RESPONSE_GRACE + Duration::from_secs(3);
+    assert!(
+        waited < bound,
+        "the lock was held {waited:?} (bound {bound:?})"
+    );
+    assert!(
+        waited >= STATEMENT_TIMEOUT + ingestd::store::RESPONSE_GRACE - Duration::from_millis(200),
+        "freed after {waited:?}: sooner than the idle limit, so not by it"
+    );
+    drop(tx);
+    drop(conn);
+    proxy.up();
+}

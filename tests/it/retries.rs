@@ -327,3 +327,42 @@ fn a_retry_copy_whose_confirm_times_out_leaves_the_original_to_come_back() {
     assert_retried_once_through_the_original(&env, addr, id);
     app.shutdown().unwrap();
 }
+
+/// A worker that cannot even record the failed attempt (the event's row is
+/// locked by a session that holds it past the statement timeout, as one
+/// whose client vanished mid-transaction does) requeues the delivery: the
+/// event stays `pending` in the database, so dead-lettering its message
+/// would strand it. Once the lock goes, the event is processed once.
+#[test]
+fn an_event_locked_past_the_statement_timeout_is_requeued_not_dead_lettered() {
+    let env = TestEnv::new("lockheld");
+    let config = env.config_with(&[
+        ("INGEST_DB_STATEMENT_TIMEOUT", "300ms"),
+        ("INGEST_WORKERS", "1"),
+    ]);
+    let store = ingestd::store::Store::open(&ingestd::store::Settings::of(&config).sized(1))
+        .expect("store");
+    // Written before any relay runs, and locked before one can publish it.
+    let id = crate::util::insert_event(&store, &json!({ "locked": true }), false);
+    let mut holder = env.sql();
+    let mut lock = holder.transaction().unwrap();
+    lock.execute("SELECT 1 FROM events WHERE id = $1 FOR UPDATE", &[&id])
+        .unwrap();
+
+    let app = env.start_role(&config, ingestd::Role::All);
+    let addr = app.http_addr().unwrap();
+    // A second delivery means the first was requeued, not dead-lettered.
+    wait_until(Duration::from_secs(20), "a redelivery", || {
+        metric(&scrape(addr), "ingestd_deliveries_total").unwrap_or(0.0) >= 2.0
+    });
+    assert_eq!(env.status(id).as_deref(), Some("pending"));
+    assert_eq!(env.queue_depth(&env.topology().dead_queue), 0);
+
+    lock.rollback().unwrap();
+    env.wait_processed(&[id], Duration::from_secs(20));
+    assert_eq!(env.runs(id), 1);
+    let text = scrape(addr);
+    assert_eq!(metric(&text, "ingestd_dead_lettered_total"), Some(0.0));
+    assert_eq!(env.queue_depth(&env.topology().dead_queue), 0);
+    app.shutdown().unwrap();
+}
