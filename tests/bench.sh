@@ -17,6 +17,13 @@
 #   8. memory: peak RSS of `ingestd api` with its default memory budget
 #      while 64 clients post maximum-size batches (1,000 events of 5 KB,
 #      about 5 MB each) back to back.
+#   9. the cost of an event: CPU microseconds per event of PostgreSQL,
+#      RabbitMQ, ingestd and the load generator (tests/proc_cpu.py, from
+#      /proc accounting, before and after, over the events processed), and
+#      the rows and index scans per event from PostgreSQL's statistics, for
+#      single events and batches of 100 offered in open loop over 16
+#      connections end to end, the API alone (single events, concurrency
+#      64, against pgbench) and the relay alone (from step 5).
 #
 # BENCH_SMOKE=1 runs every step for a second or two, to keep the harness
 # working in CI; its figures mean nothing.
@@ -32,11 +39,14 @@ NAME=bench_$(date +%s)_$$
 OUT=${BENCH_OUT:-target/bench.json}
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   T=2; E2E_T=3; RATES="300"; LAT_RATES="200"; LAT_T=2; RELAY_N=2000; OPEN_ROWS=20000
-  MEM_REQUESTS=16
+  MEM_REQUESTS=16; COST_T=2; COST_SINGLE_RATE=300; COST_BATCH_RATE=10
 else
   T=10; E2E_T=20; RATES="1000 2000 3000 4000 5000 6000 8000 10000"; LAT_RATES="1000 5000"; LAT_T=15; RELAY_N=50000
   OPEN_ROWS=1000000
-  MEM_REQUESTS=384
+  MEM_REQUESTS=384; COST_T=20
+  # The loads of the comparison with an async peer: 6,000 single events/s
+  # and 150 batches of 100 a second (15,000 events/s).
+  COST_SINGLE_RATE=${BENCH_COST_SINGLE_RATE:-6000}; COST_BATCH_RATE=${BENCH_COST_BATCH_RATE:-150}
 fi
 # Each of the 8 scrapers of step 7 asks this often per second.
 SCRAPE_RATE=${BENCH_SCRAPE_RATE:-4}
@@ -170,10 +180,13 @@ sql "INSERT INTO events (id, payload) SELECT gen_random_uuid(), '{\"n\":1,\"pad\
      FROM generate_series(1, $RELAY_N); INSERT INTO outbox (event_id) SELECT id FROM events;"
 rabbitmqctl -q purge_queue "$NAME.events" >/dev/null
 log "relay: $RELAY_N rows"
+# The first snapshot names no process: ingestd has used nothing yet.
+python3 tests/proc_cpu.py snapshot >"$WORK/relay.cpu0"
 t0=$(date +%s.%N)
 start relay
 while [ "$(sql 'SELECT count(*) FROM outbox')" != 0 ]; do sleep 0.05; done
 t1=$(date +%s.%N)
+python3 tests/proc_cpu.py snapshot "$PID" >"$WORK/relay.cpu1"
 stop
 RELAY=$(python3 -c "print(round($RELAY_N / ($t1 - $t0)))")
 rabbitmqctl -q purge_queue "$NAME.events" >/dev/null
@@ -235,6 +248,45 @@ load "$WORK/open-beside.json" --path /v1/events --concurrency "$CONC" --duration
 wait "$SCRAPERS"
 stop
 
+# 9. The cost of an event. Each run starts on empty tables, snapshots the
+#    CPU of every process class and PostgreSQL's statistics, offers its
+#    load, waits until every event is processed (the API alone: until the
+#    load ends), snapshots again, and stops ingestd, whose backends then
+#    flush their statistics.
+pg_stats() { # one JSON object: row counters per table, scans per index, transactions
+  sql "SELECT json_build_object(
+         'tables', (SELECT json_object_agg(relname, json_build_object('ins', n_tup_ins, 'upd', n_tup_upd,
+                      'hot_upd', n_tup_hot_upd, 'del', n_tup_del))
+                    FROM pg_stat_user_tables WHERE schemaname = '$NAME'),
+         'indexes', (SELECT json_object_agg(indexrelname, idx_scan)
+                     FROM pg_stat_user_indexes WHERE schemaname = '$NAME'),
+         'xacts', (SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()))"
+}
+cost() { # scenario, role ("" for all), loadgen args...
+  local scenario=$1 role=$2 t0 t1
+  shift 2
+  reset
+  pg_stats >"$WORK/cost-$scenario.stats0"
+  python3 tests/proc_cpu.py snapshot >"$WORK/cost-$scenario.cpu0"
+  # shellcheck disable=SC2086 # an empty role means all of them
+  start $role
+  t0=$(date +%s.%N)
+  log "cost: $scenario"
+  /usr/bin/time -f "%U %S" -o "$WORK/cost-$scenario.loadgen" \
+    "$BIN/loadgen" --url "http://127.0.0.1:$PORT" --json "$@" >"$WORK/cost-$scenario.json"
+  [ -z "$role" ] && wait_drained 180
+  t1=$(date +%s.%N)
+  python3 tests/proc_cpu.py snapshot "$PID" >"$WORK/cost-$scenario.cpu1"
+  sql "SELECT count(*) FILTER (WHERE status = 'processed'), count(*) FROM events" >"$WORK/cost-$scenario.events"
+  echo "$t0 $t1" >"$WORK/cost-$scenario.time"
+  stop
+  pg_stats >"$WORK/cost-$scenario.stats1"
+}
+cost single "" --rate "$COST_SINGLE_RATE" --concurrency 16 --duration "${COST_T}s" --payload-bytes 100
+cost batch "" --path /v1/events --batch 100 --rate "$COST_BATCH_RATE" --concurrency 16 \
+  --duration "${COST_T}s" --payload-bytes 100
+cost api api --concurrency "$CONC" --duration "${T}s" --payload-bytes 100
+
 # 8. Peak RSS under maximum-size batches, with the default memory budget.
 reset
 log "memory: 64 clients posting 5 MB batches"
@@ -286,6 +338,43 @@ res = {
         "scrapers": dict(json.load(open(f"{work}/scrapers.json")), threads=8, rate_each_per_s=$SCRAPE_RATE),
     },
 }
+def delta(a, b):
+    """b - a for nested dicts of numbers."""
+    if isinstance(b, dict):
+        return {k: delta((a or {}).get(k), v) for k, v in b.items()}
+    return (b or 0) - (a or 0)
+def cpu_us(name, events, loadgen=True):
+    c0 = json.load(open(f"{work}/{name}.cpu0"))
+    c1 = json.load(open(f"{work}/{name}.cpu1"))
+    us = {k: round((c1[k] - c0[k]) * 1e6 / events, 1) for k in c1}
+    if loadgen:
+        u, s_ = open(f"{work}/{name}.loadgen").read().split()
+        us["loadgen"] = round((float(u) + float(s_)) * 1e6 / events, 1)
+    us["server"] = round(us["postgresql"] + us["rabbitmq"] + us["ingestd"], 1)
+    return us
+costs = {}
+for name in ("single", "batch", "api"):
+    processed, total = map(int, open(f"{work}/cost-{name}.events").read().strip().split("|"))
+    events = total if name == "api" else processed
+    t0, t1 = map(float, open(f"{work}/cost-{name}.time").read().split())
+    st = delta(json.load(open(f"{work}/cost-{name}.stats0")), json.load(open(f"{work}/cost-{name}.stats1")))
+    per = lambda n: round(n / events, 2) if events else None
+    load_out = json.load(open(f"{work}/cost-{name}.json"))
+    costs[name] = {
+        "events": events,
+        "pending_left": total - processed if name != "api" else None,
+        "events_per_s": round(events / (t1 - t0)),
+        "latency_ms": load_out["latency_ms"],
+        "cpu_us_per_event": cpu_us(f"cost-{name}", events),
+        "rows_per_event": {t: {k: per(v) for k, v in c.items()} for t, c in (st["tables"] or {}).items()},
+        "index_scans_per_event": {i: per(v) for i, v in (st["indexes"] or {}).items()},
+        "transactions_per_event": per(st["xacts"]),
+    }
+costs["single"]["offered_per_s"] = $COST_SINGLE_RATE
+costs["batch"]["offered_per_s"] = $COST_BATCH_RATE * 100
+costs["api"]["ratio_to_pgbench"] = round(costs["api"]["events_per_s"] / pg, 2) if pg else None
+costs["relay"] = {"events": $RELAY_N, "events_per_s": $RELAY, "cpu_us_per_event": cpu_us("relay", $RELAY_N, loadgen=False)}
+res["costs"] = costs
 json.dump(res, open(out, "w"), indent=2)
 rows = [
     ("pgbench, event+outbox per tx, %d clients" % res["concurrency"], "%.0f tx/s" % pg),
@@ -314,6 +403,22 @@ rows += [
     ("ingest p50 / p99 there, alone", "%.2f / %.2f ms (%.0f/s)" % (o["ingest_alone"]["latency_ms"]["p50"], o["ingest_alone"]["latency_ms"]["p99"], o["ingest_alone"]["throughput_per_s"])),
     ("  beside 8 scrapers at %s/s each" % o["scrapers"]["rate_each_per_s"], "%.2f / %.2f ms (%.0f/s; %.1f scrapes/s, p99 %.2f ms)" % (o["ingest_beside_scrapers"]["latency_ms"]["p50"], o["ingest_beside_scrapers"]["latency_ms"]["p99"], o["ingest_beside_scrapers"]["throughput_per_s"], o["scrapers"]["per_s"], o["scrapers"]["p99_ms"])),
 ]
+titles = {
+    "single": "single events offered at %d/s, 16 connections, end to end" % costs["single"]["offered_per_s"],
+    "batch": "batches of 100 offered at %d events/s, 16 connections, end to end" % costs["batch"]["offered_per_s"],
+    "api": "api alone, single events, concurrency %d (%.2fx pgbench)" % ($CONC, costs["api"]["ratio_to_pgbench"] or 0),
+    "relay": "relay alone, %d rows" % $RELAY_N,
+}
+for name, c in costs.items():
+    u = c["cpu_us_per_event"]
+    rows.append(("cost: " + titles[name], "%d events/s; CPU us/event: PostgreSQL %.1f, RabbitMQ %.1f, ingestd %.1f = %.1f%s" % (
+        c["events_per_s"], u["postgresql"], u["rabbitmq"], u["ingestd"], u["server"],
+        "; load generator %.1f" % u["loadgen"] if "loadgen" in u else "")))
+    if "rows_per_event" in c:
+        r = c["rows_per_event"]
+        rows.append(("  rows per event", "; ".join("%s %s" % (t, ", ".join("%s %.2f" % (k, v) for k, v in r[t].items() if v)) for t in ("events", "outbox") if t in r)
+                     + "; %.2f transactions" % (c["transactions_per_event"] or 0)))
+        rows.append(("  index scans per event", ", ".join("%s %.2f" % (i, v) for i, v in sorted(c["index_scans_per_event"].items()) if v)))
 w = max(len(r[0]) for r in rows)
 print("| %s | %s |" % ("measure".ljust(w), "result"))
 print("|%s|%s|" % ("-" * (w + 2), "-" * 8))
