@@ -27,6 +27,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Routing key of event messages on the events exchange.
 pub const EVENT_ROUTING_KEY: &str = "event";
 
+/// AMQP's reply code for a declaration that does not match what exists.
+const PRECONDITION_FAILED: u16 = 406;
+
 /// Failures talking to the broker.
 #[derive(Debug)]
 pub enum Error {
@@ -241,14 +244,50 @@ impl Topology {
         format!("{prefix}.delay.{}ms", self.delays[step].as_millis())
     }
 
-    /// Declares every exchange, queue and binding; safe to repeat.
-    pub fn declare(&self, channel: &Channel) -> Result<(), Error> {
+    /// Declares every exchange, queue and binding on channels of its own;
+    /// safe to repeat. A classic queue that does not exist yet is created
+    /// as version 2 (`x-queue-version`, RabbitMQ 3.10+: about a quarter
+    /// less broker CPU per message than version 1, which 3.10 and 3.11
+    /// otherwise choose). The broker refuses to redeclare an existing queue
+    /// with a version argument it was not created with, so when it says so,
+    /// the queue is declared again without one and keeps its version:
+    /// queues made by an earlier ingestd, or by RabbitMQ 3.12+ and 4.x
+    /// (where version 2 is the default or the only one), are used as they
+    /// are. Any other difference in arguments still fails.
+    pub fn declare(&self, connection: &mut Connection) -> Result<(), Error> {
+        let mut channel = connection.open_channel(None)?;
+        let mut queue = |channel: &mut Channel, name: &str, arguments: FieldTable| {
+            if self.quorum {
+                return declare_queue(channel, name, arguments);
+            }
+            let mut versioned = arguments.clone();
+            versioned.insert("x-queue-version".into(), AmqpValue::LongInt(2));
+            match declare_queue(channel, name, versioned) {
+                Err(Error::Amqp(amiquip::Error::ServerClosedChannel { code, message, .. }))
+                    if code == PRECONDITION_FAILED && message.contains("x-queue-version") =>
+                {
+                    *channel = connection.open_channel(None)?;
+                    declare_queue(channel, name, arguments)
+                }
+                other => other,
+            }
+        };
+        self.declare_on(&mut channel, &mut queue)?;
+        channel.close()?;
+        Ok(())
+    }
+
+    fn declare_on(
+        &self,
+        channel: &mut Channel,
+        queue: &mut impl FnMut(&mut Channel, &str, FieldTable) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
         channel.exchange_declare(ExchangeType::Fanout, &*self.dead_exchange, durable.clone())?;
-        declare_queue(channel, &self.dead_queue, self.arguments())?;
+        queue(channel, &self.dead_queue, self.arguments())?;
         channel.queue_bind(
             &*self.dead_queue,
             &*self.dead_exchange,
@@ -262,7 +301,7 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             AmqpValue::LongString(self.dead_exchange.clone()),
         );
-        declare_queue(channel, &self.queue, arguments)?;
+        queue(channel, &self.queue, arguments)?;
         channel.queue_bind(&*self.queue, &*self.exchange, "#", FieldTable::new())?;
 
         // A delay queue has no consumer: its messages expire after the delay
@@ -281,7 +320,7 @@ impl Topology {
                 "x-dead-letter-routing-key".into(),
                 AmqpValue::LongString(EVENT_ROUTING_KEY.into()),
             );
-            declare_queue(channel, &self.delay_queue(step), arguments)?;
+            queue(channel, &self.delay_queue(step), arguments)?;
         }
         Ok(())
     }
@@ -485,8 +524,8 @@ impl Publisher {
         // RabbitMQ says when it stops taking this connection's messages (a
         // memory or disk alarm) and when it takes them again.
         let blocked = connection.listen_for_connection_blocked()?;
+        topology.declare(&mut connection)?;
         let channel = ConfirmChannel::open(&mut connection)?;
-        topology.declare(channel.channel())?;
         Ok(Publisher {
             channel,
             connection,

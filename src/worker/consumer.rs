@@ -6,7 +6,7 @@
 //! committed. It reconnects by itself with capped backoff. It does not touch
 //! the database; the workers do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,8 @@ struct State {
     /// within seconds). Held meanwhile, they fill the prefetch window, so
     /// the broker stops sending more until they are requeued.
     held: Held,
+    /// Delivery tags handed out and not yet acked, rejected or requeued.
+    unsettled: Unsettled,
 }
 
 enum SessionEnd {
@@ -140,8 +142,8 @@ impl Consumer {
         stop: &Stop,
     ) -> Result<SessionEnd, broker::Error> {
         let mut connection = broker::connect(&self.url, self.connect_timeout)?;
+        self.topology.declare(&mut connection)?;
         let channel = connection.open_channel(None)?;
-        self.topology.declare(&channel)?;
         // Retry copies go out on their own confirm channel, so that a copy
         // is safely in its delay queue before the original is acked.
         let mut retries = ConfirmChannel::open(&mut connection)?;
@@ -160,11 +162,13 @@ impl Consumer {
             in_flight: 0,
             stopping: false,
             held: Held::default(),
+            unsettled: Unsettled::default(),
         };
         while !(state.stopping && state.in_flight == 0) {
             match self.next_event(&consumer, &state, done, stop) {
                 Event::Deliveries(batch, ended) => {
                     state.in_flight += batch.len();
+                    state.unsettled.dispatched(&batch);
                     self.worker.metrics.deliveries.add(batch.len() as u64);
                     // Blocks while every worker is busy; prefetch bounds
                     // what waits behind it in the broker's buffer.
@@ -191,20 +195,20 @@ impl Consumer {
                 Event::Done(d) if d.generation != generation => {}
                 Event::Done(d) => {
                     state.in_flight -= d.results.len();
-                    self.settle(&consumer, &mut retries, d.results, &mut state.held)?;
+                    self.settle(&consumer, &mut retries, d.results, &mut state)?;
                 }
                 Event::WorkersGone => return Err(broker::Error::Closed),
-                Event::RequeueDue => state.held.requeue(&consumer)?,
+                Event::RequeueDue => state.held.requeue(&consumer, &mut state.unsettled)?,
                 Event::Stop => {
                     state.stopping = true;
-                    state.held.requeue(&consumer)?;
+                    state.held.requeue(&consumer, &mut state.unsettled)?;
                     // Deliveries prefetched but not dispatched go back to the
                     // queue when the channel closes.
                     let _ = consumer.cancel();
                 }
             }
         }
-        state.held.requeue(&consumer)?;
+        state.held.requeue(&consumer, &mut state.unsettled)?;
         drop(consumer);
         retries.close();
         let _ = channel.close();
@@ -259,27 +263,30 @@ impl Consumer {
 
     /// Tells the broker what became of a worker's deliveries. Retry copies
     /// are published per delay queue and confirmed together, and only then
-    /// are their originals acked.
+    /// are their originals acked. Acks go out together, as one `multiple`
+    /// ack where they cover every earlier unsettled delivery.
     fn settle(
         &self,
         consumer: &amiquip::Consumer<'_>,
         retries: &mut ConfirmChannel,
         results: Vec<(amiquip::Delivery, Outcome)>,
-        held: &mut Held,
+        state: &mut State,
     ) -> Result<(), broker::Error> {
         let mut copies: BTreeMap<usize, Vec<(amiquip::Delivery, Message)>> = BTreeMap::new();
+        let mut acks = Vec::with_capacity(results.len());
         for (delivery, outcome) in results {
             if !matches!(outcome, Outcome::Requeue) {
                 // The database answered for this one.
-                held.backoff.reset();
+                state.held.backoff.reset();
             }
             match outcome {
-                Outcome::Ack => consumer.ack(delivery)?,
+                Outcome::Ack => acks.push(delivery),
                 Outcome::Reject => {
+                    state.unsettled.settled(delivery.delivery_tag());
                     consumer.reject(delivery, false)?;
                     self.worker.metrics.dead_lettered.inc();
                 }
-                Outcome::Requeue => held.hold(delivery),
+                Outcome::Requeue => state.held.hold(delivery),
                 Outcome::Retry { step, attempt } => {
                     let copy = Message::retry(&delivery.properties, &delivery.body, attempt);
                     copies.entry(step).or_default().push((delivery, copy));
@@ -290,13 +297,63 @@ impl Consumer {
             let messages: Vec<Message> = group.iter().map(|(_, m)| m.clone()).collect();
             let queue = self.topology.delay_queue(step);
             retries.publish_confirmed("", &queue, &messages, self.confirm_timeout)?;
-            for (delivery, _) in group {
-                consumer.ack(delivery)?;
-                self.worker.metrics.retries.inc();
-            }
+            self.worker.metrics.retries.add(group.len() as u64);
+            acks.extend(group.into_iter().map(|(delivery, _)| delivery));
+        }
+        state.unsettled.ack(consumer, acks)
+    }
+}
+
+/// The delivery tags of this channel that are not settled yet, so that one
+/// `multiple` ack can stand for a run of acks without covering a delivery
+/// that another worker still holds or that waits to be requeued.
+#[derive(Default)]
+struct Unsettled(BTreeSet<u64>);
+
+impl Unsettled {
+    fn dispatched(&mut self, batch: &[amiquip::Delivery]) {
+        self.0
+            .extend(batch.iter().map(amiquip::Delivery::delivery_tag));
+    }
+
+    fn settled(&mut self, tag: u64) {
+        self.0.remove(&tag);
+    }
+
+    /// Acks `deliveries`: the longest run of them that starts at the oldest
+    /// unsettled delivery with one `multiple` ack, the rest one by one.
+    fn ack(
+        &mut self,
+        consumer: &amiquip::Consumer<'_>,
+        mut deliveries: Vec<amiquip::Delivery>,
+    ) -> Result<(), broker::Error> {
+        deliveries.sort_by_key(amiquip::Delivery::delivery_tag);
+        let tags: Vec<u64> = deliveries.iter().map(|d| d.delivery_tag()).collect();
+        let run = leading_run(&self.0, &tags);
+        for tag in &tags {
+            self.0.remove(tag);
+        }
+        let mut rest = deliveries.into_iter();
+        if run > 1 {
+            // The last of the run acks it all; the others need no frame.
+            let last = rest.nth(run - 1).expect("the run is within the acks");
+            consumer.ack_multiple(last)?;
+        }
+        for delivery in rest {
+            consumer.ack(delivery)?;
         }
         Ok(())
     }
+}
+
+/// How many of `acks` (sorted) are the oldest tags of `unsettled` in a row:
+/// a `multiple` ack of the last of them settles exactly those.
+fn leading_run(unsettled: &BTreeSet<u64>, acks: &[u64]) -> usize {
+    unsettled
+        .iter()
+        .zip(acks)
+        .take_while(|(pending, ack)| pending == ack)
+        .count()
 }
 
 /// Deliveries waiting to be requeued, and when.
@@ -334,11 +391,38 @@ impl Held {
     }
 
     /// Requeues every held delivery now.
-    fn requeue(&mut self, consumer: &amiquip::Consumer<'_>) -> Result<(), broker::Error> {
+    fn requeue(
+        &mut self,
+        consumer: &amiquip::Consumer<'_>,
+        unsettled: &mut Unsettled,
+    ) -> Result<(), broker::Error> {
         self.at = None;
         for delivery in self.deliveries.drain(..) {
+            unsettled.settled(delivery.delivery_tag());
             consumer.nack(delivery, true)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(tags: &[u64]) -> BTreeSet<u64> {
+        tags.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_multiple_ack_covers_only_the_oldest_unsettled_tags_in_a_row() {
+        // Everything outstanding is acked: one frame for all.
+        assert_eq!(leading_run(&set(&[1, 2, 3]), &[1, 2, 3]), 3);
+        // Tag 2 is still held by another worker: the run stops before it.
+        assert_eq!(leading_run(&set(&[1, 2, 3, 4]), &[1, 3, 4]), 1);
+        // The oldest unsettled delivery is not among the acks: no run.
+        assert_eq!(leading_run(&set(&[5, 6, 7]), &[6, 7]), 0);
+        // Settled tags below are gone from the set and do not matter.
+        assert_eq!(leading_run(&set(&[10, 11, 20]), &[10, 11]), 2);
+        assert_eq!(leading_run(&set(&[]), &[]), 0);
     }
 }

@@ -150,8 +150,8 @@ fn big_integers_and_decimals_keep_every_digit_to_the_processor() {
     let addr = api.http_addr().unwrap();
     let url = AmqpUrl::parse(&amqp_url()).unwrap();
     let mut conn = broker::connect(&url, Duration::from_secs(5)).unwrap();
+    env.topology().declare(&mut conn).unwrap();
     let channel = conn.open_channel(None).unwrap();
-    env.topology().declare(&channel).unwrap();
 
     let resp = post_json(
         addr,
@@ -333,8 +333,8 @@ fn type_and_key_travel_in_the_message() {
     // Declared here too, so the queue exists before the relay connects.
     let url = AmqpUrl::parse(&amqp_url()).unwrap();
     let mut conn = broker::connect(&url, Duration::from_secs(5)).unwrap();
+    env.topology().declare(&mut conn).unwrap();
     let channel = conn.open_channel(None).unwrap();
-    env.topology().declare(&channel).unwrap();
     let resp = post_json(
         addr,
         "/Ingestion/ingest",

@@ -82,6 +82,86 @@ fn quorum_queues_carry_the_pipeline() {
     assert!(line.contains("quorum"), "{line}");
 }
 
+/// `rabbitmqctl`'s arguments of every queue whose name starts with
+/// `prefix`, by name.
+fn queue_arguments(prefix: &str) -> Vec<(String, String)> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "arguments"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(name, args)| (name.to_string(), args.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn classic_queues_are_created_as_version_2() {
+    let env = TestEnv::new("cqv2");
+    let app = env.start();
+    let id = ingest(app.http_addr().unwrap(), &json!(1));
+    env.wait_processed(&[id], Duration::from_secs(20));
+    app.shutdown().unwrap();
+    let queues = queue_arguments(&format!("{}.", env.name));
+    // The events queue, the dead letters and the two delay queues.
+    assert_eq!(queues.len(), 4, "{queues:?}");
+    for (name, args) in &queues {
+        assert!(
+            args.contains("x-queue-version") && args.contains(",2}"),
+            "{name}: {args}"
+        );
+    }
+}
+
+/// A queue that exists without a version argument (made by an earlier
+/// ingestd, so version 1 on RabbitMQ 3.10 and 3.11) is used as it is: the
+/// broker would refuse a redeclaration that names a version.
+#[test]
+fn an_existing_queue_without_a_version_is_used_as_it_is() {
+    let env = TestEnv::new("cqv1");
+    let topology = env.topology();
+    let url = ingestd::broker::AmqpUrl::parse(&crate::util::amqp_url()).unwrap();
+    let mut conn = ingestd::broker::connect(&url, Duration::from_secs(5)).unwrap();
+    let channel = conn.open_channel(None).unwrap();
+    let mut arguments = amiquip::FieldTable::new();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        amiquip::AmqpValue::LongString(topology.dead_exchange.clone()),
+    );
+    channel
+        .queue_declare(
+            &*topology.queue,
+            amiquip::QueueDeclareOptions {
+                durable: true,
+                arguments,
+                ..amiquip::QueueDeclareOptions::default()
+            },
+        )
+        .unwrap();
+    conn.close().unwrap();
+
+    let app = env.start();
+    let id = ingest(app.http_addr().unwrap(), &json!(1));
+    env.wait_processed(&[id], Duration::from_secs(20));
+    app.shutdown().unwrap();
+    let queues = queue_arguments(&format!("{}.", env.name));
+    let (_, events) = queues
+        .iter()
+        .find(|(name, _)| *name == topology.queue)
+        .expect("the events queue");
+    assert!(!events.contains("x-queue-version"), "{events}");
+    let (_, dead) = queues
+        .iter()
+        .find(|(name, _)| *name == topology.dead_queue)
+        .expect("the dead-letter queue");
+    assert!(
+        dead.contains("x-queue-version"),
+        "new queues get version 2: {dead}"
+    );
+}
+
 #[test]
 fn retention_deletes_old_processed_events_only() {
     let env = TestEnv::new("retention");

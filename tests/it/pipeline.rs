@@ -109,6 +109,59 @@ fn a_message_delivered_twice_is_processed_once() {
     app.shutdown().unwrap();
 }
 
+/// The broker's count of unacknowledged deliveries on `queue`.
+fn unacked(queue: &str) -> Option<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut fields = l.split_whitespace();
+        (fields.next() == Some(queue)).then(|| fields.next()?.parse().ok())?
+    })
+}
+
+/// Workers ack their deliveries with one `multiple` ack where they can;
+/// such an ack must never settle an earlier delivery that another worker is
+/// still processing: the broker keeps that one unacknowledged (and would
+/// redeliver it if the connection dropped) until its own commit, and the
+/// channel never sees a tag acked twice.
+#[test]
+fn acks_of_later_deliveries_leave_one_still_in_progress_unacked() {
+    let env = TestEnv::new("multiack");
+    let app = env.start_with(&[("INGEST_WORKERS", "2"), ("INGEST_PREFETCH", "64")]);
+    let addr = app.http_addr().unwrap();
+    let counter = |name: &str| metric(&scrape(addr), name).unwrap();
+    let held = ingest(addr, &json!({ "hold": true }));
+    wait_until(Duration::from_secs(10), "processing under way", || {
+        env.processor.calls(held).len() == 1
+    });
+    let connects = counter("ingestd_broker_connects_total");
+    let later: Vec<Uuid> = (0..30).map(|i| ingest(addr, &json!(i))).collect();
+    env.wait_processed(&later, Duration::from_secs(20));
+    let queue = env.topology().queue;
+    wait_until(
+        Duration::from_secs(10),
+        "the later deliveries acked",
+        || unacked(&queue) == Some(1),
+    );
+    assert_eq!(env.status(held).as_deref(), Some("pending"));
+
+    env.processor.release();
+    env.wait_processed(&[held], Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "every delivery acked", || {
+        unacked(&queue) == Some(0)
+    });
+    assert_eq!(env.queue_depth(&queue), 0);
+    assert_eq!(
+        counter("ingestd_broker_connects_total"),
+        connects,
+        "no channel error made anything reconnect"
+    );
+    assert_eq!(counter("ingestd_duplicates_skipped_total"), 0.0);
+    app.shutdown().unwrap();
+}
+
 /// The worker commits, and the ack then never reaches the broker (its
 /// connection vanished in between): the broker delivers the message again
 /// and the worker skips it, so the event is processed once.
