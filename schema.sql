@@ -16,13 +16,20 @@ CREATE TABLE IF NOT EXISTS events (
     processed_at timestamptz
 );
 
--- Events waiting to be published. The relay deletes a row only after the
--- broker confirmed its message, in the transaction that claimed it.
+-- Events waiting to be published. The relay's claim deletes the rows it
+-- takes, in a transaction that commits only after the broker confirmed
+-- their messages.
 CREATE TABLE IF NOT EXISTS outbox (
     id         bigserial   PRIMARY KEY,
-    event_id   uuid        NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    event_id   uuid        NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- No foreign key to events: every row is written in the transaction that
+-- writes (or retries) its event, and checking one cost an index lookup and
+-- a row lock on the event per insert. Retention deletes the rows of the
+-- events it deletes, and the relay drops a row whose event is gone.
+ALTER TABLE outbox DROP CONSTRAINT IF EXISTS outbox_event_id_fkey;
 
 CREATE INDEX IF NOT EXISTS outbox_event_id_idx ON outbox (event_id);
 

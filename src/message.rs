@@ -149,6 +149,8 @@ mod tests {
             payload: r#"{"n": 1.00, "big": 123456789012345678901234567890}"#.into(),
             created_at: "2026-01-31T12:00:00.000001Z".into(),
             created_epoch: 1_769_860_800,
+            refusals: 0,
+            queued_epoch: 1_769_860_800.0,
         };
         let message = Message::for_event(&row, 0);
         let body: Value = serde_json::from_slice(&message.body).expect("JSON");

@@ -1,10 +1,11 @@
 //! The relay: moves outbox rows to the broker (Transactional Outbox).
 //!
 //! In one transaction it claims a batch of outbox rows with
-//! `FOR UPDATE SKIP LOCKED`, publishes them as persistent messages, waits for
-//! the broker's confirms and only then deletes the rows and commits. Any
-//! failure rolls the transaction back, so the rows stay for the next try; a
-//! crash between publish and delete causes a redelivery, which workers skip.
+//! `FOR UPDATE SKIP LOCKED`, deleting them in the same statement, publishes
+//! them as persistent messages, waits for the broker's confirms and only then
+//! commits. Any failure rolls the transaction back, so the rows stay for the
+//! next try; a crash between publish and commit causes a redelivery, which
+//! workers skip.
 //! A message the broker refuses (a nack) fails only its own row, which is
 //! tried again with backoff and after a few refusals fails its event; a
 //! broker that blocks publishers (an alarm) is waited out, the rows staying
@@ -19,7 +20,6 @@ use amiquip::ConnectionBlockedNotification;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, never, select};
 use log::{debug, info, warn};
 use postgres::fallible_iterator::FallibleIterator;
-use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
@@ -233,7 +233,7 @@ impl Relay {
         self.metrics
             .confirm_seconds
             .observe_duration(started.elapsed());
-        store::outbox::delete_outbox(&mut tx, &ids)?;
+        // The claim deleted the rows; the commit makes it so.
         tx.commit()?;
         self.metrics.published.add(ids.len() as u64);
         Ok(ids.len())
@@ -303,10 +303,11 @@ impl Blocked {
     }
 }
 
-/// Claims up to `batch` rows inside `tx` and publishes them with confirms,
-/// returning the outbox ids now safe to delete. Deleting them and committing
-/// is the caller's job; dropping `tx` instead leaves them for another pass
-/// (which is what a crash at this point does).
+/// Claims up to `batch` rows inside `tx` (the claim deletes them) and
+/// publishes them with confirms, putting back the rows whose messages the
+/// broker refused; returns the outbox ids that were published. Committing
+/// is the caller's job; dropping `tx` instead leaves every row for another
+/// pass (which is what a crash at this point does).
 pub fn publish_claimed(
     tx: &mut postgres::Transaction<'_>,
     publisher: &mut Publisher,
@@ -325,24 +326,20 @@ pub fn publish_claimed(
     // Events accepted this long ago are published late (the outbox held
     // them through a broker outage): their idle clock restarts below.
     let late_before = now.saturating_sub(late_after.as_secs()) as i64;
-    let claimed: Vec<(i64, Uuid, bool)> = rows
-        .iter()
-        .map(|r| (r.outbox_id, r.event_id, r.created_epoch < late_before))
-        .collect();
     let messages: Vec<Message> = rows.iter().map(|r| Message::for_event(r, now)).collect();
     let taken = publisher.publish_each(&messages, confirm_timeout)?;
-    let (mut published, mut late, mut refused) =
-        (Vec::with_capacity(claimed.len()), vec![], vec![]);
-    for ((id, event, is_late), taken) in claimed.into_iter().zip(taken) {
+    let (mut published, mut late, mut refused) = (Vec::with_capacity(rows.len()), vec![], vec![]);
+    for (row, taken) in rows.iter().zip(taken) {
+        let event = row.event_id;
         if taken {
             debug!("event {event}: published");
-            published.push(id);
-            if is_late {
+            published.push(row.outbox_id);
+            if row.created_epoch < late_before {
                 late.push(event);
             }
         } else {
             warn!("event {event}: the broker refused its message; trying again later");
-            refused.push(id);
+            refused.push(row);
         }
     }
     if !late.is_empty() {

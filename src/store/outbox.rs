@@ -1,5 +1,5 @@
-//! The outbox as the relay and the sweeper use it: claim rows no other
-//! relay holds, delete them after the broker's confirm, back off rows the
+//! The outbox as the relay and the sweeper use it: claim (and delete) rows
+//! no other relay holds, committed after the broker's confirm, back off rows the
 //! broker refused, and re-send events whose message the broker lost.
 
 use std::time::Duration;
@@ -14,7 +14,7 @@ use crate::store::{Error, Store, Wakeup};
 /// One claimed outbox row, ready to publish.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
-    /// The outbox row id, deleted after the confirm.
+    /// The outbox row id.
     pub outbox_id: i64,
     /// The event id, the message's `message_id`.
     pub event_id: Uuid,
@@ -28,19 +28,29 @@ pub struct OutboxRow {
     pub created_at: String,
     /// Seconds since the epoch when the event was accepted.
     pub created_epoch: i64,
+    /// Times the broker refused this row's message before.
+    pub refusals: i32,
+    /// When the outbox row was written, seconds since the epoch (kept if
+    /// the row has to be put back).
+    pub queued_epoch: f64,
 }
 
-/// Claims up to `limit` outbox rows that no other relay holds, oldest first.
-/// The rows stay locked until `tx` ends.
+/// Claims up to `limit` outbox rows that no other relay holds, oldest
+/// first, and deletes them in `tx`, in one statement: committing `tx` after
+/// the broker's confirms is what removes them; dropping it puts them back.
+/// A row whose event no longer exists is deleted and not returned.
 pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRow>, Error> {
     let rows = tx.query(
         concat!(
-            "SELECT o.id, e.id, e.type, e.key, e.payload::text, ",
+            "WITH claimed AS (DELETE FROM outbox WHERE id IN (",
+            "SELECT id FROM outbox WHERE not_before IS NULL OR not_before <= now() ",
+            "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) ",
+            "RETURNING id, event_id, attempts, created_at) ",
+            "SELECT c.id, e.id, e.type, e.key, e.payload::text, ",
             rfc3339!("e.created_at"),
-            ", extract(epoch FROM e.created_at)::bigint ",
-            "FROM outbox o JOIN events e ON e.id = o.event_id ",
-            "WHERE o.not_before IS NULL OR o.not_before <= now() ",
-            "ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+            ", extract(epoch FROM e.created_at)::bigint, c.attempts, ",
+            "extract(epoch FROM c.created_at)::float8 ",
+            "FROM claimed c JOIN events e ON e.id = c.event_id ORDER BY c.id"
         ),
         &[&limit],
     )?;
@@ -54,13 +64,10 @@ pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRo
             payload: r.get(4),
             created_at: r.get(5),
             created_epoch: r.get(6),
+            refusals: r.get(7),
+            queued_epoch: r.get(8),
         })
         .collect())
-}
-
-/// Deletes published outbox rows.
-pub fn delete_outbox(tx: &mut Transaction<'_>, ids: &[i64]) -> Result<u64, Error> {
-    Ok(tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])?)
 }
 
 /// Restarts the idle clock (`attempted_at`) of events just handed to the
@@ -83,28 +90,36 @@ pub fn touch_published(tx: &mut Transaction<'_>, events: &[Uuid]) -> Result<u64,
 /// Times the broker may refuse one event's message before the event fails.
 pub const MAX_BROKER_REFUSALS: i32 = 5;
 
-/// Records that the broker refused (nacked) the messages of these outbox
-/// rows: each is tried again after a backoff (100 ms doubling, at most
-/// 30 s), and after [`MAX_BROKER_REFUSALS`] its event becomes `failed` with
-/// `reason`, and its row goes. Returns the events that failed.
+/// Records that the broker refused (nacked) the messages of these claimed
+/// rows, which the claim deleted: each is put back, to be tried again
+/// after a backoff (100 ms doubling, at most 30 s), and after
+/// [`MAX_BROKER_REFUSALS`] its event becomes `failed` with `reason` and
+/// its row stays gone. Returns the events that failed.
 pub fn refuse_outbox(
     tx: &mut Transaction<'_>,
-    ids: &[i64],
+    rows: &[&OutboxRow],
     reason: &str,
 ) -> Result<Vec<Uuid>, Error> {
-    let rows = tx.query(
-        "UPDATE outbox SET attempts = attempts + 1, \
-         not_before = now() + make_interval(secs => least(30, 0.1 * 2 ^ attempts)) \
-         WHERE id = ANY($1) RETURNING id, event_id, attempts",
-        &[&ids],
-    )?;
-    let (exhausted, events): (Vec<i64>, Vec<Uuid>) = rows
+    let (exhausted, again): (Vec<&OutboxRow>, Vec<&OutboxRow>) = rows
         .iter()
-        .filter(|r| r.get::<_, i32>(2) >= MAX_BROKER_REFUSALS)
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, Uuid>(1)))
-        .unzip();
-    if !exhausted.is_empty() {
-        tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&exhausted])?;
+        .partition(|r| r.refusals + 1 >= MAX_BROKER_REFUSALS);
+    if !again.is_empty() {
+        let ids: Vec<i64> = again.iter().map(|r| r.outbox_id).collect();
+        let events: Vec<Uuid> = again.iter().map(|r| r.event_id).collect();
+        let refusals: Vec<i32> = again.iter().map(|r| r.refusals).collect();
+        let queued: Vec<f64> = again.iter().map(|r| r.queued_epoch).collect();
+        tx.execute(
+            "INSERT INTO outbox (id, event_id, attempts, not_before, created_at) \
+             SELECT id, event_id, attempts + 1, \
+                    now() + make_interval(secs => least(30, 0.1 * 2 ^ attempts)), \
+                    to_timestamp(queued) \
+             FROM unnest($1::bigint[], $2::uuid[], $3::int[], $4::float8[]) \
+                  AS r(id, event_id, attempts, queued)",
+            &[&ids, &events, &refusals, &queued],
+        )?;
+    }
+    let events: Vec<Uuid> = exhausted.iter().map(|r| r.event_id).collect();
+    if !events.is_empty() {
         tx.execute(
             "UPDATE events SET status = 'failed', last_error = $2, attempted_at = now() \
              WHERE id = ANY($1) AND status = 'pending'",

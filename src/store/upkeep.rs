@@ -127,15 +127,20 @@ impl Store {
         })
     }
 
-    /// Deletes up to `limit` processed events older than `age`; returns how
-    /// many. Rows another transaction holds are skipped, not waited for.
+    /// Deletes up to `limit` processed events older than `age`, and any
+    /// outbox row left for them (a re-publish after a relay crash); returns
+    /// how many events. Rows another transaction holds are skipped, not
+    /// waited for.
     pub fn delete_expired(&self, age: Duration, limit: i64) -> Result<u64, Error> {
-        Ok(self.conn()?.execute(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events \
-             WHERE status = 'processed' AND processed_at < now() - make_interval(secs => $1) \
-             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        let row = self.conn()?.query_one(
+            "WITH gone AS (DELETE FROM events WHERE id IN (SELECT id FROM events \
+               WHERE status = 'processed' AND processed_at < now() - make_interval(secs => $1) \
+               LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id), \
+             rows AS (DELETE FROM outbox WHERE event_id IN (SELECT id FROM gone)) \
+             SELECT count(*) FROM gone",
             &[&age.as_secs_f64(), &limit],
-        )?)
+        )?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     /// Events by status, cheap at any size: each status is counted up to

@@ -208,6 +208,35 @@ fn an_ack_lost_after_the_commit_is_redelivered_and_skipped() {
     app.shutdown().unwrap();
 }
 
+/// The outbox has no foreign key to the events: a row whose event is gone
+/// (deleted by hand) is dropped by the claim and published to no one.
+#[test]
+fn an_outbox_row_whose_event_is_gone_is_dropped_unpublished() {
+    let env = TestEnv::new("orphan");
+    let config = serial_config(&env);
+    env.sql()
+        .execute(
+            "INSERT INTO outbox (event_id) VALUES ($1)",
+            &[&Uuid::new_v4()],
+        )
+        .unwrap();
+    let store = Store::open(&ingestd::store::Settings::of(&config).sized(2)).unwrap();
+    let sentinel = crate::util::insert_event(&store, &json!("after"), false);
+    let relay_app = env.start_role(&config, Role::Relay);
+    wait_until(Duration::from_secs(10), "outbox drained", || {
+        env.count("SELECT count(*) FROM outbox") == 0
+    });
+    relay_app.shutdown().unwrap();
+    assert_eq!(
+        env.queue_depth(&env.topology().queue),
+        1,
+        "only the sentinel's message was published"
+    );
+    let worker_app = env.start_role(&config, Role::Worker);
+    env.wait_processed(&[sentinel], Duration::from_secs(10));
+    worker_app.shutdown().unwrap();
+}
+
 #[test]
 fn a_relay_crash_between_publish_and_delete_is_processed_once() {
     let env = TestEnv::new("relaycrash");
