@@ -4,6 +4,7 @@
 mod api;
 mod blackhole;
 mod docs;
+mod encoding;
 mod faults;
 mod framing;
 mod hardening;
