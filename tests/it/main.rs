@@ -8,6 +8,7 @@ mod encoding;
 mod faults;
 mod framing;
 mod hardening;
+mod healthcheck;
 mod ingest;
 mod openapi;
 mod ops;
