@@ -109,7 +109,7 @@ pub fn decode(
     match coding {
         Coding::Identity => Ok(body),
         Coding::Gzip => {
-            // Every member of the file, as gzip(1) reads one; bytes after
+            // Every member of the file, as gzip(1) reads them; bytes after
             // the last member are read as a member's header and refused.
             let mut decoder = MultiGzDecoder::new(&body[..]);
             read_limited(&mut decoder, limit, reserve, invalid)
