@@ -121,7 +121,8 @@ pub fn run(config: &Config, command: Command) -> Result<(), Box<dyn std::error::
             let n = replay_failed(config, since.as_ref())?;
             println!("requeued {n} failed events");
         }
-        Command::Help | Command::Version => {}
+        // Answered by `main` without the rest of the program.
+        Command::Healthcheck | Command::Help | Command::Version => {}
     }
     Ok(())
 }

@@ -10,9 +10,9 @@ use crate::store::Since;
 
 /// The usage text of `--help`, before the configuration's table.
 pub const USAGE: &str = "\
-Usage: ingestd [ROLE]
+Usage: ingestd [ROLE | COMMAND]
 
-Roles:
+Roles and commands:
   (none)    run the API, the relay and the workers in one process
   api       run only the HTTP API
   relay     run only the outbox relay
@@ -21,6 +21,9 @@ Roles:
   replay --failed [--since WHEN]
             send failed events back through the outbox; WHEN is a duration
             (1h, 7d: created that long ago or later) or a timestamp
+  healthcheck
+            exit 0 if the API at INGEST_HTTP_ADDR answers /readyz with 200
+            within 1 s, else 1 with the reason on stderr (for containers)
 
 Options:
   -h, --help     print this help
@@ -80,6 +83,9 @@ pub enum Command {
         /// Only events created at or after this.
         since: Option<Since>,
     },
+    /// Ask the API this configuration describes whether it is ready, and
+    /// exit 0 if it is (a container's health check).
+    Healthcheck,
     /// Print the usage and the configuration variables.
     Help,
     /// Print the version.
@@ -110,6 +116,7 @@ impl Command {
             Some("worker") => Command::Run(Role::Worker),
             Some("migrate") => Command::Migrate,
             Some("replay") => return replay(args),
+            Some("healthcheck") => Command::Healthcheck,
             Some("-h" | "--help") => Command::Help,
             Some("-V" | "--version") => Command::Version,
             Some(other) => return Err(UsageError(format!("unknown argument {other:?}"))),
@@ -163,6 +170,8 @@ mod tests {
         assert_eq!(parse(&["relay"]), Ok(Command::Run(Role::Relay)));
         assert_eq!(parse(&["worker"]), Ok(Command::Run(Role::Worker)));
         assert_eq!(parse(&["migrate"]), Ok(Command::Migrate));
+        assert_eq!(parse(&["healthcheck"]), Ok(Command::Healthcheck));
+        assert!(parse(&["healthcheck", "now"]).is_err());
         assert_eq!(parse(&["--help"]), Ok(Command::Help));
         assert_eq!(parse(&["-V"]), Ok(Command::Version));
         assert!(parse(&["nope"]).unwrap_err().0.contains("\"nope\""));

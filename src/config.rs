@@ -62,7 +62,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "INGEST_MAX_BODY_BYTES",
         default: "5242880",
-        help: "largest request body (a batch); larger bodies get 413",
+        help: "largest request body (a batch), as sent and once decompressed (gzip, deflate); larger bodies get 413",
     },
     Var {
         name: "INGEST_MAX_BATCH",

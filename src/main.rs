@@ -18,6 +18,13 @@ fn main() -> ExitCode {
     match command {
         Command::Help => print!("{USAGE}\n{}", Config::help()),
         Command::Version => println!("{}", ingestd::version()),
+        // Silent when ready; one line on stderr and 1 otherwise.
+        Command::Healthcheck => {
+            if let Err(e) = ingestd::ops::healthcheck::run() {
+                eprintln!("ingestd healthcheck: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
         command => {
             let config = match Config::from_env() {
                 Ok(c) => c,

@@ -1,13 +1,16 @@
 //! Request parsing and validation on arbitrary input: the route, the
-//! media type, the API key headers, the idempotency key, the head check
-//! that runs before a body is read, and the ingest body. Nothing may panic, and what is accepted must keep the promises
-//! the API makes: no null payload, no batch over the limit, no NUL, every
+//! media type, the content coding, the API key headers, the idempotency
+//! key, the head check that runs before a body is read, the ingest body,
+//! and its decoding as gzip or deflate. Nothing may panic, and what is
+//! accepted must keep the promises the API makes: no null payload, no
+//! batch over the limit, no NUL, no decoded body over the limit, every
 //! error answered with a JSON body.
 #![no_main]
 
 use ingestd::api::auth::{self, ApiKeys};
 use ingestd::config::MetricsAuth;
 use ingestd::api::{self, ApiError};
+use ingestd::api::encoding;
 use ingestd::api::ingest::{self, Limits};
 use libfuzzer_sys::fuzz_target;
 use tiny_http::{Header, Method, Request, TestRequest};
@@ -39,6 +42,21 @@ fuzz_target!(|data: &[u8]| {
     }
 
     check_head(&line, body.len());
+
+    // The body as gzip or deflate: never more than the limit out, and
+    // whatever is refused is a clear 4xx (or the 503 of a spent budget).
+    for coding in [encoding::Coding::Gzip, encoding::Coding::Deflate] {
+        let mut reserved = 0;
+        let decoded = encoding::decode(coding, body.to_vec(), MAX_BODY, &mut |n| {
+            reserved += n;
+            reserved <= 4 * MAX_BODY
+        });
+        match decoded {
+            Ok(decoded) => assert!(decoded.len() <= MAX_BODY && decoded.len() <= reserved),
+            Err(ApiError::MemoryBusy) => unreachable!("the limit bounds what is reserved"),
+            Err(e) => check_error(&e),
+        }
+    }
 
     match ingest::parse(body, &LIMITS) {
         Ok(parsed) => {
@@ -78,6 +96,7 @@ fn check_head(line: &str, seed: usize) {
             .with_path(path);
         for name in [
             "Content-Type",
+            "Content-Encoding",
             "Idempotency-Key",
             "Authorization",
             "X-Api-Key",
@@ -96,6 +115,7 @@ fn check_head(line: &str, seed: usize) {
                 }
                 if route == api::Route::Ingest {
                     assert!(api::head::is_json_media_type(line));
+                    assert!(encoding::coding([line]).is_ok());
                     assert!(length <= MAX_BODY);
                 }
             }

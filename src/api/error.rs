@@ -15,8 +15,8 @@ use serde_json::json;
 use tiny_http::{Refusal, Response};
 use uuid::Uuid;
 
-use crate::api::ingest;
 use crate::api::reply::{header, json_response};
+use crate::api::{encoding, ingest};
 use crate::store;
 
 /// Seconds a client should wait before retrying a 503.
@@ -65,6 +65,14 @@ pub enum ApiError {
     BatchTooLarge(usize),
     /// The request's Content-Type is not JSON.
     UnsupportedMediaType(Option<String>),
+    /// The request's `Content-Encoding` (the value, every field joined)
+    /// names a coding the API does not decode, or more than one.
+    UnsupportedEncoding(String),
+    /// The body is not valid in the coding its `Content-Encoding` names;
+    /// the value says why.
+    InvalidEncoding(String),
+    /// The body decodes to more than the limit (the value).
+    DecodedTooLarge(usize),
     /// The database is unreachable or overloaded.
     Unavailable,
     /// Too many events are waiting to be written.
@@ -116,6 +124,9 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
         ) => response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string())),
         ApiError::Unauthorized => {
             response.add_header(header("WWW-Authenticate", "Bearer realm=\"ingestd\""))
+        }
+        ApiError::UnsupportedEncoding(_) => {
+            response.add_header(header("Accept-Encoding", encoding::ACCEPTED))
         }
         _ => {}
     }
@@ -199,6 +210,21 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
                 None => "Content-Type application/json is required".to_string(),
             },
         ),
+        ApiError::UnsupportedEncoding(got) => (
+            415,
+            "unsupported_encoding",
+            format!(
+                "Content-Encoding {got:?} is not supported: send the body as is, or in one \
+                 of these codings: {}",
+                encoding::ACCEPTED
+            ),
+        ),
+        ApiError::InvalidEncoding(d) => (400, "invalid_encoding", d.clone()),
+        ApiError::DecodedTooLarge(max) => (
+            413,
+            "body_too_large",
+            format!("the body exceeds the limit of {max} bytes once decompressed"),
+        ),
         ApiError::Unavailable => (
             503,
             "unavailable",
@@ -268,6 +294,13 @@ mod tests {
             r.headers()
                 .iter()
                 .any(|h| h.field.equiv("WWW-Authenticate"))
+        );
+        let r = error_response(&ApiError::UnsupportedEncoding("br".into()));
+        assert_eq!(r.status_code().0, 415);
+        assert!(
+            r.headers()
+                .iter()
+                .any(|h| h.field.equiv("Accept-Encoding") && h.value.as_str() == "gzip, deflate")
         );
         let inner = ApiError::PayloadTooLarge(10);
         let r = error_response(&ApiError::InvalidItem(3, Box::new(inner)));

@@ -1,15 +1,16 @@
 //! The handlers: what each route does once its head has passed. Ingest
-//! parses and reserves memory for the body and hands the events on; the
-//! others read the store, the health links and the figures the stats
-//! refresher keeps, so that no probe or scrape waits for PostgreSQL
-//! except `/readyz`, whose job it is.
+//! decodes a compressed body, parses and reserves memory for it and hands
+//! the events on; the others read the store, the health links and the
+//! figures the stats refresher keeps, so that no probe or scrape waits for
+//! PostgreSQL except `/readyz`, whose job it is.
 
 use log::warn;
 use serde_json::json;
 use tiny_http::{Request, Response};
 
+use crate::api::encoding::{self, Coding};
 use crate::api::error::{ApiError, HttpResponse, error_response};
-use crate::api::head::{check_head, header_value, presented_key};
+use crate::api::head::{check_head, header_value, header_values, presented_key};
 use crate::api::reply::{accepted, header, json_response};
 use crate::api::route::Route;
 use crate::api::{Api, Handled, Ingest, footprint, ingest};
@@ -96,6 +97,21 @@ impl Api {
                 (Vec::new(), None)
             }
             None => return Err(ApiError::BodyTooLarge(self.max_body_bytes)),
+        };
+        // A compressed body is decoded here, into at most the same limit,
+        // each step of the decoded body reserved before it is written.
+        let coding = encoding::coding(header_values(request, "Content-Encoding"))?;
+        let body = if coding == Coding::Identity {
+            body
+        } else {
+            let decoded = encoding::decode(coding, body, self.max_body_bytes, &mut |n| {
+                held.as_mut().is_none_or(|held| held.grow(n))
+            })?;
+            // The compressed bytes are gone; what replaced them stays counted.
+            if let Some(held) = &mut held {
+                held.shrink_to(decoded.capacity());
+            }
+            decoded
         };
         // What the parse will take is reserved before it runs, and stays
         // reserved, in place of the body, until the request is answered.

@@ -1,9 +1,10 @@
 //! The head check: what a request's line and headers alone decide (route,
-//! API key, a body where none is taken, media type, `Idempotency-Key`,
-//! announced length). It runs twice with the same code: on the server's
-//! connection thread before any body byte is read ([`head_check`]), and in
-//! the handler ([`check_head`]), so a refusal costs no body and a handler
-//! never sees a request the head would have refused.
+//! API key, a body where none is taken, media type, content coding,
+//! `Idempotency-Key`, announced length). It runs twice with the same code:
+//! on the server's connection thread before any body byte is read
+//! ([`head_check`]), and in the handler ([`check_head`]), so a refusal
+//! costs no body and a handler never sees a request the head would have
+//! refused.
 
 use std::sync::Arc;
 
@@ -11,8 +12,8 @@ use tiny_http::{HeadCheck, Request};
 
 use crate::api::auth::{self, ApiKeys};
 use crate::api::error::{ApiError, error_response};
-use crate::api::ingest;
 use crate::api::route::{Route, route};
+use crate::api::{encoding, ingest};
 use crate::config::MetricsAuth;
 use crate::ops::metrics::Metrics;
 
@@ -22,6 +23,19 @@ pub fn header_value<'r>(request: &'r Request, name: &'static str) -> Option<&'r 
         .headers()
         .iter()
         .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// The values of every header called `name`, in order: for a field that
+/// is a list, such as `Content-Encoding`, several lines make one list.
+pub fn header_values<'r>(
+    request: &'r Request,
+    name: &'static str,
+) -> impl Iterator<Item = &'r str> + Clone {
+    request
+        .headers()
+        .iter()
+        .filter(move |h| h.field.equiv(name))
         .map(|h| h.value.as_str())
 }
 
@@ -36,8 +50,9 @@ pub fn presented_key(request: &Request) -> Option<&str> {
 /// What a request's head alone decides, in the order the handler checks it:
 /// the route, the API key on protected routes when keys are configured
 /// (`metrics` says whether `/metrics` is one), no body on a route that
-/// takes none, and for an ingest its media type, its `Idempotency-Key` and
-/// its announced length (`max_body_bytes` at most).
+/// takes none, and for an ingest its media type, its content coding, its
+/// `Idempotency-Key` and its announced length (`max_body_bytes` at most;
+/// a compressed body is held to it before and after decoding).
 pub fn check_head(
     keys: &ApiKeys,
     metrics: MetricsAuth,
@@ -62,6 +77,7 @@ pub fn check_head(
                 content_type.map(str::to_string),
             ));
         }
+        encoding::coding(header_values(request, "Content-Encoding"))?;
         if let Some(key) = header_value(request, "Idempotency-Key") {
             ingest::idempotency_key(key)?;
         }

@@ -2,8 +2,9 @@
 //!
 //! Handler threads share one `tiny_http::Server` ([`server`]). A request is
 //! routed ([`route`]), its head checked ([`head`]: route, API key, media
-//! type, announced size) and then its body ([`ingest`]: JSON shape, limits)
-//! before anything touches the database. Every failure is an
+//! type, content coding, announced size), its body decoded when it is
+//! compressed ([`encoding`]) and then checked ([`ingest`]: JSON shape,
+//! limits) before anything touches the database. Every failure is an
 //! [`ApiError`], which [`error::error_response`] alone turns into a status
 //! and a JSON body, and the server's own refusals reach the same function
 //! ([`error::refusal`]). Valid events go to a [`commit::Committer`], which
@@ -14,6 +15,7 @@
 
 pub mod auth;
 pub mod commit;
+pub mod encoding;
 pub mod error;
 pub mod footprint;
 mod handlers;

@@ -979,6 +979,18 @@ fn bodies_refused_on_their_head_are_never_read() {
         ),
         (
             "POST /v1/events",
+            format!("{key}{json}Content-Encoding: br\r\n{megabyte}"),
+            415,
+            "unsupported_encoding",
+        ),
+        (
+            "POST /Ingestion/ingest",
+            format!("{key}{json}Content-Encoding: gzip, gzip\r\n{megabyte}"),
+            415,
+            "unsupported_encoding",
+        ),
+        (
+            "POST /v1/events",
             format!("{key}{json}Idempotency-Key: \r\n{megabyte}"),
             400,
             "invalid_idempotency_key",
@@ -1013,6 +1025,9 @@ fn bodies_refused_on_their_head_are_never_read() {
         assert_eq!(resp.header("connection"), Some("close"), "{line}");
         if status == 401 {
             assert!(resp.header("www-authenticate").is_some());
+        }
+        if code == "unsupported_encoding" {
+            assert_eq!(resp.header("accept-encoding"), Some("gzip, deflate"));
         }
         assert_eq!(buffered_bytes(addr), 0, "{line} ({code}): nothing held");
     }

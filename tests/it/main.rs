@@ -4,9 +4,11 @@
 mod api;
 mod blackhole;
 mod docs;
+mod encoding;
 mod faults;
 mod framing;
 mod hardening;
+mod healthcheck;
 mod ingest;
 mod openapi;
 mod ops;

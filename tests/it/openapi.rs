@@ -16,6 +16,12 @@ use crate::util::{Resp, TestEnv, raw_request, request, wait_until};
 
 const KEY: &str = "openapi-key-0123456789";
 
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut e, data).unwrap();
+    e.finish().unwrap()
+}
+
 fn spec() -> Value {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml"))
         .expect("openapi.yaml at the root");
@@ -328,6 +334,31 @@ fn responses_match_openapi_yaml() {
             400
         );
         assert_eq!(p.call("POST", path, &[], br#"{"payload":1}"#).status, 415);
+        // Compressed bodies: taken, refused when corrupt, and an unknown
+        // coding is refused with the codings that would do.
+        let gz = ("Content-Encoding", "gzip");
+        assert_eq!(
+            p.call("POST", path, &[json_ct, gz], &gzip(br#"{"payload":1}"#))
+                .status,
+            202
+        );
+        let corrupt = p.call("POST", path, &[json_ct, gz], br#"{"payload":1}"#);
+        assert_eq!(corrupt.status, 400);
+        assert_eq!(corrupt.json()["error"], "invalid_encoding");
+        let br = ("Content-Encoding", "br");
+        let refused = p.call("POST", path, &[json_ct, br], br#"{"payload":1}"#);
+        assert_eq!(refused.status, 415);
+        assert_eq!(refused.header("accept-encoding"), Some("gzip, deflate"));
+        let documented = resolve(&p.spec, &p.spec["paths"][path]["post"]["responses"]["415"]);
+        assert!(
+            documented["headers"]["Accept-Encoding"].is_object(),
+            "the 415 of {path} documents Accept-Encoding"
+        );
+        assert_eq!(
+            p.call("POST", path, &[json_ct, gz], &gzip(&[b' '; 5000]))
+                .status,
+            413
+        );
         assert_eq!(p.call("POST", path, &[json_ct], &[b' '; 5000]).status, 413);
         assert_eq!(p.call("GET", path, &[], b"").status, 405);
         assert_eq!(
