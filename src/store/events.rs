@@ -150,12 +150,12 @@ impl Store {
 /// Locks the rows of several events, in id order so that concurrent
 /// workers cannot deadlock; missing ids are absent from the map.
 pub fn lock(tx: &mut Transaction<'_>, ids: &[Uuid]) -> Result<HashMap<Uuid, LockedEvent>, Error> {
-    let rows = tx.query(
+    let lock = tx.prepare_cached(
         "SELECT id, status, attempts, payload, type, key, \
          extract(epoch FROM clock_timestamp() - created_at)::float8 \
          FROM events WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        &[&ids],
     )?;
+    let rows = tx.query(&lock, &[&ids])?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -179,12 +179,12 @@ pub fn mark_processed(tx: &mut Transaction<'_>, ids: &[Uuid]) -> Result<(), Erro
     if ids.is_empty() {
         return Ok(());
     }
-    tx.execute(
+    let processed = tx.prepare_cached(
         "UPDATE events SET status = 'processed', processed_at = now(), \
          attempts = attempts + 1, processed_count = processed_count + 1, last_error = NULL \
          WHERE id = ANY($1)",
-        &[&ids],
     )?;
+    tx.execute(&processed, &[&ids])?;
     Ok(())
 }
 

@@ -106,9 +106,14 @@ impl Store {
         let columns = Columns::of(events.iter().copied());
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
-        tx.execute(
+        // Prepared once per connection: the statements of the hot paths
+        // cost the server no parse or plan after the first time.
+        let insert = tx.prepare_cached(
             "INSERT INTO events (id, payload, type, key) \
              SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[])",
+        )?;
+        tx.execute(
+            &insert,
             &[
                 &columns.ids,
                 &columns.payloads,
@@ -116,10 +121,9 @@ impl Store {
                 &columns.keys,
             ],
         )?;
-        tx.execute(
-            "INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])",
-            &[&columns.ids],
-        )?;
+        let outbox =
+            tx.prepare_cached("INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])")?;
+        tx.execute(&outbox, &[&columns.ids])?;
         self.commit_waking(tx, wakeup, true)
     }
 

@@ -299,7 +299,8 @@ impl Store {
         wrote: bool,
     ) -> Result<(), Error> {
         if wrote && matches!(wakeup, Wakeup::Notify) {
-            tx.execute("SELECT pg_notify($1, '')", &[&self.notify_channel()])?;
+            let notify = tx.prepare_cached("SELECT pg_notify($1, '')")?;
+            tx.execute(&notify, &[&self.notify_channel()])?;
         }
         tx.commit()?;
         if let (true, Wakeup::Local(wake)) = (wrote, wakeup) {

@@ -40,20 +40,18 @@ pub struct OutboxRow {
 /// the broker's confirms is what removes them; dropping it puts them back.
 /// A row whose event no longer exists is deleted and not returned.
 pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRow>, Error> {
-    let rows = tx.query(
-        concat!(
-            "WITH claimed AS (DELETE FROM outbox WHERE id IN (",
-            "SELECT id FROM outbox WHERE not_before IS NULL OR not_before <= now() ",
-            "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) ",
-            "RETURNING id, event_id, attempts, created_at) ",
-            "SELECT c.id, e.id, e.type, e.key, e.payload::text, ",
-            rfc3339!("e.created_at"),
-            ", extract(epoch FROM e.created_at)::bigint, c.attempts, ",
-            "extract(epoch FROM c.created_at)::float8 ",
-            "FROM claimed c JOIN events e ON e.id = c.event_id ORDER BY c.id"
-        ),
-        &[&limit],
-    )?;
+    let claim = tx.prepare_cached(concat!(
+        "WITH claimed AS (DELETE FROM outbox WHERE id IN (",
+        "SELECT id FROM outbox WHERE not_before IS NULL OR not_before <= now() ",
+        "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) ",
+        "RETURNING id, event_id, attempts, created_at) ",
+        "SELECT c.id, e.id, e.type, e.key, e.payload::text, ",
+        rfc3339!("e.created_at"),
+        ", extract(epoch FROM e.created_at)::bigint, c.attempts, ",
+        "extract(epoch FROM c.created_at)::float8 ",
+        "FROM claimed c JOIN events e ON e.id = c.event_id ORDER BY c.id"
+    ))?;
+    let rows = tx.query(&claim, &[&limit])?;
     Ok(rows
         .iter()
         .map(|r| OutboxRow {

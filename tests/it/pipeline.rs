@@ -613,3 +613,44 @@ fn messages_the_broker_refuses_fail_their_events_after_a_few_tries() {
     env.wait_processed(&ids, Duration::from_secs(20));
     app.shutdown().unwrap();
 }
+
+/// The statements of the hot paths are prepared once per connection and
+/// run again as they are: the server parses and plans each once, and the
+/// client saves the prepare round trip after the first time.
+#[test]
+fn hot_statements_are_prepared_once_per_connection() {
+    let env = TestEnv::new("prepared");
+    let store = Store::open(&ingestd::store::Settings::of(&env.config()).sized(1)).unwrap();
+    let wakeup = ingestd::store::Wakeup::Local(crossbeam_channel::bounded(1).0);
+    for i in 0..3 {
+        let event = ingestd::store::NewEvent {
+            id: Uuid::new_v4(),
+            payload: json!(i),
+            event_type: None,
+            key: None,
+            client_id: false,
+        };
+        store.insert_events(&[&event], &wakeup).unwrap();
+        let mut conn = store.conn().unwrap();
+        let mut tx = conn.transaction().unwrap();
+        ingestd::store::events::lock(&mut tx, &[event.id]).unwrap();
+        ingestd::store::events::mark_processed(&mut tx, &[event.id]).unwrap();
+        tx.commit().unwrap();
+    }
+    // One pooled connection did all of it; its prepared statements:
+    let mut conn = store.conn().unwrap();
+    let rows = conn
+        .query(
+            "SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements \
+             WHERE statement LIKE 'INSERT INTO events%' OR statement LIKE 'INSERT INTO outbox%' \
+                OR statement LIKE 'UPDATE events SET status = ''processed''%' \
+                OR statement LIKE 'SELECT id, status, attempts%FOR UPDATE'",
+            &[],
+        )
+        .unwrap();
+    let runs: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(runs.len(), 4, "each prepared once: {runs:#?}");
+    for (statement, executions) in &runs {
+        assert_eq!(*executions, 3, "run three times as prepared: {statement}");
+    }
+}

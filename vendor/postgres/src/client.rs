@@ -438,6 +438,20 @@ impl Client {
         self.connection.block_on(self.client.prepare(query))
     }
 
+    /// ingestd patch: like `prepare`, but the statement is prepared once per
+    /// connection and kept, by query text, for as long as the connection
+    /// lives, so that running it again costs the server no parse and no
+    /// plan, and the client no extra round trip. Meant for a fixed set of
+    /// query texts: each distinct text stays prepared on the server.
+    pub fn prepare_cached(&mut self, query: &str) -> Result<Statement, Error> {
+        if let Some(statement) = self.connection.cached_statement(query) {
+            return Ok(statement);
+        }
+        let statement = self.prepare(query)?;
+        self.connection.cache_statement(query, statement.clone());
+        Ok(statement)
+    }
+
     /// Like `prepare`, but allows the types of query parameters to be explicitly specified.
     ///
     /// The list of types may be smaller than the number of parameters - the types of the remaining parameters will be

@@ -1,6 +1,6 @@
 use crate::{Error, Notification};
 use futures_util::Stream;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::{self, Future};
 use std::ops::{Deref, DerefMut};
 use std::pin::{Pin, pin};
@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::Runtime;
-use tokio_postgres::AsyncMessage;
+use tokio_postgres::{AsyncMessage, Statement};
 use tokio_postgres::error::DbError;
 
 pub struct Connection {
@@ -19,6 +19,8 @@ pub struct Connection {
     notice_callback: Arc<dyn Fn(DbError) + Sync + Send>,
     // ingestd patch: see `Config::response_timeout`
     response_timeout: Option<Duration>,
+    // ingestd patch: statements kept by `prepare_cached`, by query text
+    statements: HashMap<String, Statement>,
 }
 
 impl Connection {
@@ -37,7 +39,19 @@ impl Connection {
             notifications: VecDeque::new(),
             notice_callback,
             response_timeout: None,
+            statements: HashMap::new(),
         }
+    }
+
+    /// ingestd patch: the statement `prepare_cached` kept for `query`.
+    pub fn cached_statement(&self, query: &str) -> Option<Statement> {
+        self.statements.get(query).cloned()
+    }
+
+    /// ingestd patch: keeps `statement` for `query`, for the life of the
+    /// connection.
+    pub fn cache_statement(&mut self, query: &str, statement: Statement) {
+        self.statements.insert(query.to_owned(), statement);
     }
 
     /// ingestd patch: bounds every `block_on` (see `Config::response_timeout`).

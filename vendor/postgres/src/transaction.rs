@@ -51,6 +51,18 @@ impl<'a> Transaction<'a> {
             .block_on(self.transaction.as_ref().unwrap().prepare(query))
     }
 
+    /// ingestd patch: like `Client::prepare_cached`. A statement prepared
+    /// here outlives the transaction: prepared statements are not
+    /// transactional.
+    pub fn prepare_cached(&mut self, query: &str) -> Result<Statement, Error> {
+        if let Some(statement) = self.connection.cached_statement(query) {
+            return Ok(statement);
+        }
+        let statement = self.prepare(query)?;
+        self.connection.cache_statement(query, statement.clone());
+        Ok(statement)
+    }
+
     /// Like `Client::prepare_typed`.
     pub fn prepare_typed(&mut self, query: &str, types: &[Type]) -> Result<Statement, Error> {
         self.connection.block_on(
