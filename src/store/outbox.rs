@@ -35,22 +35,30 @@ pub struct OutboxRow {
     pub queued_epoch: f64,
 }
 
+/// The claim: takes up to `$1` due outbox rows no other relay holds,
+/// oldest first, deletes them and returns them with their events. The ids
+/// go through an array, so that the deletion and the join look them up by
+/// index: written as `id IN (SELECT ...)`, PostgreSQL hashed the whole
+/// outbox and the whole events table for every batch.
+pub const CLAIM_SQL: &str = concat!(
+    "WITH claimed AS (DELETE FROM outbox WHERE id = ANY(ARRAY(",
+    "SELECT id FROM outbox WHERE not_before IS NULL OR not_before <= now() ",
+    "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) ",
+    "RETURNING id, event_id, attempts, created_at) ",
+    "SELECT c.id, e.id, e.type, e.key, e.payload::text, ",
+    rfc3339!("e.created_at"),
+    ", extract(epoch FROM e.created_at)::bigint, c.attempts, ",
+    "extract(epoch FROM c.created_at)::float8 ",
+    "FROM claimed c JOIN events e ON e.id = c.event_id ORDER BY c.id"
+);
+
 /// Claims up to `limit` outbox rows that no other relay holds, oldest
-/// first, and deletes them in `tx`, in one statement: committing `tx` after
-/// the broker's confirms is what removes them; dropping it puts them back.
-/// A row whose event no longer exists is deleted and not returned.
+/// first, and deletes them in `tx`, in one statement ([`CLAIM_SQL`]):
+/// committing `tx` after the broker's confirms is what removes them;
+/// dropping it puts them back. A row whose event no longer exists is
+/// deleted and not returned.
 pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRow>, Error> {
-    let claim = tx.prepare_cached(concat!(
-        "WITH claimed AS (DELETE FROM outbox WHERE id IN (",
-        "SELECT id FROM outbox WHERE not_before IS NULL OR not_before <= now() ",
-        "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) ",
-        "RETURNING id, event_id, attempts, created_at) ",
-        "SELECT c.id, e.id, e.type, e.key, e.payload::text, ",
-        rfc3339!("e.created_at"),
-        ", extract(epoch FROM e.created_at)::bigint, c.attempts, ",
-        "extract(epoch FROM c.created_at)::float8 ",
-        "FROM claimed c JOIN events e ON e.id = c.event_id ORDER BY c.id"
-    ))?;
+    let claim = tx.prepare_cached(CLAIM_SQL)?;
     let rows = tx.query(&claim, &[&limit])?;
     Ok(rows
         .iter()

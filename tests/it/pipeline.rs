@@ -654,3 +654,37 @@ fn hot_statements_are_prepared_once_per_connection() {
         assert_eq!(*executions, 3, "run three times as prepared: {statement}");
     }
 }
+
+/// The relay's claim looks rows up by index however large the outbox is
+/// (a broker outage leaves a backlog): no sequential scan of the outbox or
+/// of the events for a batch.
+#[test]
+fn the_claim_uses_indexes_on_a_large_outbox() {
+    let env = TestEnv::new("claimplan");
+    let mut sql = env.sql();
+    sql.batch_execute(
+        "INSERT INTO events (id, payload) SELECT gen_random_uuid(), '{}' \
+         FROM generate_series(1, 20000); \
+         INSERT INTO outbox (event_id) SELECT id FROM events; \
+         ANALYZE events; ANALYZE outbox;",
+    )
+    .unwrap();
+    let mut tx = sql.transaction().unwrap();
+    let plan: Vec<String> = tx
+        .query(
+            &format!(
+                "EXPLAIN (COSTS OFF) {}",
+                ingestd::store::outbox::CLAIM_SQL.replace("$1", "500")
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.rollback().unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert!(plan.contains("Index Scan using outbox_pkey"), "{plan}");
+    assert!(plan.contains("Index Scan using events_pkey"), "{plan}");
+}
