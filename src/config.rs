@@ -135,6 +135,11 @@ pub const VARS: &[Var] = &[
         help: "statement_timeout of every session; a server silent 5s longer is given up and the connection closed",
     },
     Var {
+        name: "INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT",
+        default: "5m",
+        help: "the server ends a session idle this long inside a transaction (a client that vanished), freeing its locks; longer than a processor spends between two statements, and than INGEST_CONFIRM_TIMEOUT",
+    },
+    Var {
         name: "INGEST_AMQP_URL",
         default: "amqp://guest:guest@127.0.0.1:5672/%2f",
         help: "RabbitMQ connection URL",
@@ -275,6 +280,9 @@ pub struct Config {
     /// client waits for an answer at most this plus
     /// [`crate::store::RESPONSE_GRACE`].
     pub db_statement_timeout: Duration,
+    /// `INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT`: PostgreSQL's
+    /// `idle_in_transaction_session_timeout`.
+    pub db_idle_tx_timeout: Duration,
     /// `INGEST_AMQP_URL`: `amqp://user:pass@host:port/vhost`.
     pub amqp_url: String,
     /// `INGEST_AMQP_PREFIX`: every exchange and queue name starts with it.
@@ -417,6 +425,7 @@ impl Config {
             db_pool_size: positive(get("INGEST_DB_POOL_SIZE"))?,
             db_timeout: nonzero_duration(get("INGEST_DB_TIMEOUT"))?,
             db_statement_timeout: nonzero_duration(get("INGEST_DB_STATEMENT_TIMEOUT"))?,
+            db_idle_tx_timeout: nonzero_duration(get("INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT"))?,
             amqp_url: parse_with(get("INGEST_AMQP_URL"), |s| {
                 crate::broker::AmqpUrl::parse(s).map(|_| s.to_string())
             })?,
@@ -476,6 +485,17 @@ impl Config {
                 reason: format!(
                     "must be longer than the longest retry delay ({longest:?}), or events \
                      waiting for a retry would be sent twice"
+                ),
+            });
+        }
+        // The relay's transaction idles while it waits for confirms.
+        if self.db_idle_tx_timeout <= self.confirm_timeout {
+            return Err(Error {
+                var: "INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT",
+                reason: format!(
+                    "must be longer than INGEST_CONFIRM_TIMEOUT ({:?}), or the server would end \
+                     the relay's transaction while it waits for the broker's confirms",
+                    self.confirm_timeout
                 ),
             });
         }
@@ -730,6 +750,11 @@ mod tests {
         assert_eq!(
             e.var, "INGEST_REDELIVER_AFTER",
             "shorter than the 10m delay"
+        );
+        let e = with(&[("INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT", "10s")]).unwrap_err();
+        assert_eq!(
+            e.var, "INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT",
+            "not longer than the 10s confirm timeout"
         );
         let e = with(&[("INGEST_HTTP_BUFFER_BYTES", "1000000")]).unwrap_err();
         assert_eq!(e.var, "INGEST_HTTP_BUFFER_BYTES", "below the 5 MiB body");

@@ -38,13 +38,17 @@ PG_VERSION=$(ls /etc/postgresql 2>/dev/null | sort -n | tail -n1)
 
 # ingestd reaches PostgreSQL through a proxy that can play a vanished host
 # (tests/blackhole_proxy.py); a short statement timeout keeps the bound on
-# a silent server (it plus 5 s) short.
+# a silent server (it plus 5 s) short. The proxy never closes a connection
+# caught in the blackhole, so the server keeps that session, and the row
+# locks of a worker's transaction on it, until the idle-in-transaction
+# limit ends it: a short one (above the 10 s confirm timeout) keeps the
+# events behind those locks from waiting minutes.
 PROXY_PORT=${CHAOS_PROXY_PORT:-5092}
 PG_HOSTPORT=$(python3 -c "import sys, urllib.parse as u; p = u.urlparse(sys.argv[1]); print('%s:%d' % (p.hostname or '127.0.0.1', p.port or 5432))" "$DB_URL")
 PROXIED_DB_URL=$(python3 -c "import sys, urllib.parse as u; p = u.urlparse(sys.argv[1]); print(p._replace(netloc=(p.username + '@' if p.username else '') + '127.0.0.1:' + sys.argv[2]).geturl())" "$DB_URL" "$PROXY_PORT")
 export INGEST_DATABASE_URL=$PROXIED_DB_URL INGEST_DB_SCHEMA=$NAME INGEST_AMQP_PREFIX=$NAME
 export INGEST_HTTP_ADDR=127.0.0.1:$PORT INGEST_RETRY_DELAYS=1s,2s INGEST_LOG=info
-export INGEST_DB_STATEMENT_TIMEOUT=2s
+export INGEST_DB_STATEMENT_TIMEOUT=2s INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT=15s
 
 cargo build --release --locked --bin ingestd --bin loadgen >&2
 BIN=${CARGO_TARGET_DIR:-target}/release

@@ -149,6 +149,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// `INGEST_DB_STATEMENT_TIMEOUT`.
     pub statement_timeout: Duration,
+    /// `INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT`.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl Settings {
@@ -160,6 +162,7 @@ impl Settings {
             pool_size: config.db_pool_size,
             timeout: config.db_timeout,
             statement_timeout: config.db_statement_timeout,
+            idle_in_transaction_timeout: config.db_idle_tx_timeout,
         }
     }
 
@@ -213,14 +216,16 @@ impl Store {
         // A transaction whose client fell silent (the same proxy, a
         // client that froze) would keep its row locks for as long as the
         // server keeps the session: the server ends it once it has idled
-        // as long as the client waits for an answer.
+        // for INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT. That must outlast what
+        // ingestd's own transactions wait for between two statements: the
+        // relay's confirms, a processor's work.
         let statement_timeout = settings.statement_timeout;
         pg.options(&format!(
             "-c search_path={} -c statement_timeout={}ms -c idle_in_transaction_session_timeout={}ms \
              -c plan_cache_mode=force_custom_plan",
             settings.schema,
             statement_timeout.as_millis(),
-            (statement_timeout + RESPONSE_GRACE).as_millis()
+            settings.idle_in_transaction_timeout.as_millis()
         ))
         .connect_timeout(settings.timeout)
         .tcp_user_timeout(Duration::from_secs(10))

@@ -298,7 +298,10 @@ impl Consumer {
             let queue = self.topology.delay_queue(step);
             retries.publish_confirmed("", &queue, &messages, self.confirm_timeout)?;
             self.worker.metrics.retries.add(group.len() as u64);
-            acks.extend(group.into_iter().map(|(delivery, _)| delivery));
+            // Acked as soon as their copies are safe, so that a later group
+            // failing does not send these back for a second copy.
+            let originals = group.into_iter().map(|(delivery, _)| delivery).collect();
+            state.unsettled.ack(consumer, originals)?;
         }
         state.unsettled.ack(consumer, acks)
     }

@@ -332,9 +332,10 @@ impl Worker {
             // loop, so it counts as a failed attempt. What the processor
             // wrote was rolled back with the transaction.
             Err(BatchError::Store(e)) => {
-                self.fail_attempt(id, &ProcessError::Transient(format!("database error: {e}")))
+                let err = ProcessError::Transient(format!("database error: {e}"));
+                self.fail_attempt(id, attempt, &err)
             }
-            Err(BatchError::Processor(err)) => self.fail_attempt(id, &err),
+            Err(BatchError::Processor(err)) => self.fail_attempt(id, attempt, &err),
         }
     }
 
@@ -361,7 +362,8 @@ impl Worker {
 
     /// Records a failed attempt in its own transaction and decides between
     /// a retry and the dead-letter queue.
-    fn fail_attempt(&self, id: Uuid, err: &ProcessError) -> Outcome {
+    /// `message_attempt` is the attempt the delivery was for.
+    fn fail_attempt(&self, id: Uuid, message_attempt: i32, err: &ProcessError) -> Outcome {
         let result = (|| -> Result<Outcome, store::Error> {
             let mut conn = self.store.conn()?;
             let mut tx = conn.transaction()?;
@@ -399,15 +401,23 @@ impl Worker {
                 self.database_down(&e);
                 Outcome::Requeue
             }
-            // The event is still `pending`: dead-lettering its message
-            // would strand it (the sweeper re-sends only events with no
-            // message anywhere). Most often the row is locked by a session
-            // whose client vanished mid-transaction, until the server ends
-            // it (idle_in_transaction_session_timeout); the delivery is
-            // requeued with the outage backoff and tried again.
+            // The event is still `pending`: dead-lettered, it would wait
+            // for the sweeper (INGEST_REDELIVER_AFTER). Most often its row
+            // is locked by a session whose client vanished mid-transaction,
+            // until the server ends it (INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT).
+            // The message goes through the longest delay queue and this
+            // attempt runs again then, its number unchanged, so an error
+            // that keeps coming back costs one try per delay, not a loop.
+            Err(e) if self.retries > 0 => {
+                warn!("event {id}: cannot record a failed attempt, trying it again later: {e}");
+                Outcome::Retry {
+                    step: self.retries - 1,
+                    attempt: message_attempt,
+                }
+            }
             Err(e) => {
-                warn!("event {id}: cannot record a failed attempt, requeued: {e}");
-                Outcome::Requeue
+                error!("event {id}: cannot record a failed attempt, dead-lettered: {e}");
+                Outcome::Reject
             }
         }
     }

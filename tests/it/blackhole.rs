@@ -26,6 +26,9 @@ use crate::util::{
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(1);
 /// `INGEST_DB_TIMEOUT` in these tests.
 const DB_TIMEOUT: Duration = Duration::from_secs(1);
+/// `INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT` where a test needs the server
+/// to end a vanished client's transaction.
+const IDLE_LIMIT: Duration = Duration::from_secs(3);
 
 /// The longest an ingest may wait for its answer when the database
 /// vanished under its commit: the response timeout, one checkout, and a
@@ -263,9 +266,9 @@ fn requeues_back_off_while_the_database_is_down() {
 
 /// A transaction whose client vanished after taking a row lock (its
 /// connection caught in a blackhole, the server still holding the session)
-/// is ended by the server once it has idled for the statement timeout plus
-/// the response grace, so the lock is freed for the other workers instead
-/// of blocking the event until the connection dies.
+/// is ended by the server once it has idled for
+/// `INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT`, so the lock is freed for the
+/// other workers instead of blocking the event until the connection dies.
 #[test]
 fn a_vanished_transaction_frees_its_row_locks_in_bounded_time() {
     let env = TestEnv::new("bhlocks");
@@ -275,6 +278,11 @@ fn a_vanished_transaction_frees_its_row_locks_in_bounded_time() {
         (
             "INGEST_DB_STATEMENT_TIMEOUT",
             &format!("{}ms", STATEMENT_TIMEOUT.as_millis()),
+        ),
+        ("INGEST_CONFIRM_TIMEOUT", "1s"),
+        (
+            "INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT",
+            &format!("{}ms", IDLE_LIMIT.as_millis()),
         ),
     ]);
     let store = ingestd::store::Store::open(&ingestd::store::Settings::of(&config).sized(1))
@@ -296,13 +304,13 @@ fn a_vanished_transaction_frees_its_row_locks_in_bounded_time() {
         .execute("SELECT 1 FROM events WHERE id = $1 FOR UPDATE", &[&id])
         .expect("the lock is freed");
     let waited = vanished.elapsed();
-    let bound = STATEMENT_TIMEOUT + ingestd::store::RESPONSE_GRACE + Duration::from_secs(3);
+    let bound = IDLE_LIMIT + Duration::from_secs(3);
     assert!(
         waited < bound,
         "the lock was held {waited:?} (bound {bound:?})"
     );
     assert!(
-        waited >= STATEMENT_TIMEOUT + ingestd::store::RESPONSE_GRACE - Duration::from_millis(200),
+        waited >= IDLE_LIMIT - Duration::from_millis(200),
         "freed after {waited:?}: sooner than the idle limit, so not by it"
     );
     drop(tx);

@@ -330,11 +330,12 @@ fn a_retry_copy_whose_confirm_times_out_leaves_the_original_to_come_back() {
 
 /// A worker that cannot even record the failed attempt (the event's row is
 /// locked by a session that holds it past the statement timeout, as one
-/// whose client vanished mid-transaction does) requeues the delivery: the
-/// event stays `pending` in the database, so dead-lettering its message
-/// would strand it. Once the lock goes, the event is processed once.
+/// whose client vanished mid-transaction does) sends the message through a
+/// delay queue and tries the same attempt again: the event stays `pending`
+/// in the database, and dead-lettered it would wait for the sweeper. Once
+/// the lock goes, the event is processed once.
 #[test]
-fn an_event_locked_past_the_statement_timeout_is_requeued_not_dead_lettered() {
+fn an_event_locked_past_the_statement_timeout_is_tried_again_later_not_dead_lettered() {
     let env = TestEnv::new("lockheld");
     let config = env.config_with(&[
         ("INGEST_DB_STATEMENT_TIMEOUT", "300ms"),
@@ -351,9 +352,12 @@ fn an_event_locked_past_the_statement_timeout_is_requeued_not_dead_lettered() {
 
     let app = env.start_role(&config, ingestd::Role::All);
     let addr = app.http_addr().unwrap();
-    // A second delivery means the first was requeued, not dead-lettered.
-    wait_until(Duration::from_secs(20), "a redelivery", || {
-        metric(&scrape(addr), "ingestd_deliveries_total").unwrap_or(0.0) >= 2.0
+    // A second delivery, through a delay queue, means the first was sent
+    // to be tried again, not dead-lettered.
+    wait_until(Duration::from_secs(20), "a delivery after a delay", || {
+        let text = scrape(addr);
+        metric(&text, "ingestd_deliveries_total").unwrap_or(0.0) >= 2.0
+            && metric(&text, "ingestd_retries_total").unwrap_or(0.0) >= 1.0
     });
     assert_eq!(env.status(id).as_deref(), Some("pending"));
     assert_eq!(env.queue_depth(&env.topology().dead_queue), 0);
