@@ -256,38 +256,12 @@ impl Topology {
     /// are. Any other difference in arguments still fails.
     pub fn declare(&self, connection: &mut Connection) -> Result<(), Error> {
         let mut channel = connection.open_channel(None)?;
-        let mut queue = |channel: &mut Channel, name: &str, arguments: FieldTable| {
-            if self.quorum {
-                return declare_queue(channel, name, arguments);
-            }
-            let mut versioned = arguments.clone();
-            versioned.insert("x-queue-version".into(), AmqpValue::LongInt(2));
-            match declare_queue(channel, name, versioned) {
-                Err(Error::Amqp(amiquip::Error::ServerClosedChannel { code, message, .. }))
-                    if code == PRECONDITION_FAILED && message.contains("x-queue-version") =>
-                {
-                    *channel = connection.open_channel(None)?;
-                    declare_queue(channel, name, arguments)
-                }
-                other => other,
-            }
-        };
-        self.declare_on(&mut channel, &mut queue)?;
-        channel.close()?;
-        Ok(())
-    }
-
-    fn declare_on(
-        &self,
-        channel: &mut Channel,
-        queue: &mut impl FnMut(&mut Channel, &str, FieldTable) -> Result<(), Error>,
-    ) -> Result<(), Error> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
         channel.exchange_declare(ExchangeType::Fanout, &*self.dead_exchange, durable.clone())?;
-        queue(channel, &self.dead_queue, self.arguments())?;
+        self.declare_queue(connection, &mut channel, &self.dead_queue, self.arguments())?;
         channel.queue_bind(
             &*self.dead_queue,
             &*self.dead_exchange,
@@ -301,7 +275,7 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             AmqpValue::LongString(self.dead_exchange.clone()),
         );
-        queue(channel, &self.queue, arguments)?;
+        self.declare_queue(connection, &mut channel, &self.queue, arguments)?;
         channel.queue_bind(&*self.queue, &*self.exchange, "#", FieldTable::new())?;
 
         // A delay queue has no consumer: its messages expire after the delay
@@ -320,9 +294,36 @@ impl Topology {
                 "x-dead-letter-routing-key".into(),
                 AmqpValue::LongString(EVENT_ROUTING_KEY.into()),
             );
-            queue(channel, &self.delay_queue(step), arguments)?;
+            self.declare_queue(connection, &mut channel, &self.delay_queue(step), arguments)?;
         }
+        channel.close()?;
         Ok(())
+    }
+
+    /// Declares one durable queue: a classic one with `x-queue-version` 2,
+    /// or, if it exists without that argument, as it is (the broker closes
+    /// `channel` on the mismatch; a new one takes its place).
+    fn declare_queue(
+        &self,
+        connection: &mut Connection,
+        channel: &mut Channel,
+        name: &str,
+        arguments: FieldTable,
+    ) -> Result<(), Error> {
+        if self.quorum {
+            return declare_queue(channel, name, arguments);
+        }
+        let mut versioned = arguments.clone();
+        versioned.insert("x-queue-version".into(), AmqpValue::LongInt(2));
+        match declare_queue(channel, name, versioned) {
+            Err(Error::Amqp(amiquip::Error::ServerClosedChannel { code, message, .. }))
+                if code == PRECONDITION_FAILED && message.contains("x-queue-version") =>
+            {
+                *channel = connection.open_channel(None)?;
+                declare_queue(channel, name, arguments)
+            }
+            other => other,
+        }
     }
 
     fn arguments(&self) -> FieldTable {

@@ -444,12 +444,9 @@ impl Client {
     /// plan, and the client no extra round trip. Meant for a fixed set of
     /// query texts: each distinct text stays prepared on the server.
     pub fn prepare_cached(&mut self, query: &str) -> Result<Statement, Error> {
-        if let Some(statement) = self.connection.cached_statement(query) {
-            return Ok(statement);
-        }
-        let statement = self.prepare(query)?;
-        self.connection.cache_statement(query, statement.clone());
-        Ok(statement)
+        let client = &self.client;
+        self.connection
+            .prepare_cached(query, |c| c.block_on(client.prepare(query)))
     }
 
     /// Like `prepare`, but allows the types of query parameters to be explicitly specified.

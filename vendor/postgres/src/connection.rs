@@ -43,15 +43,20 @@ impl Connection {
         }
     }
 
-    /// ingestd patch: the statement `prepare_cached` kept for `query`.
-    pub fn cached_statement(&self, query: &str) -> Option<Statement> {
-        self.statements.get(query).cloned()
-    }
-
-    /// ingestd patch: keeps `statement` for `query`, for the life of the
-    /// connection.
-    pub fn cache_statement(&mut self, query: &str, statement: Statement) {
-        self.statements.insert(query.to_owned(), statement);
+    /// ingestd patch: the statement kept for `query`, prepared with
+    /// `prepare` the first time and kept for the life of the connection
+    /// (`Client::prepare_cached`, `Transaction::prepare_cached`).
+    pub fn prepare_cached(
+        &mut self,
+        query: &str,
+        prepare: impl FnOnce(&mut Connection) -> Result<Statement, Error>,
+    ) -> Result<Statement, Error> {
+        if let Some(statement) = self.statements.get(query) {
+            return Ok(statement.clone());
+        }
+        let statement = prepare(self)?;
+        self.statements.insert(query.to_owned(), statement.clone());
+        Ok(statement)
     }
 
     /// ingestd patch: bounds every `block_on` (see `Config::response_timeout`).

@@ -55,12 +55,9 @@ impl<'a> Transaction<'a> {
     /// here outlives the transaction: prepared statements are not
     /// transactional.
     pub fn prepare_cached(&mut self, query: &str) -> Result<Statement, Error> {
-        if let Some(statement) = self.connection.cached_statement(query) {
-            return Ok(statement);
-        }
-        let statement = self.prepare(query)?;
-        self.connection.cache_statement(query, statement.clone());
-        Ok(statement)
+        let transaction = self.transaction.as_ref().unwrap();
+        self.connection
+            .prepare_cached(query, |c| c.block_on(transaction.prepare(query)))
     }
 
     /// Like `Client::prepare_typed`.
