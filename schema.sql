@@ -89,3 +89,12 @@ ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS event_ids uuid[];
 -- of failing every batch that holds it. Added in place.
 ALTER TABLE outbox ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 0;
 ALTER TABLE outbox ADD COLUMN IF NOT EXISTS not_before timestamptz;
+
+-- A CloudEvent's context attributes (specversion, id, source, type and the
+-- optional and extension attributes; `data_base64: true` when the payload
+-- is its data in base64), NULL for a plain event; and the W3C trace
+-- context every event is accepted with. Added in place: a process of an
+-- earlier version ignores them.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS attributes jsonb;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS tracestate text;

@@ -30,6 +30,8 @@ fn main() {
             body: body.to_vec(),
             timestamp: 0,
             attempt: None,
+            content_type: "application/json".into(),
+            headers: Default::default(),
         })
         .collect();
     let started = Instant::now();

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use log::{info, warn};
 
 use crate::api::commit::{self, Committer};
+use crate::api::ratelimit::Limiter;
 use crate::api::server::Http;
 use crate::api::{self, Api, ingest};
 use crate::broker::{self, AmqpUrl, Topology};
@@ -225,6 +226,7 @@ fn start_relay(
         confirm_timeout: config.confirm_timeout,
         late_after: config.redeliver_after / 2,
         connect_timeout: broker::CONNECT_TIMEOUT,
+        messages: config.messages.clone(),
         health: shared.health.clone(),
         metrics: shared.metrics.clone(),
     };
@@ -287,7 +289,10 @@ fn start_api(config: &Config, shared: Shared, wakeup: Wakeup, app: &mut App) -> 
         metrics,
         stop,
     } = shared;
-    let server = api::server::bind(config, &metrics)
+    let limiter = config
+        .rate_limit
+        .map(|limit| Arc::new(Limiter::new(limit, Some(metrics.clone()))));
+    let server = api::server::bind(config, &metrics, limiter.clone())
         .map_err(|e| Error::Bind(config.http_addr, e.to_string()))?;
     let settings = commit::Settings {
         threads: config.committers,
@@ -328,6 +333,7 @@ fn start_api(config: &Config, shared: Shared, wakeup: Wakeup, app: &mut App) -> 
         },
         keys: config.api_keys.clone(),
         metrics_auth: config.metrics_auth,
+        limiter,
         wakeup,
         health,
         metrics,

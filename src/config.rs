@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::api::auth::ApiKeys;
+use crate::api::ratelimit::RateLimit;
+use crate::message;
 
 /// One documented configuration variable.
 pub struct Var {
@@ -88,6 +90,21 @@ pub const VARS: &[Var] = &[
         name: "INGEST_API_KEYS",
         default: "",
         help: "comma-separated API keys (16+ characters each) required on ingest and query routes; empty: open",
+    },
+    Var {
+        name: "INGEST_RATE_LIMIT",
+        default: "off",
+        help: "events per second each API key (each client address when no keys are set) may ingest, with a burst: for example 1000/s,burst=5000; over it, 429 with Retry-After",
+    },
+    Var {
+        name: "INGEST_MESSAGE_FORMAT",
+        default: "ingestd",
+        help: "message bodies: ingestd (its JSON body, CloudEvents attributes in cloudEvents_* headers) or cloudevents (structured-mode CloudEvents JSON)",
+    },
+    Var {
+        name: "INGEST_CLOUDEVENTS_SOURCE",
+        default: "/ingestd",
+        help: "the CloudEvents source (a URI reference) of events ingested without CloudEvents",
     },
     Var {
         name: "INGEST_METRICS_AUTH",
@@ -264,6 +281,11 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// `INGEST_API_KEYS`: the keys clients must present; none: open.
     pub api_keys: ApiKeys,
+    /// `INGEST_RATE_LIMIT`: events per second and burst per client.
+    pub rate_limit: Option<RateLimit>,
+    /// `INGEST_MESSAGE_FORMAT` and `INGEST_CLOUDEVENTS_SOURCE`: how the
+    /// relay builds messages.
+    pub messages: message::Settings,
     /// `INGEST_METRICS_AUTH`: whether `/metrics` needs a key as well.
     pub metrics_auth: MetricsAuth,
     /// `INGEST_COMMIT_QUEUE`: capacity of the hand-off to committers.
@@ -412,6 +434,21 @@ impl Config {
             })?,
             idempotency_ttl: nonzero_duration(get("INGEST_IDEMPOTENCY_TTL"))?,
             api_keys: parse_with(get("INGEST_API_KEYS"), ApiKeys::parse)?,
+            rate_limit: parse_with(get("INGEST_RATE_LIMIT"), RateLimit::parse)?,
+            messages: message::Settings {
+                format: parse_with(get("INGEST_MESSAGE_FORMAT"), |s| match s {
+                    "ingestd" => Ok(message::Format::Ingestd),
+                    "cloudevents" => Ok(message::Format::CloudEvents),
+                    _ => Err(format!("{s:?} is neither ingestd nor cloudevents")),
+                })?,
+                source: parse_with(get("INGEST_CLOUDEVENTS_SOURCE"), |s| {
+                    if s.is_empty() || s.chars().any(|c| c.is_control() || c == ' ') {
+                        Err("must be a non-empty URI reference without spaces".into())
+                    } else {
+                        Ok(s.to_string())
+                    }
+                })?,
+            },
             metrics_auth: parse_with(get("INGEST_METRICS_AUTH"), |s| match s {
                 "open" => Ok(MetricsAuth::Open),
                 "key" => Ok(MetricsAuth::Key),

@@ -18,6 +18,7 @@ pub mod message;
 pub mod ops;
 pub mod relay;
 pub mod store;
+pub mod trace;
 pub mod worker;
 
 pub use app::{App, Role, start};

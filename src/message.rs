@@ -9,87 +9,254 @@
 //! PostgreSQL wrote it (`jsonb` text, numbers exact), never re-parsed.
 
 use amiquip::{AmqpProperties, AmqpValue, FieldTable};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::store::OutboxRow;
+use crate::store::{BASE64_MARKER, OutboxRow};
 
 /// AMQP `type` property of event messages.
 pub const EVENT_MESSAGE_TYPE: &str = "ingestd.event";
 /// Header carrying the number of the attempt a retried message is for.
 pub const ATTEMPT_HEADER: &str = "x-ingestd-attempt";
+/// Prefix of the headers that carry CloudEvents attributes (the AMQP
+/// binding's, which RabbitMQ maps to AMQP 1.0 application properties).
+pub const CLOUDEVENTS_PREFIX: &str = "cloudEvents_";
+/// Content type of a structured-mode CloudEvents body.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json; charset=utf-8";
+
+/// What a message body is (`INGEST_MESSAGE_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// ingestd's own body, `{"id", "type", "key", "payload", "created_at"}`
+    /// (and `"attributes"` for a CloudEvent).
+    Ingestd,
+    /// A structured-mode CloudEvent in the JSON event format.
+    CloudEvents,
+}
+
+/// How the relay builds messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The body's format.
+    pub format: Format,
+    /// The CloudEvents `source` of events ingested without CloudEvents
+    /// (`INGEST_CLOUDEVENTS_SOURCE`).
+    pub source: String,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            format: Format::Ingestd,
+            source: "/ingestd".into(),
+        }
+    }
+}
 
 /// One message to publish.
 #[derive(Debug, Clone)]
 pub struct Message {
     /// Becomes the AMQP `message_id`: the event id.
     pub id: String,
-    /// JSON body.
+    /// The body.
     pub body: Vec<u8>,
     /// Seconds since the epoch, the AMQP `timestamp`.
     pub timestamp: u64,
     /// For a retry: the number of the attempt it is for.
     pub attempt: Option<i32>,
+    /// The AMQP `content_type`.
+    pub content_type: String,
+    /// The event's headers: its CloudEvents attributes and trace context.
+    pub headers: FieldTable,
 }
 
 impl Message {
     /// The message for a claimed outbox row; `now` stands in for a
     /// timestamp the row cannot give.
-    pub fn for_event(row: &OutboxRow, now: u64) -> Message {
-        let mut body = Vec::with_capacity(row.payload.len() + 160);
-        body.extend_from_slice(b"{\"id\":\"");
-        body.extend_from_slice(
-            row.event_id
-                .hyphenated()
-                .encode_lower(&mut Uuid::encode_buffer())
-                .as_bytes(),
-        );
-        body.extend_from_slice(b"\",\"type\":");
-        write_json_string(&mut body, row.event_type.as_deref());
-        body.extend_from_slice(b",\"key\":");
-        write_json_string(&mut body, row.key.as_deref());
-        body.extend_from_slice(b",\"payload\":");
-        body.extend_from_slice(row.payload.as_bytes());
-        body.extend_from_slice(b",\"created_at\":");
-        write_json_string(&mut body, Some(&row.created_at));
-        body.push(b'}');
+    pub fn for_event(row: &OutboxRow, now: u64, settings: &Settings) -> Message {
+        let stored: Option<Map<String, Value>> = row
+            .attributes
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok());
+        let attributes = cloudevent_attributes(row, stored.as_ref(), settings);
+        let mut headers = FieldTable::new();
+        for (name, value) in &attributes {
+            if name == "datacontenttype" {
+                continue;
+            }
+            if let Some(value) = amqp_value(value) {
+                headers.insert(format!("{CLOUDEVENTS_PREFIX}{name}"), value);
+            }
+        }
+        for (name, value) in [
+            ("traceparent", &row.traceparent),
+            ("tracestate", &row.tracestate),
+        ] {
+            if let Some(value) = value {
+                headers.insert(name.into(), AmqpValue::LongString(value.clone()));
+                headers.insert(
+                    format!("{CLOUDEVENTS_PREFIX}{name}"),
+                    AmqpValue::LongString(value.clone()),
+                );
+            }
+        }
+        let (body, content_type) = match settings.format {
+            Format::Ingestd => (ingestd_body(row, stored.as_ref()), "application/json"),
+            Format::CloudEvents => {
+                let base64 = stored
+                    .as_ref()
+                    .is_some_and(|s| s.get(BASE64_MARKER) == Some(&Value::Bool(true)));
+                (
+                    structured_body(row, attributes, base64),
+                    STRUCTURED_CONTENT_TYPE,
+                )
+            }
+        };
         Message {
             id: row.event_id.to_string(),
             body,
             timestamp: u64::try_from(row.created_epoch).unwrap_or(now),
             attempt: None,
+            content_type: content_type.into(),
+            headers,
         }
     }
 
-    /// A copy of a delivered message (its id, body and timestamp) for
-    /// attempt number `attempt`.
+    /// A copy of a delivered message (its id, body, timestamp, content
+    /// type and headers, so its attributes and trace) for attempt number
+    /// `attempt`.
     pub fn retry(properties: &AmqpProperties, body: &[u8], attempt: i32) -> Message {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.remove(ATTEMPT_HEADER);
         Message {
             id: properties.message_id().clone().unwrap_or_default(),
             body: body.to_vec(),
             timestamp: properties.timestamp().unwrap_or(0),
             attempt: Some(attempt),
+            content_type: properties
+                .content_type()
+                .clone()
+                .unwrap_or_else(|| "application/json".into()),
+            headers,
         }
     }
 
-    /// The AMQP properties it is published with: persistent JSON with the
-    /// event id as `message_id`, and the attempt header on a retry.
+    /// The AMQP properties it is published with: persistent, with the event
+    /// id as `message_id`, its headers, and the attempt header on a retry.
     pub fn properties(&self) -> AmqpProperties {
-        let properties = AmqpProperties::default()
+        let mut headers = self.headers.clone();
+        if let Some(attempt) = self.attempt {
+            headers.insert(ATTEMPT_HEADER.into(), AmqpValue::LongInt(attempt));
+        }
+        AmqpProperties::default()
             .with_delivery_mode(2)
-            .with_content_type("application/json".into())
+            .with_content_type(self.content_type.clone())
             .with_message_id(self.id.clone())
             .with_type_(EVENT_MESSAGE_TYPE.into())
-            .with_timestamp(self.timestamp);
-        match self.attempt {
-            Some(attempt) => {
-                let mut headers = FieldTable::new();
-                headers.insert(ATTEMPT_HEADER.into(), AmqpValue::LongInt(attempt));
-                properties.with_headers(headers)
-            }
-            None => properties,
-        }
+            .with_timestamp(self.timestamp)
+            .with_headers(headers)
     }
+}
+
+/// An event's CloudEvents context attributes: a CloudEvent's own (the
+/// `data_base64` marker apart), or for a plain event the ones derived from
+/// ingestd's fields: `id` the event id, `source` the configured one,
+/// `type` the event's or `ingestd.event`, `partitionkey` its key. `time` is
+/// when ingestd accepted it unless the event says otherwise.
+fn cloudevent_attributes(
+    row: &OutboxRow,
+    stored: Option<&Map<String, Value>>,
+    settings: &Settings,
+) -> Map<String, Value> {
+    let mut attributes = match stored {
+        Some(stored) => stored.clone(),
+        None => {
+            let mut derived = Map::new();
+            derived.insert("specversion".into(), "1.0".into());
+            derived.insert("id".into(), row.event_id.to_string().into());
+            derived.insert("source".into(), settings.source.clone().into());
+            let event_type = row.event_type.as_deref().unwrap_or(EVENT_MESSAGE_TYPE);
+            derived.insert("type".into(), event_type.into());
+            derived.insert("datacontenttype".into(), "application/json".into());
+            if let Some(key) = &row.key {
+                derived.insert("partitionkey".into(), key.clone().into());
+            }
+            derived
+        }
+    };
+    attributes.remove(BASE64_MARKER);
+    attributes
+        .entry("time")
+        .or_insert_with(|| row.created_at.clone().into());
+    attributes
+}
+
+/// A CloudEvents attribute as an AMQP header value: strings as long
+/// strings, booleans as booleans, integers as 32-bit integers.
+fn amqp_value(value: &Value) -> Option<AmqpValue> {
+    match value {
+        Value::String(s) => Some(AmqpValue::LongString(s.clone())),
+        Value::Bool(b) => Some(AmqpValue::Boolean(*b)),
+        Value::Number(n) => n
+            .as_i64()
+            .and_then(|n| i32::try_from(n).ok())
+            .map(AmqpValue::LongInt),
+        _ => None,
+    }
+}
+
+/// ingestd's body: `{"id", "type", "key", "payload", "created_at"}`, and
+/// a CloudEvent's stored `"attributes"`.
+fn ingestd_body(row: &OutboxRow, stored: Option<&Map<String, Value>>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(row.payload.len() + 160);
+    body.extend_from_slice(b"{\"id\":\"");
+    body.extend_from_slice(
+        row.event_id
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    body.extend_from_slice(b"\",\"type\":");
+    write_json_string(&mut body, row.event_type.as_deref());
+    body.extend_from_slice(b",\"key\":");
+    write_json_string(&mut body, row.key.as_deref());
+    body.extend_from_slice(b",\"payload\":");
+    body.extend_from_slice(row.payload.as_bytes());
+    body.extend_from_slice(b",\"created_at\":");
+    write_json_string(&mut body, Some(&row.created_at));
+    if let Some(stored) = stored {
+        body.extend_from_slice(b",\"attributes\":");
+        serde_json::to_writer(&mut body, stored).expect("a map serialises");
+    }
+    body.push(b'}');
+    body
+}
+
+/// A structured-mode CloudEvent: the attributes, the trace context
+/// extension, and the payload as `data` (or as `data_base64` when it holds
+/// binary data). The payload goes in as PostgreSQL wrote it.
+fn structured_body(row: &OutboxRow, mut attributes: Map<String, Value>, base64: bool) -> Vec<u8> {
+    if let Some(traceparent) = &row.traceparent {
+        attributes.insert("traceparent".into(), traceparent.clone().into());
+    }
+    if let Some(tracestate) = &row.tracestate {
+        attributes.insert("tracestate".into(), tracestate.clone().into());
+    }
+    let mut body = serde_json::to_vec(&attributes).expect("a map serialises");
+    body.pop();
+    if row.payload != "null" {
+        if !attributes.is_empty() {
+            body.push(b',');
+        }
+        body.extend_from_slice(if base64 {
+            b"\"data_base64\":"
+        } else {
+            b"\"data\":"
+        });
+        body.extend_from_slice(row.payload.as_bytes());
+    }
+    body.push(b'}');
+    body
 }
 
 /// The attempt number of a delivery, from the header set when a retry was
@@ -98,6 +265,17 @@ pub fn attempt(properties: &AmqpProperties) -> Option<i32> {
     match properties.headers().as_ref()?.get(ATTEMPT_HEADER)? {
         AmqpValue::LongInt(n) => Some(*n),
         _ => None,
+    }
+}
+
+/// The event id of a delivery: its `message_id`, which every message
+/// ingestd publishes carries, whatever its body's format; for a message
+/// published by something else without a UUID there, its body's `id`
+/// ([`event_id`]), as earlier versions read it.
+pub fn delivery_event_id(properties: &AmqpProperties, body: &[u8]) -> Result<Uuid, String> {
+    match properties.message_id().as_deref().map(Uuid::try_parse) {
+        Some(Ok(id)) => Ok(id),
+        _ => event_id(body),
     }
 }
 
@@ -151,8 +329,11 @@ mod tests {
             created_epoch: 1_769_860_800,
             refusals: 0,
             queued_epoch: 1_769_860_800.0,
+            attributes: None,
+            traceparent: Some(TRACEPARENT.into()),
+            tracestate: None,
         };
-        let message = Message::for_event(&row, 0);
+        let message = Message::for_event(&row, 0, &Settings::default());
         let body: Value = serde_json::from_slice(&message.body).expect("JSON");
         assert_eq!(body["id"], row.event_id.to_string());
         assert_eq!(body["type"], "order \"placed\"");
@@ -170,6 +351,140 @@ mod tests {
             Some(&*message.id)
         );
         assert_eq!(attempt(&message.properties()), None);
+    }
+
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn header<'a>(properties: &'a AmqpProperties, name: &str) -> Option<&'a AmqpValue> {
+        properties.headers().as_ref()?.get(name)
+    }
+
+    fn text(value: Option<&AmqpValue>) -> Option<&str> {
+        match value {
+            Some(AmqpValue::LongString(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn cloudevent_row() -> OutboxRow {
+        OutboxRow {
+            outbox_id: 1,
+            event_id: Uuid::new_v4(),
+            event_type: Some("com.example.t".into()),
+            key: None,
+            payload: "\"AAE=\"".into(),
+            created_at: "2026-01-31T12:00:00Z".into(),
+            created_epoch: 1_769_860_800,
+            refusals: 0,
+            queued_epoch: 0.0,
+            attributes: Some(
+                r#"{"id": "A-1", "type": "com.example.t", "source": "/s", "specversion": "1.0",
+                    "datacontenttype": "application/octet-stream", "data_base64": true,
+                    "n": 7, "ok": true}"#
+                    .into(),
+            ),
+            traceparent: Some(TRACEPARENT.into()),
+            tracestate: Some("a=1".into()),
+        }
+    }
+
+    #[test]
+    fn plain_events_get_derived_cloudevents_headers() {
+        let mut row = cloudevent_row();
+        row.attributes = None;
+        row.key = Some("k-1".into());
+        let settings = Settings {
+            format: Format::Ingestd,
+            source: "/here".into(),
+        };
+        let properties = Message::for_event(&row, 0, &settings).properties();
+        let id = row.event_id.to_string();
+        for (name, want) in [
+            ("cloudEvents_specversion", "1.0"),
+            ("cloudEvents_id", &*id),
+            ("cloudEvents_source", "/here"),
+            ("cloudEvents_type", "com.example.t"),
+            ("cloudEvents_time", "2026-01-31T12:00:00Z"),
+            ("cloudEvents_partitionkey", "k-1"),
+            ("traceparent", TRACEPARENT),
+            ("cloudEvents_traceparent", TRACEPARENT),
+        ] {
+            assert_eq!(text(header(&properties, name)), Some(want), "{name}");
+        }
+        assert_eq!(
+            properties.content_type().as_deref(),
+            Some("application/json")
+        );
+        row.event_type = None;
+        let properties = Message::for_event(&row, 0, &settings).properties();
+        assert_eq!(
+            text(header(&properties, "cloudEvents_type")),
+            Some(EVENT_MESSAGE_TYPE)
+        );
+    }
+
+    #[test]
+    fn a_cloudevent_keeps_its_attributes_on_the_broker() {
+        let row = cloudevent_row();
+        let message = Message::for_event(&row, 0, &Settings::default());
+        let properties = message.properties();
+        assert_eq!(text(header(&properties, "cloudEvents_id")), Some("A-1"));
+        assert_eq!(text(header(&properties, "cloudEvents_source")), Some("/s"));
+        assert_eq!(
+            header(&properties, "cloudEvents_n"),
+            Some(&AmqpValue::LongInt(7))
+        );
+        assert_eq!(
+            header(&properties, "cloudEvents_ok"),
+            Some(&AmqpValue::Boolean(true))
+        );
+        assert_eq!(header(&properties, "cloudEvents_data_base64"), None);
+        assert_eq!(text(header(&properties, "tracestate")), Some("a=1"));
+        let body: Value = serde_json::from_slice(&message.body).unwrap();
+        assert_eq!(
+            body["attributes"]["datacontenttype"],
+            "application/octet-stream"
+        );
+        assert_eq!(body["payload"], "AAE=");
+        // Its retry keeps them, and the trace.
+        let copy = Message::retry(&properties, &message.body, 2);
+        let again = copy.properties();
+        assert_eq!(text(header(&again, "cloudEvents_id")), Some("A-1"));
+        assert_eq!(text(header(&again, "traceparent")), Some(TRACEPARENT));
+        assert_eq!(attempt(&again), Some(2));
+    }
+
+    #[test]
+    fn the_cloudevents_format_is_a_structured_event() {
+        let row = cloudevent_row();
+        let settings = Settings {
+            format: Format::CloudEvents,
+            ..Settings::default()
+        };
+        let message = Message::for_event(&row, 0, &settings);
+        let properties = message.properties();
+        assert_eq!(
+            properties.content_type().as_deref(),
+            Some(STRUCTURED_CONTENT_TYPE)
+        );
+        assert_eq!(
+            delivery_event_id(&properties, &message.body),
+            Ok(row.event_id)
+        );
+        let body: Value = serde_json::from_slice(&message.body).unwrap();
+        assert_eq!(body["id"], "A-1");
+        assert_eq!(body["specversion"], "1.0");
+        assert_eq!(body["data_base64"], "AAE=");
+        assert_eq!(body["traceparent"], TRACEPARENT);
+        assert_eq!(body["time"], "2026-01-31T12:00:00Z");
+        assert!(body.get("data").is_none());
+        let mut plain = cloudevent_row();
+        plain.attributes = None;
+        plain.payload = r#"{"n": 1.50}"#.into();
+        let message = Message::for_event(&plain, 0, &settings);
+        let text = String::from_utf8(message.body).unwrap();
+        assert!(text.contains(r#""data":{"n": 1.50}"#), "{text}");
+        assert!(text.contains(r#""source":"/ingestd""#), "{text}");
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub enum ApiError {
     BatchTooLarge(usize),
     /// The request's Content-Type is not JSON.
     UnsupportedMediaType(Option<String>),
+    /// A CloudEvents event format other than JSON (the media type).
+    UnsupportedEventFormat(String),
     /// The request's `Content-Encoding` (the value, every field joined)
     /// names a coding the API does not decode, or more than one.
     UnsupportedEncoding(String),
@@ -73,6 +75,9 @@ pub enum ApiError {
     InvalidEncoding(String),
     /// The body decodes to more than the limit (the value).
     DecodedTooLarge(usize),
+    /// The client is over its rate limit; it may try again after this many
+    /// seconds.
+    RateLimited(u64),
     /// The database is unreachable or overloaded.
     Unavailable,
     /// Too many events are waiting to be written.
@@ -124,6 +129,9 @@ pub fn error_response(err: &ApiError) -> HttpResponse {
         ) => response.add_header(header("Retry-After", &RETRY_AFTER_SECS.to_string())),
         ApiError::Unauthorized => {
             response.add_header(header("WWW-Authenticate", "Bearer realm=\"ingestd\""))
+        }
+        ApiError::RateLimited(secs) => {
+            response.add_header(header("Retry-After", &secs.to_string()))
         }
         ApiError::UnsupportedEncoding(_) => {
             response.add_header(header("Accept-Encoding", encoding::ACCEPTED))
@@ -210,6 +218,14 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
                 None => "Content-Type application/json is required".to_string(),
             },
         ),
+        ApiError::UnsupportedEventFormat(got) => (
+            415,
+            "unsupported_media_type",
+            format!(
+                "the CloudEvents event format {got:?} is not supported: send \
+                 application/cloudevents+json, application/cloudevents-batch+json or binary mode"
+            ),
+        ),
         ApiError::UnsupportedEncoding(got) => (
             415,
             "unsupported_encoding",
@@ -224,6 +240,14 @@ fn describe(err: &ApiError) -> (u16, &'static str, String) {
             413,
             "body_too_large",
             format!("the body exceeds the limit of {max} bytes once decompressed"),
+        ),
+        ApiError::RateLimited(secs) => (
+            429,
+            "rate_limited",
+            format!(
+                "this client is over its rate limit (INGEST_RATE_LIMIT); nothing was written, \
+                 retry in {secs} s"
+            ),
         ),
         ApiError::Unavailable => (
             503,

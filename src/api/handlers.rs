@@ -8,15 +8,17 @@ use log::warn;
 use serde_json::json;
 use tiny_http::{Request, Response};
 
+use crate::api::cloudevents::{self, Mode};
 use crate::api::encoding::{self, Coding};
 use crate::api::error::{ApiError, HttpResponse, error_response};
-use crate::api::head::{check_head, header_value, header_values, presented_key};
+use crate::api::head::{check_head, header_value, header_values, presented_key, rate_client};
 use crate::api::reply::{accepted, header, json_response};
 use crate::api::route::Route;
 use crate::api::{Api, Handled, Ingest, footprint, ingest};
 use crate::ops::health::Link;
 use crate::ops::metrics::Gauges;
 use crate::store::{EventRecord, IdempotencyKey, RetryResult, Submission};
+use crate::trace::TraceContext;
 
 impl Api {
     /// Handles one request already matched to `route`; errors become
@@ -37,6 +39,7 @@ impl Api {
             &self.keys,
             self.metrics_auth,
             self.max_body_bytes,
+            self.limiter.as_deref(),
             request,
             route,
         )?;
@@ -58,6 +61,7 @@ impl Api {
                     )));
                 }
             },
+            Route::IngestOptions => self.webhook_handshake(request),
             Route::Healthz => json_response(200, &json!({ "status": "ok" })),
             Route::Readyz => self.readyz(),
             Route::Metrics => self.metrics(),
@@ -129,8 +133,38 @@ impl Api {
                 return Err(ApiError::MemoryBusy);
             }
         }
-        let parsed = ingest::parse(&body, &self.limits)?;
+        let trace = TraceContext::from_caller(
+            header_value(request, "traceparent"),
+            header_value(request, "tracestate"),
+        );
+        let content_type = header_value(request, "Content-Type");
+        let specversion = header_value(request, "ce-specversion").is_some();
+        let mut parsed = match cloudevents::mode(content_type, specversion)? {
+            None => ingest::parse(&body, &self.limits)?,
+            Some(Mode::Structured) => cloudevents::parse_structured(&body, &trace, &self.limits)?,
+            Some(Mode::Batched) => cloudevents::parse_batched(&body, &trace, &self.limits)?,
+            Some(Mode::Binary) => {
+                let headers: Vec<(String, &str)> = request
+                    .headers()
+                    .iter()
+                    .filter_map(|h| {
+                        let name = h.field.as_str().as_str().to_ascii_lowercase();
+                        let name = name.strip_prefix("ce-")?.to_string();
+                        Some((name, h.value.as_str()))
+                    })
+                    .collect();
+                cloudevents::parse_binary(&headers, content_type, &body, &trace, &self.limits)?
+            }
+        };
         drop(body);
+        for event in &mut parsed.events {
+            event.trace.get_or_insert_with(|| trace.clone());
+        }
+        if let Some(limiter) = &self.limiter {
+            limiter
+                .take_client(&rate_client(&self.keys, request), parsed.events.len())
+                .map_err(|wait| ApiError::RateLimited(wait.as_secs()))?;
+        }
         if let Some(held) = &mut held {
             held.shrink_to(parsed_bound);
         }
@@ -140,6 +174,29 @@ impl Api {
             idempotency_key,
         };
         Ok(Ingest { submission, held })
+    }
+
+    /// The abuse-protection handshake of the CloudEvents webhook
+    /// specification: a sender asks with `WebHook-Request-Origin` whether it
+    /// may deliver, and is allowed, with the rate the limit allows (in
+    /// events per minute; `*` without a limit). The asynchronous form
+    /// (`WebHook-Request-Callback`) is not offered: the answer is immediate.
+    fn webhook_handshake(&self, request: &Request) -> HttpResponse {
+        let mut response = Response::from_data(Vec::new())
+            .with_status_code(200)
+            .with_header(header("Allow", "POST, OPTIONS"));
+        let origin = header_value(request, "WebHook-Request-Origin")
+            .map(str::trim)
+            .filter(|o| !o.is_empty());
+        if let Some(origin) = origin {
+            response.add_header(header("WebHook-Allowed-Origin", origin));
+            let rate = match &self.limiter {
+                Some(limiter) => limiter.limit().per_minute().to_string(),
+                None => "*".into(),
+            };
+            response.add_header(header("WebHook-Allowed-Rate", &rate));
+        }
+        response
     }
 
     /// The metrics; the database figures are the stats refresher's last
@@ -197,5 +254,8 @@ fn event_json(event: &EventRecord) -> serde_json::Value {
         "created_at": event.created_at,
         "processed_at": event.processed_at,
         "last_error": event.last_error,
+        "attributes": event.attributes,
+        "traceparent": event.traceparent,
+        "tracestate": event.tracestate,
     })
 }

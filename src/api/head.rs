@@ -12,8 +12,9 @@ use tiny_http::{HeadCheck, Request};
 
 use crate::api::auth::{self, ApiKeys};
 use crate::api::error::{ApiError, error_response};
+use crate::api::ratelimit::{Client, Limiter};
 use crate::api::route::{Route, route};
-use crate::api::{encoding, ingest};
+use crate::api::{cloudevents, encoding, ingest};
 use crate::config::MetricsAuth;
 use crate::ops::metrics::Metrics;
 
@@ -47,6 +48,13 @@ pub fn presented_key(request: &Request) -> Option<&str> {
     )
 }
 
+/// Whom a request counts against for the rate limit: its API key's scope,
+/// or its address when no keys are configured.
+pub fn rate_client(keys: &ApiKeys, request: &Request) -> Client {
+    let scope = keys.scope(presented_key(request));
+    Client::new(scope, request.remote_addr().map(|a| a.ip()))
+}
+
 /// What a request's head alone decides, in the order the handler checks it:
 /// the route, the API key on protected routes when keys are configured
 /// (`metrics` says whether `/metrics` is one), no body on a route that
@@ -57,6 +65,7 @@ pub fn check_head(
     keys: &ApiKeys,
     metrics: MetricsAuth,
     max_body_bytes: usize,
+    limiter: Option<&Limiter>,
     request: &Request,
     route: Result<Route, ApiError>,
 ) -> Result<Route, ApiError> {
@@ -71,8 +80,21 @@ pub fn check_head(
         return Err(ApiError::BodyNotAllowed);
     }
     if route == Route::Ingest {
+        // An empty bucket refuses on the head; the events are counted once
+        // the body is parsed.
+        if let Some(limiter) = limiter {
+            limiter
+                .check_client(&rate_client(keys, request))
+                .map_err(|wait| ApiError::RateLimited(wait.as_secs()))?;
+        }
         let content_type = header_value(request, "Content-Type");
-        if !content_type.is_some_and(is_json_media_type) {
+        // A CloudEvent in binary mode may have any media type (its data's);
+        // everything else is JSON.
+        let ce_mode = cloudevents::mode(
+            content_type,
+            header_value(request, "ce-specversion").is_some(),
+        )?;
+        if ce_mode.is_none() && !content_type.is_some_and(is_json_media_type) {
             return Err(ApiError::UnsupportedMediaType(
                 content_type.map(str::to_string),
             ));
@@ -95,12 +117,22 @@ pub fn head_check(
     keys: ApiKeys,
     metrics_auth: MetricsAuth,
     max_body_bytes: usize,
+    limiter: Option<Arc<Limiter>>,
     metrics: Arc<Metrics>,
 ) -> HeadCheck {
     HeadCheck::new(move |request| {
         let matched = route(request.method(), request.url());
         let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
-        let err = check_head(&keys, metrics_auth, max_body_bytes, request, matched).err()?;
+        let limiter = limiter.as_deref();
+        let err = check_head(
+            &keys,
+            metrics_auth,
+            max_body_bytes,
+            limiter,
+            request,
+            matched,
+        )
+        .err()?;
         let response = error_response(&err);
         metrics.request(name, response.status_code().0);
         Some(response.boxed())

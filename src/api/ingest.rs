@@ -144,16 +144,7 @@ fn parse_event(mut object: Map<String, Value>, limits: &Limits) -> Result<NewEve
         }
         Some(payload) => payload,
     };
-    // PostgreSQL's jsonb cannot store U+0000; refusing it here keeps one
-    // request from failing the group commit it would share.
-    if has_nul(&payload) {
-        return Err(ApiError::InvalidBody(
-            "the payload contains U+0000, which cannot be stored".into(),
-        ));
-    }
-    if payload_len(&payload)? > limits.max_payload_bytes {
-        return Err(ApiError::PayloadTooLarge(limits.max_payload_bytes));
-    }
+    check_payload(&payload, limits)?;
     let event_type = name_field(&mut object, "type")?;
     let key = name_field(&mut object, "key")?;
     let (id, client_id) = match object.remove("id") {
@@ -180,7 +171,24 @@ fn parse_event(mut object: Map<String, Value>, limits: &Limits) -> Result<NewEve
         event_type,
         key,
         client_id,
+        attributes: None,
+        trace: None,
     })
+}
+
+/// The checks on a payload that PostgreSQL and the limits impose: no
+/// U+0000 anywhere (jsonb cannot store it; refused here, it cannot fail the
+/// group commit it would share), numbers it can store, and the size limit.
+pub fn check_payload(payload: &Value, limits: &Limits) -> Result<(), ApiError> {
+    if has_nul(payload) {
+        return Err(ApiError::InvalidBody(
+            "the payload contains U+0000, which cannot be stored".into(),
+        ));
+    }
+    if payload_len(payload)? > limits.max_payload_bytes {
+        return Err(ApiError::PayloadTooLarge(limits.max_payload_bytes));
+    }
+    Ok(())
 }
 
 /// An optional string field of 1 to [`MAX_NAME_CHARS`] characters without

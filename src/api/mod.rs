@@ -4,7 +4,8 @@
 //! routed ([`route`]), its head checked ([`head`]: route, API key, media
 //! type, content coding, announced size), its body decoded when it is
 //! compressed ([`encoding`]) and then checked ([`ingest`]: JSON shape,
-//! limits) before anything touches the database. Every failure is an
+//! limits; [`cloudevents`] for CloudEvents) before anything touches the
+//! database. Every failure is an
 //! [`ApiError`], which [`error::error_response`] alone turns into a status
 //! and a JSON body, and the server's own refusals reach the same function
 //! ([`error::refusal`]). Valid events go to a [`commit::Committer`], which
@@ -14,6 +15,7 @@
 //! process.
 
 pub mod auth;
+pub mod cloudevents;
 pub mod commit;
 pub mod encoding;
 pub mod error;
@@ -21,6 +23,7 @@ pub mod footprint;
 mod handlers;
 pub mod head;
 pub mod ingest;
+pub mod ratelimit;
 pub mod reply;
 pub mod route;
 pub mod server;
@@ -32,6 +35,7 @@ use tiny_http::{Reservation, Server};
 use crate::api::auth::ApiKeys;
 use crate::api::commit::Committer;
 use crate::api::ingest::Limits;
+use crate::api::ratelimit::Limiter;
 use crate::config::MetricsAuth;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
@@ -55,6 +59,8 @@ pub struct Api {
     pub keys: ApiKeys,
     /// Whether `/metrics` needs a key too.
     pub metrics_auth: MetricsAuth,
+    /// The rate limit per client on ingest, if any.
+    pub limiter: Option<Arc<Limiter>>,
     /// How a retried event's commit wakes the relays.
     pub wakeup: Wakeup,
     /// Broker connection state for `/readyz`.

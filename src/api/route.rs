@@ -14,6 +14,9 @@ use crate::config::MetricsAuth;
 pub enum Route {
     /// `POST /Ingestion/ingest` and `POST /v1/events`.
     Ingest,
+    /// `OPTIONS` on the ingest routes: the CloudEvents webhook
+    /// abuse-protection handshake.
+    IngestOptions,
     /// `GET /v1/events/<id>`.
     GetEvent(Uuid),
     /// `POST /v1/events/<id>/retry`.
@@ -37,7 +40,7 @@ impl Route {
     /// a key, the metrics.
     pub fn is_protected(&self, metrics: MetricsAuth) -> bool {
         match self {
-            Route::Healthz | Route::Readyz | Route::StatusPage => false,
+            Route::Healthz | Route::Readyz | Route::StatusPage | Route::IngestOptions => false,
             Route::Metrics => metrics == MetricsAuth::Key,
             _ => true,
         }
@@ -54,6 +57,7 @@ impl Route {
     pub fn name(&self) -> &'static str {
         match self {
             Route::Ingest => "ingest",
+            Route::IngestOptions => "ingest_options",
             Route::GetEvent(_) => "get_event",
             Route::RetryEvent(_) => "retry_event",
             Route::Healthz => "healthz",
@@ -72,7 +76,7 @@ pub fn route(method: &Method, url: &str) -> Result<Route, ApiError> {
         .filter(|p| !p.is_empty())
         .unwrap_or(path);
     let (allow, route) = if path.eq_ignore_ascii_case("/Ingestion/ingest") || path == "/v1/events" {
-        ("POST", Ok(Route::Ingest))
+        ("POST, OPTIONS", Ok(Route::Ingest))
     } else if let Some(rest) = path.strip_prefix("/v1/events/") {
         let (id, allow, to_route): (_, _, fn(Uuid) -> Route) = match rest.strip_suffix("/retry") {
             Some(id) => (id, "POST", Route::RetryEvent),
@@ -95,8 +99,11 @@ pub fn route(method: &Method, url: &str) -> Result<Route, ApiError> {
     } else {
         return Err(ApiError::NotFound);
     };
+    if *method == Method::Options && route == Ok(Route::Ingest) {
+        return Ok(Route::IngestOptions);
+    }
     let allowed = match allow {
-        "POST" => *method == Method::Post,
+        "POST" | "POST, OPTIONS" => *method == Method::Post,
         _ => *method == Method::Get || *method == Method::Head,
     };
     if !allowed {
@@ -135,10 +142,22 @@ mod tests {
             Err(ApiError::MethodNotAllowed("POST"))
         );
         assert_eq!(route(&Method::Get, "/healthz"), Ok(Route::Healthz));
+        assert_eq!(
+            route(&Method::Options, "/v1/events"),
+            Ok(Route::IngestOptions)
+        );
+        assert_eq!(
+            route(&Method::Options, "/Ingestion/ingest"),
+            Ok(Route::IngestOptions)
+        );
+        assert_eq!(
+            route(&Method::Options, "/healthz"),
+            Err(ApiError::MethodNotAllowed("GET"))
+        );
         assert_eq!(route(&Method::Get, "/nope"), Err(ApiError::NotFound));
         assert_eq!(
             route(&Method::Get, "/v1/events"),
-            Err(ApiError::MethodNotAllowed("POST"))
+            Err(ApiError::MethodNotAllowed("POST, OPTIONS"))
         );
         assert_eq!(
             route(&Method::Delete, &format!("/v1/events/{id}")),

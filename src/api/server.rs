@@ -15,6 +15,7 @@ use log::{error, warn};
 use tiny_http::{Request, Server};
 
 use crate::api::error::{ApiError, HttpResponse, error_response};
+use crate::api::ratelimit::Limiter;
 use crate::api::reply::commit_response;
 use crate::api::route::{Route, route};
 use crate::api::{Api, Handled, Ingest};
@@ -89,14 +90,22 @@ impl Http {
 }
 
 /// Binds the server with the limits of `config`.
-pub fn bind(config: &Config, metrics: &Arc<Metrics>) -> std::io::Result<Arc<Server>> {
-    Server::http_with_limits(config.http_addr, http_limits(config, metrics))
+pub fn bind(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    limiter: Option<Arc<Limiter>>,
+) -> std::io::Result<Arc<Server>> {
+    Server::http_with_limits(config.http_addr, http_limits(config, metrics, limiter))
         .map(Arc::new)
         .map_err(std::io::Error::other)
 }
 
 /// The HTTP server's limits, from the configuration.
-fn http_limits(config: &Config, metrics: &Arc<Metrics>) -> tiny_http::Limits {
+fn http_limits(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    limiter: Option<Arc<Limiter>>,
+) -> tiny_http::Limits {
     tiny_http::Limits {
         max_connections: config.http_max_connections,
         max_head_bytes: config.http_max_header_bytes,
@@ -114,6 +123,7 @@ fn http_limits(config: &Config, metrics: &Arc<Metrics>) -> tiny_http::Limits {
             config.api_keys.clone(),
             config.metrics_auth,
             config.max_body_bytes,
+            limiter,
             metrics.clone(),
         )),
         // The server's own refusals answer in the API's error format.

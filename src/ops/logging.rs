@@ -3,8 +3,9 @@
 //!
 //! Only the binary calls [`init`]; the library just uses the `log` macros, so
 //! an embedding program keeps control of its own logger. Lines about one
-//! event start with `event <id>:`; the JSON form lifts that id into an
-//! `event_id` field so one event can be followed through relay and workers.
+//! event start with `event <id>:` (or `event <id> trace <trace-id>:`, see
+//! [`crate::trace::Subject`]); the JSON form lifts them into `event_id` and
+//! `trace_id` fields so one event can be followed through relay and workers.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -80,12 +81,21 @@ fn json_line(record: &Record, now: SystemTime) -> String {
         "thread": std::thread::current().name().unwrap_or("?"),
         "msg": message,
     });
-    let event_id = message
+    // `event <id>: ...` or `event <id> trace <trace-id>: ...`.
+    let subject = message
         .strip_prefix("event ")
-        .and_then(|rest| rest.split(':').next())
-        .filter(|id| uuid::Uuid::parse_str(id).is_ok());
-    if let Some(id) = event_id {
-        object["event_id"] = id.into();
+        .and_then(|rest| rest.split(':').next());
+    if let Some(subject) = subject {
+        let (id, trace) = match subject.split_once(" trace ") {
+            Some((id, trace)) => (id, Some(trace)),
+            None => (subject, None),
+        };
+        if uuid::Uuid::parse_str(id).is_ok() {
+            object["event_id"] = id.into();
+            if let Some(trace) = trace.filter(|t| t.len() == 32) {
+                object["trace_id"] = trace.into();
+            }
+        }
     }
     object.to_string()
 }
@@ -111,6 +121,22 @@ mod tests {
         assert_eq!(v["level"], "info");
         assert_eq!(v["ts"], 1.5);
         assert_eq!(v["msg"], format!("event {id}: processed"));
+
+        let trace = "0af7651916cd43dd8448eb211c80319c";
+        let args = format!("event {id} trace {trace}: attempt 1 failed");
+        let line = json_line(
+            &Record::builder()
+                .args(format_args!("{args}"))
+                .level(log::Level::Warn)
+                .target("ingestd::worker")
+                .build(),
+            UNIX_EPOCH,
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            (v["event_id"].as_str(), v["trace_id"].as_str()),
+            (Some(&*id.to_string()), Some(trace))
+        );
 
         let line = json_line(
             &Record::builder()

@@ -125,6 +125,8 @@ impl Histogram {
 #[derive(Debug)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Requests refused by the rate limit, by client label.
+    rate_limited: Mutex<BTreeMap<String, u64>>,
     /// Time from a request's arrival to its 202.
     pub ingest_seconds: Histogram,
     /// Events per ingest transaction.
@@ -167,6 +169,7 @@ impl Default for Metrics {
     fn default() -> Metrics {
         Metrics {
             requests: Mutex::new(BTreeMap::new()),
+            rate_limited: Mutex::new(BTreeMap::new()),
             ingest_seconds: Histogram::new(SECONDS),
             commit_batch_size: Histogram::new(SIZES),
             events_committed: Counter::default(),
@@ -214,6 +217,13 @@ impl Metrics {
         *map.entry((route, status)).or_default() += 1;
     }
 
+    /// Counts a request refused by the rate limit; `client` is the label
+    /// that names its client without revealing its API key.
+    pub fn rate_limited(&self, client: &str) {
+        let mut map = self.rate_limited.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(client.to_string()).or_default() += 1;
+    }
+
     /// The Prometheus text exposition of everything, with `gauges`.
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
@@ -231,6 +241,19 @@ impl Metrics {
                 out,
                 "ingestd_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
+        }
+        out.push_str(
+            "# HELP ingestd_rate_limited_total Requests refused with 429 by the rate limit, by \
+             client (a digest of its API key, or \"address\" when limits are per address).\n\
+             # TYPE ingestd_rate_limited_total counter\n",
+        );
+        for (client, n) in self
+            .rate_limited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "ingestd_rate_limited_total{{client=\"{client}\"}} {n}");
         }
         self.ingest_seconds.render(
             &mut out,

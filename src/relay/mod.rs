@@ -24,9 +24,11 @@ use postgres::fallible_iterator::FallibleIterator;
 use crate::backoff::Backoff;
 use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
 use crate::lifecycle::{Failures, Stop};
+use crate::message;
 use crate::ops::health::{Health, Link};
 use crate::ops::metrics::Metrics;
 use crate::store::{self, Store};
+use crate::trace::Subject;
 
 /// What the relay needs to run.
 pub struct Relay {
@@ -47,6 +49,8 @@ pub struct Relay {
     pub late_after: Duration,
     /// TCP and handshake timeout.
     pub connect_timeout: Duration,
+    /// How messages are built (`INGEST_MESSAGE_FORMAT`).
+    pub messages: message::Settings,
     /// Where the connection state is published.
     pub health: Arc<Health>,
     /// Where publishes are counted.
@@ -223,6 +227,7 @@ impl Relay {
             self.batch,
             self.confirm_timeout,
             self.late_after,
+            &self.messages,
         )?;
         if ids.is_empty() {
             // Nothing published (nothing due, or every message refused and
@@ -314,6 +319,7 @@ pub fn publish_claimed(
     batch: usize,
     confirm_timeout: Duration,
     late_after: Duration,
+    messages: &message::Settings,
 ) -> Result<Vec<i64>, Error> {
     let rows = store::outbox::claim_outbox(tx, batch as i64)?;
     if rows.is_empty() {
@@ -326,19 +332,25 @@ pub fn publish_claimed(
     // Events accepted this long ago are published late (the outbox held
     // them through a broker outage): their idle clock restarts below.
     let late_before = now.saturating_sub(late_after.as_secs()) as i64;
-    let messages: Vec<Message> = rows.iter().map(|r| Message::for_event(r, now)).collect();
+    let messages: Vec<Message> = rows
+        .iter()
+        .map(|r| Message::for_event(r, now, messages))
+        .collect();
     let taken = publisher.publish_each(&messages, confirm_timeout)?;
     let (mut published, mut late, mut refused) = (Vec::with_capacity(rows.len()), vec![], vec![]);
     for (row, taken) in rows.iter().zip(taken) {
         let event = row.event_id;
         if taken {
-            debug!("event {event}: published");
+            debug!("{}: published", Subject(event, row.traceparent.as_deref()));
             published.push(row.outbox_id);
             if row.created_epoch < late_before {
                 late.push(event);
             }
         } else {
-            warn!("event {event}: the broker refused its message; trying again later");
+            warn!(
+                "{}: the broker refused its message; trying again later",
+                Subject(event, row.traceparent.as_deref())
+            );
             refused.push(row);
         }
     }

@@ -34,6 +34,12 @@ pub struct EventRecord {
     pub processed_at: Option<String>,
     /// The last processing error, if any.
     pub last_error: Option<String>,
+    /// A CloudEvent's context attributes; `None` for a plain event.
+    pub attributes: Option<Value>,
+    /// The W3C `traceparent` it was accepted with.
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` it was accepted with.
+    pub tracestate: Option<String>,
 }
 
 /// An event as a worker sees it, read under a row lock.
@@ -53,6 +59,12 @@ pub struct LockedEvent {
     pub key: Option<String>,
     /// Seconds since the event was accepted, when it was locked.
     pub age_seconds: f64,
+    /// A CloudEvent's context attributes; `None` for a plain event.
+    pub attributes: Option<Value>,
+    /// The W3C `traceparent` it was accepted with.
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` it was accepted with.
+    pub tracestate: Option<String>,
 }
 
 /// A lower bound on `created_at` for replays.
@@ -129,7 +141,7 @@ impl Store {
                 rfc3339!("created_at"),
                 ", ",
                 rfc3339!("processed_at"),
-                ", last_error FROM events WHERE id = $1"
+                ", last_error, attributes, traceparent, tracestate FROM events WHERE id = $1"
             ),
             &[&id],
         )?;
@@ -143,6 +155,9 @@ impl Store {
             created_at: r.get(6),
             processed_at: r.get(7),
             last_error: r.get(8),
+            attributes: r.get(9),
+            traceparent: r.get(10),
+            tracestate: r.get(11),
         }))
     }
 }
@@ -152,7 +167,8 @@ impl Store {
 pub fn lock(tx: &mut Transaction<'_>, ids: &[Uuid]) -> Result<HashMap<Uuid, LockedEvent>, Error> {
     let lock = tx.prepare_cached(
         "SELECT id, status, attempts, payload, type, key, \
-         extract(epoch FROM clock_timestamp() - created_at)::float8 \
+         extract(epoch FROM clock_timestamp() - created_at)::float8, \
+         attributes, traceparent, tracestate \
          FROM events WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )?;
     let rows = tx.query(&lock, &[&ids])?;
@@ -168,6 +184,9 @@ pub fn lock(tx: &mut Transaction<'_>, ids: &[Uuid]) -> Result<HashMap<Uuid, Lock
                 event_type: r.get(4),
                 key: r.get(5),
                 age_seconds: r.get(6),
+                attributes: r.get(7),
+                traceparent: r.get(8),
+                tracestate: r.get(9),
             };
             (id, event)
         })

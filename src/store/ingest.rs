@@ -8,11 +8,18 @@ use std::time::Duration;
 
 use postgres::Transaction;
 use postgres::error::SqlState;
-use serde_json::Value;
+use postgres::types::{Json, ToSql};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::api::auth::Scope;
 use crate::store::{Conn, Error, Store, Wakeup};
+use crate::trace::TraceContext;
+
+/// The stored CloudEvents attribute (not one a CloudEvent can have: its
+/// name holds an underscore) that says the payload is a string holding the
+/// event's data in base64.
+pub const BASE64_MARKER: &str = "data_base64";
 
 /// An event validated by the API, waiting to be written.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +35,12 @@ pub struct NewEvent {
     /// The client chose `id`: if it is already stored, this is a replay
     /// (same content) or a conflict (different content), not an error.
     pub client_id: bool,
+    /// A CloudEvent's context attributes (its trace context apart), part of
+    /// its content; `None` for a plain event.
+    pub attributes: Option<Map<String, Value>>,
+    /// The trace context the event was accepted with; the API gives every
+    /// event one.
+    pub trace: Option<TraceContext>,
 }
 
 /// One ingest request, written all or nothing.
@@ -108,19 +121,8 @@ impl Store {
         let mut tx = conn.transaction()?;
         // Prepared once per connection: the statements of the hot paths
         // cost the server no parse or plan after the first time.
-        let insert = tx.prepare_cached(
-            "INSERT INTO events (id, payload, type, key) \
-             SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[])",
-        )?;
-        tx.execute(
-            &insert,
-            &[
-                &columns.ids,
-                &columns.payloads,
-                &columns.types,
-                &columns.keys,
-            ],
-        )?;
+        let insert = tx.prepare_cached(INSERT_EVENTS)?;
+        tx.execute(&insert, &columns.insert_params())?;
         let outbox =
             tx.prepare_cached("INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])")?;
         tx.execute(&outbox, &[&columns.ids])?;
@@ -179,15 +181,8 @@ impl Store {
         // the same order and one waits for the other instead of deadlocking.
         let inserted: Vec<Uuid> = tx
             .query(
-                "INSERT INTO events (id, payload, type, key) \
-                 SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[]) AS m \
-                 ORDER BY 1 ON CONFLICT (id) DO NOTHING RETURNING id",
-                &[
-                    &columns.ids,
-                    &columns.payloads,
-                    &columns.types,
-                    &columns.keys,
-                ],
+                &format!("{INSERT_EVENTS} ORDER BY 1 ON CONFLICT (id) DO NOTHING RETURNING id"),
+                &columns.insert_params(),
             )?
             .iter()
             .map(|r| r.get(0))
@@ -199,21 +194,24 @@ impl Store {
             // compared as the idempotency fingerprint compares it (jsonb
             // text: key order and spacing do not matter; numbers compare by
             // their stored digits, so 1, 1.0 and 1.00 differ while 1e2 and
-            // 100 do not). NULL means the row is gone.
+            // 100 do not). A CloudEvent's attributes are content too; the
+            // trace context is not. NULL means the row is gone.
             let rows = tx.query(
                 "SELECT m.ord::int, CASE WHEN e.id IS NULL THEN NULL ELSE \
                         e.payload::text = m.payload::text \
                         AND e.type IS NOT DISTINCT FROM m.type \
-                        AND e.key IS NOT DISTINCT FROM m.key END \
-                 FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[]) \
-                      WITH ORDINALITY AS m(id, payload, type, key, ord) \
+                        AND e.key IS NOT DISTINCT FROM m.key \
+                        AND e.attributes::text IS NOT DISTINCT FROM m.attributes::text END \
+                 FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[], $5::jsonb[]) \
+                      WITH ORDINALITY AS m(id, payload, type, key, attributes, ord) \
                  LEFT JOIN events e ON e.id = m.id \
-                 WHERE NOT (m.id = ANY($5)) ORDER BY m.ord",
+                 WHERE NOT (m.id = ANY($6)) ORDER BY m.ord",
                 &[
                     &columns.ids,
                     &columns.payloads,
                     &columns.types,
                     &columns.keys,
+                    &columns.attributes,
                     &inserted,
                 ],
             )?;
@@ -245,12 +243,21 @@ impl Store {
     }
 }
 
+/// The insert of events, from one array per column ([`Columns::insert_params`]).
+const INSERT_EVENTS: &str = "INSERT INTO events \
+     (id, payload, type, key, attributes, traceparent, tracestate) \
+     SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[], $5::jsonb[], \
+     $6::text[], $7::text[]) AS m";
+
 /// Events as the columns of an `unnest` insert.
 struct Columns<'a> {
     ids: Vec<Uuid>,
     payloads: Vec<&'a Value>,
     types: Vec<Option<&'a str>>,
     keys: Vec<Option<&'a str>>,
+    attributes: Vec<Option<Json<&'a Map<String, Value>>>>,
+    traceparents: Vec<Option<&'a str>>,
+    tracestates: Vec<Option<&'a str>>,
     /// The ids the client chose, `None` for generated ones: part of what
     /// an idempotency key's fingerprint covers.
     client_ids: Vec<Option<Uuid>>,
@@ -263,6 +270,9 @@ impl<'a> Columns<'a> {
             payloads: Vec::new(),
             types: Vec::new(),
             keys: Vec::new(),
+            attributes: Vec::new(),
+            traceparents: Vec::new(),
+            tracestates: Vec::new(),
             client_ids: Vec::new(),
         };
         for e in events {
@@ -270,26 +280,49 @@ impl<'a> Columns<'a> {
             c.payloads.push(&e.payload);
             c.types.push(e.event_type.as_deref());
             c.keys.push(e.key.as_deref());
+            c.attributes.push(e.attributes.as_ref().map(Json));
+            let trace = e.trace.as_ref();
+            c.traceparents.push(trace.map(|t| t.traceparent.as_str()));
+            c.tracestates
+                .push(trace.and_then(|t| t.tracestate.as_deref()));
             c.client_ids.push(e.client_id.then_some(e.id));
         }
         c
+    }
+
+    /// The parameters of [`INSERT_EVENTS`].
+    fn insert_params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.ids,
+            &self.payloads,
+            &self.types,
+            &self.keys,
+            &self.attributes,
+            &self.traceparents,
+            &self.tracestates,
+        ]
     }
 }
 
 // SHA-256 of a body's normalised content (jsonb sorts keys, drops
 // insignificant whitespace and writes numbers in plain decimal, keeping the
-// digits after the point that were sent), over $2 to $5: the payloads,
-// types, keys and client-chosen ids (NULL for generated ones) in the
-// request's order. One event hashes `[payload, type, key, id]`, as keys
-// stored by earlier versions did; a batch hashes
-// `{"batch": [[payload, type, key, id], ...]}`, so order matters, and a
-// body of one event and a batch of that event differ.
-const FINGERPRINT_ONE: &str = "sha256(convert_to(jsonb_build_array(($2::jsonb[])[1], \
-                               ($3::text[])[1], ($4::text[])[1], ($5::uuid[])[1])::text, 'UTF8'))";
+// digits after the point that were sent), over $2 to $6: the payloads,
+// types, keys, client-chosen ids (NULL for generated ones) and CloudEvents
+// attributes in the request's order. One event hashes `[payload, type,
+// key, id]`, as keys stored by earlier versions did, with its attributes
+// appended when it has some; a batch hashes `{"batch": [[payload, type,
+// key, id(, attributes)], ...]}`, so order matters, and a body of one event
+// and a batch of that event differ.
+const FINGERPRINT_ONE: &str = "sha256(convert_to((jsonb_build_array(($2::jsonb[])[1], \
+                               ($3::text[])[1], ($4::text[])[1], ($5::uuid[])[1]) || \
+                               CASE WHEN ($6::jsonb[])[1] IS NULL THEN '[]'::jsonb \
+                               ELSE jsonb_build_array(($6::jsonb[])[1]) END)::text, 'UTF8'))";
 const FINGERPRINT_BATCH: &str = "sha256(convert_to(jsonb_build_object('batch', \
-                                 (SELECT jsonb_agg(jsonb_build_array(p, t, k, i) ORDER BY o) \
-                                 FROM unnest($2::jsonb[], $3::text[], $4::text[], $5::uuid[]) \
-                                 WITH ORDINALITY AS m(p, t, k, i, o)))::text, 'UTF8'))";
+                                 (SELECT jsonb_agg((jsonb_build_array(p, t, k, i) || \
+                                 CASE WHEN a IS NULL THEN '[]'::jsonb ELSE jsonb_build_array(a) END) \
+                                 ORDER BY o) \
+                                 FROM unnest($2::jsonb[], $3::text[], $4::text[], $5::uuid[], \
+                                 $6::jsonb[]) WITH ORDINALITY AS m(p, t, k, i, a, o)))::text, 'UTF8'))";
 
 /// Claims the submission's `Idempotency-Key`, if it has one, for its
 /// events. `None`: there is no key, or it is now ours (new or expired), and
@@ -310,12 +343,13 @@ fn claim_key(
     } else {
         FINGERPRINT_ONE
     };
-    let content: [&(dyn postgres::types::ToSql + Sync); 5] = [
+    let content: [&(dyn ToSql + Sync); 6] = [
         &key,
         &columns.payloads,
         &columns.types,
         &columns.keys,
         &columns.client_ids,
+        &columns.attributes,
     ];
     // A batch's row keeps every id in `event_ids`; `event_id` holds the
     // first, so that a row always names an event (and a process of an
@@ -326,11 +360,11 @@ fn claim_key(
     let claimed = tx.query_opt(
         &format!(
             "INSERT INTO idempotency_keys (key, event_id, event_ids, fingerprint) \
-             VALUES ($1, $6, $7, {fingerprint}) \
+             VALUES ($1, $7, $8, {fingerprint}) \
              ON CONFLICT (key) DO UPDATE SET event_id = EXCLUDED.event_id, \
                  event_ids = EXCLUDED.event_ids, fingerprint = EXCLUDED.fingerprint, \
                  created_at = now() \
-             WHERE idempotency_keys.created_at < now() - make_interval(secs => $8) \
+             WHERE idempotency_keys.created_at < now() - make_interval(secs => $9) \
              RETURNING 1"
         ),
         &[&content[..], &[first, &event_ids, &key_ttl.as_secs_f64()]].concat(),

@@ -24,7 +24,7 @@ use postgres::{Client, NoTls, Transaction};
 use r2d2::PooledConnection;
 
 pub use events::{EventRecord, LockedEvent, RetryResult, Since};
-pub use ingest::{IdempotencyKey, NewEvent, Submission, Written};
+pub use ingest::{BASE64_MARKER, IdempotencyKey, NewEvent, Submission, Written};
 pub use outbox::OutboxRow;
 pub use pool::{Manager, Outage, RESPONSE_GRACE};
 pub use schema::{MIGRATION_TIMEOUT, SCHEMA_SQL, schema_fingerprint};

@@ -33,6 +33,13 @@ pub struct OutboxRow {
     /// When the outbox row was written, seconds since the epoch (kept if
     /// the row has to be put back).
     pub queued_epoch: f64,
+    /// A CloudEvent's context attributes as `jsonb` text; `None` for a
+    /// plain event.
+    pub attributes: Option<String>,
+    /// The W3C `traceparent` the event was accepted with.
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` the event was accepted with.
+    pub tracestate: Option<String>,
 }
 
 /// The claim: takes up to `$1` due outbox rows no other relay holds,
@@ -48,7 +55,7 @@ pub const CLAIM_SQL: &str = concat!(
     "SELECT c.id, e.id, e.type, e.key, e.payload::text, ",
     rfc3339!("e.created_at"),
     ", extract(epoch FROM e.created_at)::bigint, c.attempts, ",
-    "extract(epoch FROM c.created_at)::float8 ",
+    "extract(epoch FROM c.created_at)::float8, e.attributes::text, e.traceparent, e.tracestate ",
     "FROM claimed c JOIN events e ON e.id = c.event_id ORDER BY c.id"
 );
 
@@ -72,6 +79,9 @@ pub fn claim_outbox(tx: &mut Transaction<'_>, limit: i64) -> Result<Vec<OutboxRo
             created_epoch: r.get(6),
             refusals: r.get(7),
             queued_epoch: r.get(8),
+            attributes: r.get(9),
+            traceparent: r.get(10),
+            tracestate: r.get(11),
         })
         .collect())
 }

@@ -24,6 +24,7 @@ use crate::message;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::store::{self, Store, events};
+use crate::trace::Subject;
 
 /// An event handed to a [`Processor`].
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +42,16 @@ pub struct Event {
     pub key: Option<String>,
     /// This attempt's number, starting at 1.
     pub attempt: i32,
+    /// A CloudEvent's context attributes (`specversion`, `id`, `source`,
+    /// `type` and any others it had, its trace context apart); `None` for
+    /// an event ingested without CloudEvents. `data_base64: true` says the
+    /// payload is a string holding its data in base64.
+    pub attributes: Option<Value>,
+    /// The W3C `traceparent` the event was accepted with (the caller's, or
+    /// one ingestd started); the same on every attempt.
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that came with it, if any.
+    pub tracestate: Option<String>,
 }
 
 /// Why processing an event did not succeed.
@@ -150,12 +161,15 @@ pub struct Worker {
 /// Runs jobs until the sending side disconnects.
 pub fn run(worker: Worker, jobs: Receiver<Job>, done: Sender<Done>) {
     for job in jobs {
-        let messages: Vec<(&[u8], i32)> = job
+        let messages: Vec<(Result<Uuid, String>, i32)> = job
             .deliveries
             .iter()
-            .map(|d| (&d.body[..], message::attempt(&d.properties).unwrap_or(1)))
+            .map(|d| {
+                let id = message::delivery_event_id(&d.properties, &d.body);
+                (id, message::attempt(&d.properties).unwrap_or(1))
+            })
             .collect();
-        let outcomes = worker.handle_messages(&messages);
+        let outcomes = worker.handle_ids(messages);
         let reply = Done {
             generation: job.generation,
             results: job.deliveries.into_iter().zip(outcomes).collect(),
@@ -198,11 +212,21 @@ impl Worker {
     /// transaction when every event succeeds, and says what to do with each
     /// delivery.
     pub fn handle_messages(&self, messages: &[(&[u8], i32)]) -> Vec<Outcome> {
+        let ids = messages
+            .iter()
+            .map(|(body, attempt)| (message::event_id(body), *attempt))
+            .collect();
+        self.handle_ids(ids)
+    }
+
+    /// Handles deliveries by event id (or the reason a message names none),
+    /// each with the attempt it is for; see [`Worker::handle_messages`].
+    pub fn handle_ids(&self, messages: Vec<(Result<Uuid, String>, i32)>) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Reject; messages.len()];
         let mut ids = Vec::with_capacity(messages.len());
-        for (i, (body, attempt)) in messages.iter().enumerate() {
-            match message::event_id(body) {
-                Ok(id) => ids.push((i, id, *attempt)),
+        for (i, (id, attempt)) in messages.into_iter().enumerate() {
+            match id {
+                Ok(id) => ids.push((i, id, attempt)),
                 Err(e) => error!("poison message dead-lettered: {e}"),
             }
         }
@@ -261,7 +285,8 @@ impl Worker {
                 }
                 Some(event) if event.status != "pending" => {
                     debug!(
-                        "event {id}: already {}, duplicate delivery skipped",
+                        "{}: already {}, duplicate delivery skipped",
+                        Subject(id, event.traceparent.as_deref()),
                         event.status
                     );
                     self.metrics.duplicates.inc();
@@ -275,6 +300,9 @@ impl Worker {
                         event_type: event.event_type,
                         key: event.key,
                         attempt: event.attempts + 1,
+                        attributes: event.attributes,
+                        traceparent: event.traceparent,
+                        tracestate: event.tracestate,
                     };
                     if let Err(e) = self.run_processor(&mut tx, &input) {
                         return Err(BatchError::Processor(e));
@@ -375,6 +403,7 @@ impl Worker {
             }
             let attempt = event.attempts + 1;
             let step = (attempt - 1) as usize;
+            let subject = Subject(id, event.traceparent.as_deref());
             let retry = match err {
                 ProcessError::Permanent(_) => None,
                 ProcessError::Transient(_) => (step < self.retries).then_some(Outcome::Retry {
@@ -386,11 +415,11 @@ impl Worker {
             tx.commit()?;
             Ok(match retry {
                 Some(outcome) => {
-                    warn!("event {id}: attempt {attempt} failed, will retry: {err}");
+                    warn!("{subject}: attempt {attempt} failed, will retry: {err}");
                     outcome
                 }
                 None => {
-                    warn!("event {id}: failed after attempt {attempt}, dead-lettered: {err}");
+                    warn!("{subject}: failed after attempt {attempt}, dead-lettered: {err}");
                     Outcome::Reject
                 }
             })
@@ -427,7 +456,8 @@ impl Worker {
     /// kill the worker thread.
     fn run_processor(&self, tx: &mut Transaction<'_>, event: &Event) -> Result<(), ProcessError> {
         catch_unwind(AssertUnwindSafe(|| self.processor.process(tx, event))).unwrap_or_else(|_| {
-            error!("event {}: the processor panicked", event.id);
+            let subject = Subject(event.id, event.traceparent.as_deref());
+            error!("{subject}: the processor panicked");
             Err(ProcessError::Transient("the processor panicked".into()))
         })
     }

@@ -980,6 +980,8 @@ fn concurrent_batches_sharing_ids_do_not_deadlock() {
             event_type: None,
             key: None,
             client_id: true,
+            attributes: None,
+            trace: None,
         })
         .collect();
     let start = Arc::new(Barrier::new(8));
@@ -1142,6 +1144,8 @@ fn one_event(n: i32) -> Submission {
             event_type: None,
             key: None,
             client_id: false,
+            attributes: None,
+            trace: None,
         }],
         batch: false,
         idempotency_key: None,

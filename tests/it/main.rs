@@ -3,6 +3,7 @@
 
 mod api;
 mod blackhole;
+mod cloudevents;
 mod docs;
 mod encoding;
 mod faults;
@@ -13,6 +14,7 @@ mod ingest;
 mod openapi;
 mod ops;
 mod pipeline;
+mod ratelimit;
 mod retries;
 mod shutdown;
 mod status;

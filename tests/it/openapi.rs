@@ -212,6 +212,11 @@ fn conform(spec: &Value, method: &str, path: &str, resp: &Resp) -> (String, Stri
             );
         }
     }
+    if documented["content"].is_null() {
+        // A response documented without content has none.
+        assert!(resp.body.is_empty(), "{method} {path} {status}: a body");
+        return (template, method, status);
+    }
     let content_type = resp.header("content-type").unwrap_or("");
     let essence = content_type.split(';').next().unwrap().trim();
     let media = &documented["content"][essence];
@@ -365,6 +370,49 @@ fn responses_match_openapi_yaml() {
             p.send("POST", path, &[json_ct], br#"{"payload":1}"#).status,
             401
         );
+        // CloudEvents: structured (created, replayed, conflicting), batched,
+        // binary, and an event format that is not JSON.
+        let ce_ct = ("Content-Type", "application/cloudevents+json");
+        let ce = |id: &str, data: Value| {
+            json!({"specversion": "1.0", "id": format!("{id}{path}"), "source": "/openapi",
+                   "type": "t", "data": data})
+        };
+        let one = ce("one", json!({"a": 1})).to_string();
+        assert_eq!(p.call("POST", path, &[ce_ct], one.as_bytes()).status, 202);
+        assert_eq!(p.call("POST", path, &[ce_ct], one.as_bytes()).status, 200);
+        let changed = ce("one", json!({"a": 2})).to_string();
+        assert_eq!(
+            p.call("POST", path, &[ce_ct], changed.as_bytes()).status,
+            409
+        );
+        let batch_ct = ("Content-Type", "application/cloudevents-batch+json");
+        let two = json!([ce("b1", json!(1)), ce("b2", json!(2))]).to_string();
+        assert_eq!(
+            p.call("POST", path, &[batch_ct], two.as_bytes()).status,
+            202
+        );
+        let ce_id = format!("bin{path}");
+        let binary = [
+            ("Content-Type", "text/plain"),
+            ("ce-specversion", "1.0"),
+            ("ce-id", ce_id.as_str()),
+            ("ce-source", "/openapi"),
+            ("ce-type", "t"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        ];
+        assert_eq!(p.call("POST", path, &binary, b"hello").status, 202);
+        let avro = ("Content-Type", "application/cloudevents+avro");
+        assert_eq!(p.call("POST", path, &[avro], b"x").status, 415);
+        let origin = ("WebHook-Request-Origin", "sender.example");
+        let handshake = p.send("OPTIONS", path, &[origin], b"");
+        assert_eq!(handshake.status, 200);
+        assert_eq!(
+            handshake.header("webhook-allowed-origin"),
+            Some("sender.example")
+        );
         // A body that stops half-way: 408 once the body timeout passes.
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\n\
@@ -436,6 +484,29 @@ fn responses_match_openapi_yaml() {
     assert_eq!(p.send("GET", "/v1/stats", &[], b"").status, 401);
     assert_eq!(p.send("GET", "/metrics", &[], b"").status, 401);
     assert_eq!(p.call("GET", "/v2/events", &[], b"").status, 404);
+
+    // Rate limits: a second API in the same schema, whose clients may send
+    // one event every ten seconds.
+    let limited_config = env.config_with(&[
+        ("INGEST_API_KEYS", KEY),
+        ("INGEST_RATE_LIMIT", "0.1/s,burst=1"),
+    ]);
+    let limited = env.start_role(&limited_config, ingestd::Role::Api);
+    let mut q = Probe {
+        spec: p.spec.clone(),
+        addr: limited.http_addr().unwrap(),
+        seen: BTreeSet::new(),
+    };
+    let first = q.call("POST", "/v1/events", &[json_ct], br#"{"payload":1}"#);
+    assert_eq!(first.status, 202);
+    // The key's allowance is spent, on either route.
+    for path in ["/v1/events", "/Ingestion/ingest"] {
+        let refused = q.call("POST", path, &[json_ct], br#"{"payload":1}"#);
+        assert_eq!(refused.status, 429, "{path}");
+        assert!(refused.header("retry-after").is_some());
+    }
+    limited.shutdown().unwrap();
+    p.seen.extend(q.seen);
 
     // Every documented operation and status was provoked, except these.
     let exempt = |path: &str, method: &str, status: &str| {

@@ -257,6 +257,7 @@ fn a_relay_crash_between_publish_and_delete_is_processed_once() {
             10,
             Duration::from_secs(5),
             Duration::from_secs(60),
+            &ingestd::message::Settings::default(),
         )
         .unwrap();
         assert_eq!(published.len(), 1);
@@ -629,6 +630,8 @@ fn hot_statements_are_prepared_once_per_connection() {
             event_type: None,
             key: None,
             client_id: false,
+            attributes: None,
+            trace: None,
         };
         store.insert_events(&[&event], &wakeup).unwrap();
         let mut conn = store.conn().unwrap();

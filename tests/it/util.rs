@@ -228,6 +228,8 @@ impl TestEnv {
             body: body.to_vec(),
             timestamp: 0,
             attempt: None,
+            content_type: "application/json".into(),
+            headers: Default::default(),
         };
         publisher
             .publish_batch(&[message], Duration::from_secs(5))
@@ -362,6 +364,9 @@ impl Drop for Binary {
     }
 }
 
+/// The `traceparent` and `tracestate` one attempt was handed.
+pub type Trace = (Option<String>, Option<String>);
+
 /// The tests' processor. It records each committed run in the `runs` table,
 /// inside the worker's transaction, so a second committed run is visible,
 /// and it fails on request, as the payload says:
@@ -374,6 +379,7 @@ impl Drop for Binary {
 pub struct Scripted {
     calls: Mutex<HashMap<Uuid, Vec<Instant>>>,
     payloads: Mutex<HashMap<Uuid, Value>>,
+    traces: Mutex<HashMap<Uuid, Vec<Trace>>>,
     healed: AtomicBool,
     released: AtomicBool,
 }
@@ -393,6 +399,16 @@ impl Scripted {
     /// saw it.
     pub fn payload(&self, id: Uuid) -> Option<Value> {
         self.payloads.lock().unwrap().get(&id).cloned()
+    }
+
+    /// The `traceparent` and `tracestate` each attempt on `id` was handed.
+    pub fn traces(&self, id: Uuid) -> Vec<Trace> {
+        self.traces
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// From now on permanent failures stop failing.
@@ -418,6 +434,12 @@ impl Processor for Scripted {
             .lock()
             .unwrap()
             .insert(event.id, event.payload.clone());
+        self.traces
+            .lock()
+            .unwrap()
+            .entry(event.id)
+            .or_default()
+            .push((event.traceparent.clone(), event.tracestate.clone()));
         if event.payload.get("hold") == Some(&Value::Bool(true)) {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !self.released.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -920,6 +942,8 @@ pub fn insert_event(store: &ingestd::store::Store, payload: &Value, notify: bool
         event_type: None,
         key: None,
         client_id: false,
+        attributes: None,
+        trace: None,
     };
     let wakeup = if notify {
         ingestd::store::Wakeup::Notify
