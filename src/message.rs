@@ -197,12 +197,21 @@ fn amqp_value(value: &Value) -> Option<AmqpValue> {
     match value {
         Value::String(s) => Some(AmqpValue::LongString(s.clone())),
         Value::Bool(b) => Some(AmqpValue::Boolean(*b)),
-        Value::Number(n) => n
-            .as_i64()
-            .and_then(|n| i32::try_from(n).ok())
-            .map(AmqpValue::LongInt),
+        Value::Number(n) => integer_attribute(n).map(AmqpValue::LongInt),
         _ => None,
     }
+}
+
+/// A CloudEvents Integer: a JSON number of 32 bits with no fraction
+/// (`7`, or `7.0` and `7e0`, which JSON Schema counts as integers too).
+pub fn integer_attribute(n: &serde_json::Number) -> Option<i32> {
+    if let Some(i) = n.as_i64() {
+        return i32::try_from(i).ok();
+    }
+    let f = n.as_f64()?;
+    let whole =
+        f.is_finite() && f.fract() == 0.0 && f >= f64::from(i32::MIN) && f <= f64::from(i32::MAX);
+    whole.then_some(f as i32)
 }
 
 /// ingestd's body: `{"id", "type", "key", "payload", "created_at"}`, and

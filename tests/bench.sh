@@ -24,6 +24,10 @@
 #      single events and batches of 100 offered in open loop over 16
 #      connections end to end, the API alone (single events, concurrency
 #      64, against pgbench) and the relay alone (from step 5).
+#  10. the edge features on the ingest path: the API alone taking batches
+#      of 100, as is, gzip-compressed (Content-Encoding) and under a rate
+#      limit (INGEST_RATE_LIMIT) that never refuses: events per second and
+#      ingestd's CPU per event, each against the plain run.
 #
 # BENCH_SMOKE=1 runs every step for a second or two, to keep the harness
 # working in CI; its figures mean nothing.
@@ -286,6 +290,14 @@ cost single "" --rate "$COST_SINGLE_RATE" --concurrency 16 --duration "${COST_T}
 cost batch "" --path /v1/events --batch 100 --rate "$COST_BATCH_RATE" --concurrency 16 \
   --duration "${COST_T}s" --payload-bytes 100
 cost api api --concurrency "$CONC" --duration "${T}s" --payload-bytes 100
+# 10. What the edge features cost on the ingest path: the API alone taking
+#     batches of 100 in closed loop, as is, gzip-compressed, and under a
+#     rate limit too high to refuse anything (every request still takes
+#     its bucket's lock twice).
+EDGE=(--path /v1/events --batch 100 --concurrency "$BATCH_CONC" --duration "${T}s" --payload-bytes 100)
+cost edge_plain api "${EDGE[@]}"
+cost edge_gzip api "${EDGE[@]}" --gzip
+INGEST_RATE_LIMIT=1000000000/s cost edge_limited api "${EDGE[@]}"
 
 # 8. Peak RSS under maximum-size batches, with the default memory budget.
 reset
@@ -353,16 +365,18 @@ def cpu_us(name, events, loadgen=True):
     us["server"] = round(us["postgresql"] + us["rabbitmq"] + us["ingestd"], 1)
     return us
 costs = {}
-for name in ("single", "batch", "api"):
+EDGES = ("edge_plain", "edge_gzip", "edge_limited")
+for name in ("single", "batch", "api") + EDGES:
+    alone = name == "api" or name in EDGES
     processed, total = map(int, open(f"{work}/cost-{name}.events").read().strip().split("|"))
-    events = total if name == "api" else processed
+    events = total if alone else processed
     t0, t1 = map(float, open(f"{work}/cost-{name}.time").read().split())
     st = delta(json.load(open(f"{work}/cost-{name}.stats0")), json.load(open(f"{work}/cost-{name}.stats1")))
     per = lambda n: round(n / events, 2) if events else None
     load_out = json.load(open(f"{work}/cost-{name}.json"))
     costs[name] = {
         "events": events,
-        "pending_left": total - processed if name != "api" else None,
+        "pending_left": total - processed if not alone else None,
         "events_per_s": round(events / (t1 - t0)),
         "latency_ms": load_out["latency_ms"],
         "cpu_us_per_event": cpu_us(f"cost-{name}", events),
@@ -373,6 +387,11 @@ for name in ("single", "batch", "api"):
 costs["single"]["offered_per_s"] = $COST_SINGLE_RATE
 costs["batch"]["offered_per_s"] = $COST_BATCH_RATE * 100
 costs["api"]["ratio_to_pgbench"] = round(costs["api"]["events_per_s"] / pg, 2) if pg else None
+plain = costs["edge_plain"]
+for name in EDGES[1:]:
+    c = costs[name]
+    c["events_per_s_ratio_to_plain"] = round(c["events_per_s"] / plain["events_per_s"], 2) if plain["events_per_s"] else None
+    c["ingestd_us_per_event_over_plain"] = round(c["cpu_us_per_event"]["ingestd"] - plain["cpu_us_per_event"]["ingestd"], 1)
 costs["relay"] = {"events": $RELAY_N, "events_per_s": $RELAY, "cpu_us_per_event": cpu_us("relay", $RELAY_N, loadgen=False)}
 res["costs"] = costs
 json.dump(res, open(out, "w"), indent=2)
@@ -408,12 +427,19 @@ titles = {
     "batch": "batches of 100 offered at %d events/s, 16 connections, end to end" % costs["batch"]["offered_per_s"],
     "api": "api alone, single events, concurrency %d (%.2fx pgbench)" % ($CONC, costs["api"]["ratio_to_pgbench"] or 0),
     "relay": "relay alone, %d rows" % $RELAY_N,
+    "edge_plain": "api alone, batches of 100, %d clients, closed loop" % $BATCH_CONC,
+    "edge_gzip": "  the same, gzip-compressed",
+    "edge_limited": "  the same, under a rate limit that refuses nothing",
 }
 for name, c in costs.items():
     u = c["cpu_us_per_event"]
     rows.append(("cost: " + titles[name], "%d events/s; CPU us/event: PostgreSQL %.1f, RabbitMQ %.1f, ingestd %.1f = %.1f%s" % (
         c["events_per_s"], u["postgresql"], u["rabbitmq"], u["ingestd"], u["server"],
         "; load generator %.1f" % u["loadgen"] if "loadgen" in u else "")))
+    if name in EDGES[1:]:
+        rows.append(("  against the plain run", "%.2fx the events/s; ingestd %+.1f us/event" % (
+            c["events_per_s_ratio_to_plain"] or 0, c["ingestd_us_per_event_over_plain"])))
+        continue
     if "rows_per_event" in c:
         r = c["rows_per_event"]
         rows.append(("  rows per event", "; ".join("%s %s" % (t, ", ".join("%s %.2f" % (k, v) for k, v in r[t].items() if v)) for t in ("events", "outbox") if t in r)

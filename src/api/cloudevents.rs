@@ -20,7 +20,9 @@
 //! attributes, so that a replay with another trace is still a replay.
 
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use base64::alphabet;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use uuid::{Builder, Uuid};
@@ -33,6 +35,16 @@ use crate::trace::TraceContext;
 /// Longest string value of an attribute other than `type` and
 /// `partitionkey`, in characters.
 pub const MAX_ATTRIBUTE_CHARS: usize = 2048;
+
+/// How `data_base64` is read: the standard alphabet, padding or not, and
+/// unused bits at the end ignored, as lenient decoders (and the SDKs)
+/// read it; what ingestd writes is always canonical.
+const LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// A request's CloudEvents mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,8 +135,8 @@ pub fn parse_batched(
     if items.len() > limits.max_batch {
         return Err(ApiError::BatchTooLarge(limits.max_batch));
     }
-    let mut events = Vec::with_capacity(items.len());
-    let mut seen = std::collections::HashSet::new();
+    let mut events: Vec<NewEvent> = Vec::with_capacity(items.len());
+    let mut seen = std::collections::HashMap::new();
     for (index, item) in items.into_iter().enumerate() {
         let in_item = |e| ApiError::InvalidItem(index, Box::new(e));
         let Value::Object(object) = item else {
@@ -133,10 +145,14 @@ pub fn parse_batched(
             )));
         };
         let event = structured_event(object, trace, limits).map_err(in_item)?;
-        if !seen.insert(event.id) {
-            return Err(in_item(ApiError::InvalidBody(
-                "the same source and id appear twice in the batch".into(),
-            )));
+        // The same source and id twice: a copy is a duplicate of the
+        // earlier item (stored once), other content a conflict.
+        if let Some(&earlier) = seen.get(&event.id) {
+            if !same_content(&events[earlier], &event) {
+                return Err(ApiError::IdConflict(Some(index), event.id));
+            }
+        } else {
+            seen.insert(event.id, index);
         }
         events.push(event);
     }
@@ -188,6 +204,15 @@ pub fn parse_binary(
     })
 }
 
+/// True when two events with the same id hold the same content (what
+/// deduplication compares: data, type, key and attributes, not the trace).
+fn same_content(a: &NewEvent, b: &NewEvent) -> bool {
+    a.payload == b.payload
+        && a.event_type == b.event_type
+        && a.key == b.key
+        && a.attributes == b.attributes
+}
+
 /// True for a `datacontenttype` whose data is JSON: `application/json`,
 /// `text/json` or any `+json` type.
 pub fn is_json_content_type(content_type: &str) -> bool {
@@ -230,7 +255,7 @@ fn structured_event(
         (Some(data), None) => Data::Json(data),
         (None, Some(Value::String(text))) => {
             let text: String = text.split_ascii_whitespace().collect();
-            if STANDARD.decode(&text).is_err() {
+            if LENIENT.decode(&text).is_err() {
                 return Err(ApiError::InvalidBody(
                     "\"data_base64\" is not valid base64".into(),
                 ));
@@ -370,7 +395,7 @@ fn check_attribute(name: &str, value: &Value) -> Result<(), ApiError> {
     let valid_value = match value {
         Value::String(s) => s.chars().count() <= MAX_ATTRIBUTE_CHARS && !s.contains('\0'),
         Value::Bool(_) => true,
-        Value::Number(n) => n.as_i64().is_some_and(|n| i32::try_from(n).is_ok()),
+        Value::Number(n) => crate::message::integer_attribute(n).is_some(),
         _ => false,
     };
     if valid_value {
@@ -527,6 +552,9 @@ mod tests {
         assert_eq!(attributes["myext"], 7);
         assert_eq!(attributes["flag"], true);
         assert!(!attributes.contains_key("data"));
+        // An integer may be written with a zero fraction.
+        let e = structured(r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","n":7.0}"#);
+        assert!(e.is_ok(), "{e:?}");
         // No data is a null payload.
         let e = structured(r#"{"specversion":"1.0","id":"1","source":"/s","type":"t"}"#).unwrap();
         assert_eq!(e.payload, Value::Null);
@@ -541,6 +569,13 @@ mod tests {
         .unwrap();
         assert_eq!(e.payload, Value::String("AAE=".into()));
         assert_eq!(e.attributes.unwrap()[BASE64_MARKER], true);
+        // Unused trailing bits and missing padding are read leniently.
+        for text in ["0wKB3w==", "AB==", "AAE"] {
+            let body = format!(
+                r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","data_base64":"{text}"}}"#
+            );
+            assert!(structured(&body).is_ok(), "{text}");
+        }
     }
 
     #[test]
@@ -587,6 +622,10 @@ mod tests {
                 "attribute x",
             ),
             (
+                r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","x":2147483648}"#,
+                "attribute x",
+            ),
+            (
                 r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","data":1,"data_base64":"AA=="}"#,
                 "never both",
             ),
@@ -626,11 +665,17 @@ mod tests {
         let parsed = parse_batched(body.as_bytes(), &trace(), &LIMITS).unwrap();
         assert!(parsed.batch);
         assert_eq!(parsed.events.len(), 2);
+        // A copy is kept (stored once, answered as a duplicate); other
+        // content under the same source and id is a conflict.
         let twice = format!("[{},{}]", item("1"), item("1"));
-        assert!(matches!(
-            parse_batched(twice.as_bytes(), &trace(), &LIMITS),
-            Err(ApiError::InvalidItem(1, _))
-        ));
+        let parsed = parse_batched(twice.as_bytes(), &trace(), &LIMITS).unwrap();
+        assert_eq!(parsed.events[0].id, parsed.events[1].id);
+        let other = r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","data":2}"#;
+        let clash = format!("[{},{other}]", item("1"));
+        assert_eq!(
+            parse_batched(clash.as_bytes(), &trace(), &LIMITS),
+            Err(ApiError::IdConflict(Some(1), event_id("/s", "1")))
+        );
         let bad = format!("[{},{{}}]", item("1"));
         assert!(matches!(
             parse_batched(bad.as_bytes(), &trace(), &LIMITS),

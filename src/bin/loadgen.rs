@@ -69,6 +69,7 @@ Options:
   --api-key KEY       send Authorization: Bearer KEY; LOADGEN_API_KEY in the
                       environment does the same out of sight of ps
   --json              print one JSON object instead of the summary line
+  --gzip              send every body gzip-compressed (Content-Encoding: gzip)
   --timeout D         limit on each request, connecting included [default: 10s]
   -h, --help          print this help
 
@@ -78,7 +79,7 @@ for --ids-out, or with --check-ids when an event is still pending, lost or
 unanswered; 2 on a bad argument.
 ";
 
-const FLAGS: [&str; 14] = [
+const FLAGS: [&str; 15] = [
     "--url",
     "--path",
     "--concurrency",
@@ -93,6 +94,7 @@ const FLAGS: [&str; 14] = [
     "--api-key",
     "--timeout",
     "--json",
+    "--gzip",
 ];
 /// The flags that shape what is sent, which --check-ids does not send.
 const SEND_FLAGS: [&str; 7] = [
@@ -143,6 +145,8 @@ struct Args {
     /// Presented as a bearer token on every request.
     api_key: Option<String>,
     json: bool,
+    /// `--gzip`: bodies go gzip-compressed.
+    gzip: bool,
     timeout: Duration,
 }
 
@@ -319,7 +323,7 @@ fn main() -> ExitCode {
 /// Parses the arguments after the program name; `None` asks for the help.
 fn parse_args(args: Vec<String>) -> Result<Option<Args>, ArgError> {
     let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
-    let mut json = false;
+    let (mut json, mut gzip) = (false, false);
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
@@ -333,11 +337,15 @@ fn parse_args(args: Vec<String>) -> Result<Option<Args>, ArgError> {
             .iter()
             .find(|f| **f == name)
             .ok_or_else(|| ArgError::Unknown(arg.clone()))?;
-        if flag == "--json" {
+        if flag == "--json" || flag == "--gzip" {
             if inline.is_some() {
                 return Err(ArgError::Unknown(arg));
             }
-            json = true;
+            if flag == "--json" {
+                json = true;
+            } else {
+                gzip = true;
+            }
             continue;
         }
         let value = match inline {
@@ -427,6 +435,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Args>, ArgError> {
         check: check_ids,
         api_key,
         json,
+        gzip,
         timeout,
     }))
 }
@@ -543,8 +552,9 @@ fn run(args: &Args) -> Result<ExitCode, RunError> {
 fn connect_clients(args: &Args, path: &str) -> Result<Vec<Client>, RunError> {
     let mut clients = Vec::with_capacity(args.concurrency);
     for i in 0..args.concurrency {
-        let mut client =
-            Client::new(args.target.clone(), path, args.timeout).with_api_key(args.api_key.clone());
+        let mut client = Client::new(args.target.clone(), path, args.timeout)
+            .with_api_key(args.api_key.clone())
+            .with_gzip(args.gzip);
         if let Err(e) = client.connect()
             && i == 0
         {
@@ -1117,6 +1127,16 @@ mod tests {
             })
         );
         assert_eq!(invalid_flag("--check-ids x --deadline 5"), "--deadline");
+    }
+
+    #[test]
+    fn gzip_is_a_switch() {
+        assert!(parse("--gzip").expect("valid").expect("args").gzip);
+        assert!(!parse("").expect("valid").expect("args").gzip);
+        assert_eq!(
+            parse("--gzip=yes").err(),
+            Some(ArgError::Unknown("--gzip=yes".into()))
+        );
     }
 
     #[test]

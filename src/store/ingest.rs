@@ -188,7 +188,14 @@ impl Store {
             .map(|r| r.get(0))
             .collect();
         let new: HashSet<&Uuid> = inserted.iter().collect();
-        let created: Vec<bool> = columns.ids.iter().map(|id| new.contains(id)).collect();
+        // An id given twice (a CloudEvent batch may repeat an event) was
+        // created at most once, by its first item.
+        let mut first = HashSet::new();
+        let created: Vec<bool> = columns
+            .ids
+            .iter()
+            .map(|id| first.insert(id) && new.contains(id))
+            .collect();
         if created.iter().any(|c| !*c) {
             // Some ids exist: each must hold exactly this item's content,
             // compared as the idempotency fingerprint compares it (jsonb

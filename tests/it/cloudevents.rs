@@ -336,6 +336,16 @@ fn the_same_source_and_id_replays_or_conflicts_item_by_item() {
     assert_error(&resp, 409, "id_conflict");
     assert_eq!(resp.json()["index"], 1);
     assert_eq!(env.count("SELECT count(*) FROM events"), 3);
+    // One batch holding an event twice stores it once; twice with other
+    // content is a conflict within the batch.
+    let resp = batch(vec![ce("d-4", json!(4)), ce("d-4", json!(4))]);
+    assert_eq!(resp.status, 202);
+    assert_eq!(resp.json()["duplicates"], json!([1]));
+    assert_eq!(resp.json()["ids"][0], resp.json()["ids"][1]);
+    let resp = batch(vec![ce("d-5", json!(5)), ce("d-5", json!("five"))]);
+    assert_error(&resp, 409, "id_conflict");
+    assert_eq!(resp.json()["index"], 1);
+    assert_eq!(env.count("SELECT count(*) FROM events"), 4);
     app.shutdown().unwrap();
 }
 

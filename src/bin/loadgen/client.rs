@@ -58,6 +58,10 @@ pub struct Client {
     timeout: Duration,
     /// Sent as `Authorization: Bearer <key>` on every request.
     api_key: Option<String>,
+    /// Bodies go gzip-compressed, with `Content-Encoding: gzip`.
+    gzip: bool,
+    /// The compressed body, reused.
+    compressed: Vec<u8>,
     stream: Option<TcpStream>,
     /// The request being sent, reused so a request costs no allocation.
     out: Vec<u8>,
@@ -187,6 +191,8 @@ impl Client {
             path: path.to_string(),
             timeout,
             api_key: None,
+            gzip: false,
+            compressed: Vec::new(),
             stream: None,
             out: Vec::with_capacity(1024),
             buf: Vec::with_capacity(1024),
@@ -196,6 +202,12 @@ impl Client {
     /// Presents `key` as a bearer token on every request.
     pub fn with_api_key(mut self, key: Option<String>) -> Client {
         self.api_key = key;
+        self
+    }
+
+    /// Sends every body gzip-compressed when `gzip` is set.
+    pub fn with_gzip(mut self, gzip: bool) -> Client {
+        self.gzip = gzip;
         self
     }
 
@@ -258,6 +270,19 @@ impl Client {
             Some(stream) => stream,
             None => self.stream.insert(open(&self.target, deadline)?),
         };
+        let body = match body {
+            Some(body) if self.gzip => {
+                self.compressed.clear();
+                let mut encoder = flate2::write::GzEncoder::new(
+                    std::mem::take(&mut self.compressed),
+                    flate2::Compression::fast(),
+                );
+                encoder.write_all(body).map_err(RequestError::Io)?;
+                self.compressed = encoder.finish().map_err(RequestError::Io)?;
+                Some(&self.compressed[..])
+            }
+            other => other,
+        };
         self.out.clear();
         write_head(
             &mut self.out,
@@ -266,6 +291,7 @@ impl Client {
             &self.target.host,
             self.api_key.as_deref(),
             body.map(<[u8]>::len),
+            self.gzip,
         )
         .map_err(RequestError::Io)?;
         self.out.extend_from_slice(body.unwrap_or_default());
@@ -286,12 +312,16 @@ fn write_head(
     host: &str,
     api_key: Option<&str>,
     body_len: Option<usize>,
+    gzip: bool,
 ) -> io::Result<()> {
     write!(out, "{method} {path} HTTP/1.1\r\nHost: {host}\r\n")?;
     if let Some(key) = api_key {
         write!(out, "Authorization: Bearer {key}\r\n")?;
     }
     if let Some(len) = body_len {
+        if gzip {
+            out.write_all(b"Content-Encoding: gzip\r\n")?;
+        }
         write!(
             out,
             "Content-Type: application/json\r\nContent-Length: {len}\r\n"
@@ -495,14 +525,30 @@ mod tests {
     #[test]
     fn writes_request_heads() {
         let mut out = Vec::new();
-        write_head(&mut out, "GET", "/v1/events/x", "h:1", None, None).expect("write");
+        write_head(&mut out, "GET", "/v1/events/x", "h:1", None, None, false).expect("write");
         assert_eq!(out, b"GET /v1/events/x HTTP/1.1\r\nHost: h:1\r\n\r\n");
         out.clear();
-        write_head(&mut out, "POST", "/ingest", "h:1", Some("k"), Some(2)).expect("write");
+        write_head(
+            &mut out,
+            "POST",
+            "/ingest",
+            "h:1",
+            Some("k"),
+            Some(2),
+            false,
+        )
+        .expect("write");
         assert_eq!(
-            String::from_utf8(out).expect("text"),
+            String::from_utf8(out.clone()).expect("text"),
             "POST /ingest HTTP/1.1\r\nHost: h:1\r\nAuthorization: Bearer k\r\n\
              Content-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+        );
+        out.clear();
+        write_head(&mut out, "POST", "/v1/events", "h:1", None, Some(9), true).expect("write");
+        assert!(
+            String::from_utf8(out)
+                .expect("text")
+                .contains("\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n")
         );
     }
 
