@@ -464,6 +464,32 @@ fn the_trace_context_reaches_the_processor_and_survives_retries() {
         assert_eq!(trace.0.as_deref(), Some(TRACEPARENT));
         assert_eq!(trace.1.as_deref(), Some("a=1,b=2"));
     }
+    // A replay under another trace keeps the one the event was accepted
+    // with, and is processed no second time.
+    let event_body = ce("t-1", json!(1)).to_string();
+    let first = post(
+        addr,
+        &[
+            ("Content-Type", "application/cloudevents+json"),
+            ("traceparent", TRACEPARENT),
+        ],
+        &event_body,
+    );
+    assert_eq!(first.status, 202);
+    let other_trace = "00-11111111111111111111111111111111-2222222222222222-01";
+    let replay = post(
+        addr,
+        &[
+            ("Content-Type", "application/cloudevents+json"),
+            ("traceparent", other_trace),
+        ],
+        &event_body,
+    );
+    assert_eq!(replay.status, 200);
+    let replayed: Uuid = replay.json()["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(event(addr, replayed)["traceparent"], TRACEPARENT);
+    env.wait_processed(&[replayed], Duration::from_secs(30));
+    assert_eq!(env.processor.traces(replayed).len(), 1);
     // An invalid traceparent starts a new trace and drops its tracestate.
     let resp = post(
         addr,
