@@ -13,7 +13,7 @@ use ingestd::api::cloudevents::event_id;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::util::{Resp, TestEnv, amqp_url, get, request, wait_until};
+use crate::util::{Resp, TestEnv, amqp_url, get, queued_messages, request, wait_until};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -189,7 +189,7 @@ fn pika_reads_cloudevents_headers_and_the_clients_traceparent() {
     let plain: Uuid = resp.json()["id"].as_str().unwrap().parse().unwrap();
     let queue = env.topology().queue;
     wait_until(Duration::from_secs(20), "both messages queued", || {
-        env.queue_depth(&queue) == 2
+        queued_messages(&queue) == Some(2)
     });
 
     let messages = python(&["read", &amqp_url(), &queue, "2"]);
@@ -251,7 +251,7 @@ fn the_cloudevents_message_format_publishes_structured_events() {
     let plain = resp.json()["id"].as_str().unwrap().to_string();
     let queue = env.topology().queue;
     wait_until(Duration::from_secs(20), "both messages queued", || {
-        env.queue_depth(&queue) == 2
+        queued_messages(&queue) == Some(2)
     });
     let messages = python(&["read", &amqp_url(), &queue, "2"]);
     let message = messages
