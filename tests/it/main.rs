@@ -3,6 +3,7 @@
 
 mod api;
 mod blackhole;
+mod cluster;
 mod docs;
 mod encoding;
 mod faults;
