@@ -723,6 +723,9 @@ pub struct Publisher {
     connection: Connection,
     exchange: String,
     blocked: Receiver<ConnectionBlockedNotification>,
+    /// The events go to quorum queues, where a refusal is the queue's
+    /// state, not the message's (see [`Publisher::publish_each`]).
+    quorum: bool,
 }
 
 impl Publisher {
@@ -744,6 +747,7 @@ impl Publisher {
             connection,
             exchange: topology.exchange.clone(),
             blocked,
+            quorum: topology.quorum,
         })
     }
 
@@ -761,13 +765,28 @@ impl Publisher {
 
     /// Publishes a batch of events, waits for all confirms, and tells which
     /// the broker took (see [`ConfirmChannel::publish_each`]).
+    ///
+    /// To quorum queues, a refusal fails the whole batch instead
+    /// ([`Error::Nacked`]): what a quorum queue refuses is not a message
+    /// but every publish while this channel finds no leader for it. On
+    /// RabbitMQ 3.10 a channel opened while the queue's leader is changing
+    /// keeps the node that went away as the leader and refuses every
+    /// publish for as long as it lives, while a new connection publishes
+    /// at once; so the batch is treated like one whose confirms did not
+    /// come, and the relay reconnects (to the next node) and tries it
+    /// again, instead of counting refusals against the events.
     pub fn publish_each(
         &mut self,
         messages: &[Message],
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
-        self.channel
-            .publish_each(&self.exchange, EVENT_ROUTING_KEY, messages, timeout)
+        let taken =
+            self.channel
+                .publish_each(&self.exchange, EVENT_ROUTING_KEY, messages, timeout)?;
+        if self.quorum && taken.contains(&false) {
+            return Err(Error::Nacked);
+        }
+        Ok(taken)
     }
 
     /// Closes the channel and connection politely.

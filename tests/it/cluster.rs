@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use amiquip::{AmqpValue, FieldTable, QueueDeclareOptions};
-use ingestd::broker::{self, AmqpUrl};
+use ingestd::broker::{self, AmqpUrl, Message, Publisher};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::ops::queue_arguments;
+use crate::pipeline::Policy;
 use crate::util::{
     Proxy, TestEnv, amqp_host_port, amqp_nodes_url, amqp_url, db_host_port, db_hosts_url, get,
     ingest, post_json, wait_until,
@@ -148,6 +149,49 @@ fn pooled_connections_move_to_the_next_host_when_theirs_goes_away() {
     );
     assert_eq!(env.processed_twice(), 0);
     app.shutdown().unwrap();
+}
+
+/// What a quorum queue refuses is every publish while the channel finds no
+/// leader for it, not one message: a refusal fails the whole batch, which
+/// the relay then publishes again on a new connection (to the next node)
+/// instead of counting it against each event. Here a policy caps the queue
+/// at no messages, with reject-publish: a quorum queue takes the first
+/// message and refuses the ones after it, once it has told the channel it
+/// is full.
+#[test]
+fn a_refusal_by_a_quorum_queue_fails_the_whole_batch() {
+    let env = TestEnv::new("qqrefused");
+    let _policy = Policy::set(
+        &format!("{}-refuse", env.name),
+        &format!("^{}\\.events$", env.name),
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    );
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    let topology = env.topology().with_quorum(true);
+    let mut publisher = Publisher::open(&url, &topology, Duration::from_secs(5)).unwrap();
+    let message = |id: &str| Message {
+        id: id.into(),
+        body: b"{}".to_vec(),
+        timestamp: 0,
+        attempt: None,
+    };
+    let first = publisher.publish_each(&[message("first")], Duration::from_secs(5));
+    assert_eq!(first.unwrap(), [true]);
+    // A batch the queue refuses, in part or whole, fails as a whole.
+    let mut n = 0;
+    wait_until(Duration::from_secs(10), "a batch refused", || {
+        n += 1;
+        let batch = [message(&format!("{n}a")), message(&format!("{n}b"))];
+        match publisher.publish_each(&batch, Duration::from_secs(5)) {
+            Ok(taken) => {
+                assert_eq!(taken, [true, true], "a refusal must fail the batch");
+                false
+            }
+            Err(broker::Error::Nacked) => true,
+            Err(e) => panic!("{e}"),
+        }
+    });
+    publisher.close();
 }
 
 /// The `rabbitmqctl` arguments of `queue`, which must exist.
