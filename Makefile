@@ -87,7 +87,7 @@ chaos-smoke:
 cluster-chaos:
 	tests/cluster_chaos.sh
 
-# The same faults with shorter pauses and 100 events/s for 90 s.
+# The same faults with shorter pauses and 100 events/s for 75 s.
 cluster-chaos-smoke:
 	CLUSTER_CHAOS_SMOKE=1 tests/cluster_chaos.sh
 

@@ -32,7 +32,7 @@
 # the machine.
 #
 # CLUSTER_CHAOS_SMOKE=1 (`make cluster-chaos-smoke`) does the same faults
-# with shorter pauses, 100 events/s offered for 90 s.
+# with shorter pauses, 100 events/s offered for 75 s.
 #
 # Needs, as root: Debian's rabbitmq-server (the nodes run as the rabbitmq
 # user, so that they and rabbitmqctl share its Erlang cookie, and register
@@ -43,11 +43,11 @@ cd "$(dirname "$0")/.."
 . tests/lib.sh
 
 if [ "${CLUSTER_CHAOS_SMOKE:-0}" = 1 ]; then
-  : "${CLUSTER_CHAOS_RATE:=100}" "${CLUSTER_CHAOS_DURATION:=90}"
+  : "${CLUSTER_CHAOS_RATE:=100}" "${CLUSTER_CHAOS_DURATION:=75}"
   : "${CLUSTER_CHAOS_STEP:=2}" "${CLUSTER_CHAOS_HOLD:=5}"
 fi
 RATE=${CLUSTER_CHAOS_RATE:-200}          # events per second offered, both APIs together
-DURATION=${CLUSTER_CHAOS_DURATION:-180}  # seconds of load
+DURATION=${CLUSTER_CHAOS_DURATION:-120}  # seconds of load
 STEP=${CLUSTER_CHAOS_STEP:-5}            # seconds between two faults
 HOLD=${CLUSTER_CHAOS_HOLD:-15}           # seconds the queues stay without a majority
 DRAIN_TIMEOUT=${CLUSTER_CHAOS_DRAIN_TIMEOUT:-180}
