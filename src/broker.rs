@@ -521,11 +521,6 @@ impl Nodes {
         }
     }
 
-    /// The URL the nodes come from.
-    pub fn url(&self) -> &AmqpUrl {
-        &self.url
-    }
-
     /// The node of the last connection opened; none before the first and
     /// after a connect that found no node.
     pub fn current(&self) -> Option<&Node> {
