@@ -5,7 +5,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 export INGEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 STATIC_TARGET ?= $(shell rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl && echo x86_64-unknown-linux-musl || echo x86_64-unknown-linux-gnu)
 
-.PHONY: build run migrate test lint static up down logs docker-check bench bench-smoke stress stress-smoke chaos chaos-smoke fuzz clean fuzz-smoke schemathesis docs
+.PHONY: build run migrate test lint static up down logs docker-check bench bench-smoke stress stress-smoke chaos chaos-smoke cluster-chaos cluster-chaos-smoke fuzz clean fuzz-smoke schemathesis docs
 
 build:
 	$(CARGO) build --release --locked
@@ -78,6 +78,18 @@ chaos:
 # The same faults in about a quarter of the time, for CI; run it alone too.
 chaos-smoke:
 	CHAOS_SMOKE=1 tests/chaos.sh
+
+# Beside the shared services, which it leaves alone: a 3-node RabbitMQ
+# cluster and a PostgreSQL primary with a synchronous standby, on their own
+# ports, and 2 api, 2 relay and 2 worker processes; kills the queue's leader
+# node, the queues' majority, the primary and one process of each role under
+# load, then checks every accepted event. Run it alone, as root.
+cluster-chaos:
+	tests/cluster_chaos.sh
+
+# The same faults with shorter pauses and 100 events/s for 75 s.
+cluster-chaos-smoke:
+	CLUSTER_CHAOS_SMOKE=1 tests/cluster_chaos.sh
 
 # Fuzzes request parsing and validation, and the framing decision, for
 # FUZZ_SECONDS each (nightly and cargo-fuzz required).

@@ -171,7 +171,8 @@ pub fn start(config: &Config, role: Role, processor: Arc<dyn Processor>) -> Resu
         store,
         url: AmqpUrl::parse(&config.amqp_url).expect("Config validated the AMQP URL"),
         topology: Topology::new(&config.amqp_prefix, &config.retry_delays)
-            .with_quorum(config.quorum_queues),
+            .with_quorum(config.quorum_queues)
+            .with_delivery_limit(config.delivery_limit),
         health: Arc::new(Health::new(role.relay(), role.worker())),
         metrics: Arc::new(Metrics::default()),
         stop,
@@ -376,24 +377,34 @@ impl App {
     }
 }
 
-/// A database URL without its password, for messages.
+/// A database URL without its password, every host listed, for messages.
 pub fn redact_db_url(url: &str) -> String {
     match url.parse::<postgres::Config>() {
         Ok(c) => {
-            let host = c
+            let ports = c.get_ports();
+            let hosts: Vec<String> = c
                 .get_hosts()
-                .first()
-                .map(|h| match h {
-                    postgres::config::Host::Tcp(h) => h.clone(),
-                    postgres::config::Host::Unix(p) => p.display().to_string(),
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let host = match h {
+                        postgres::config::Host::Tcp(h) if h.contains(':') => format!("[{h}]"),
+                        postgres::config::Host::Tcp(h) => h.clone(),
+                        postgres::config::Host::Unix(p) => p.display().to_string(),
+                    };
+                    // One port for all hosts, or one per host.
+                    let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                    format!("{host}:{port}")
                 })
-                .unwrap_or_else(|| "localhost".into());
-            let port = c.get_ports().first().copied().unwrap_or(5432);
+                .collect();
+            let hosts = if hosts.is_empty() {
+                "localhost:5432".to_string()
+            } else {
+                hosts.join(",")
+            };
             format!(
-                "postgres://{}@{}:{}/{}",
+                "postgres://{}@{hosts}/{}",
                 c.get_user().unwrap_or(""),
-                host,
-                port,
                 c.get_dbname().unwrap_or("")
             )
         }
@@ -414,6 +425,16 @@ mod tests {
         assert_eq!(
             redact_db_url("host=h user=u password=secret dbname=d"),
             "postgres://u@h:5432/d"
+        );
+        assert_eq!(
+            redact_db_url(
+                "postgres://u:secret@h1:5432,h2:5433/app?target_session_attrs=read-write"
+            ),
+            "postgres://u@h1:5432,h2:5433/app"
+        );
+        assert_eq!(
+            redact_db_url("host=h1,h2 port=6000 user=u password=secret dbname=d"),
+            "postgres://u@h1:6000,h2:6000/d"
         );
     }
 }

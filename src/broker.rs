@@ -1,11 +1,13 @@
 //! RabbitMQ: the connection, the topology and confirmed publishing.
 //!
-//! This module owns how we talk AMQP: it opens connections on a socket with
-//! `TCP_NODELAY` (amiquip's own socket leaves Nagle on, which stalls every
-//! publish-and-confirm round trip by about 40 ms), declares the exchanges and
-//! queues idempotently, and publishes batches with publisher confirms. It does
-//! not decide what to publish (that is the relay) nor what a delivery means
-//! (that is the consumer and the workers).
+//! This module owns how we talk AMQP: it parses the URL and its list of
+//! cluster nodes, picks the node a connection goes to ([`Nodes`]), opens
+//! connections on a socket with `TCP_NODELAY` (amiquip's own socket leaves
+//! Nagle on, which stalls every publish-and-confirm round trip by about
+//! 40 ms), declares the exchanges and queues idempotently, and publishes
+//! batches with publisher confirms. It does not decide what to publish (that
+//! is the relay) nor what a delivery means (that is the consumer and the
+//! workers).
 
 use std::fmt;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -17,6 +19,7 @@ use amiquip::{
     QueueDeclareOptions, Return,
 };
 use crossbeam_channel::Receiver;
+use log::warn;
 
 pub use crate::message::Message;
 
@@ -29,6 +32,15 @@ pub const EVENT_ROUTING_KEY: &str = "event";
 
 /// AMQP's reply code for a declaration that does not match what exists.
 const PRECONDITION_FAILED: u16 = 406;
+
+/// `x-delivery-limit` of the quorum queues when the configuration sets
+/// none: deliveries of one message before the broker dead-letters it.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 100;
+
+/// The quorum-queue arguments that make dead-lettering at-least-once and
+/// the delivery limit explicit. A broker may refuse them on an existing
+/// queue that was declared without them; see [`Topology::declare`].
+const QUORUM_GUARANTEES: [&str; 3] = ["x-delivery-limit", "x-dead-letter-strategy", "x-overflow"];
 
 /// Failures talking to the broker.
 #[derive(Debug)]
@@ -45,6 +57,9 @@ pub enum Error {
     ConfirmTimeout,
     /// The connection closed while we waited for confirms.
     Closed,
+    /// No node of the URL's list answered: each node (`host:port`) with
+    /// its failure, in the order they were tried.
+    NoNode(Vec<(String, Error)>),
 }
 
 impl fmt::Display for Error {
@@ -56,6 +71,14 @@ impl fmt::Display for Error {
             Error::Unroutable => f.write_str("the broker returned an unroutable message"),
             Error::ConfirmTimeout => f.write_str("publisher confirms timed out"),
             Error::Closed => f.write_str("the broker connection closed"),
+            Error::NoNode(failures) => {
+                f.write_str("no broker node answered")?;
+                for (i, (node, e)) in failures.iter().enumerate() {
+                    let sep = if i == 0 { ": " } else { "; " };
+                    write!(f, "{sep}{node}: {e}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -65,6 +88,9 @@ impl std::error::Error for Error {
         match self {
             Error::Connect(e) => Some(e),
             Error::Amqp(e) => Some(e),
+            Error::NoNode(failures) => failures
+                .last()
+                .map(|(_, e)| e as &(dyn std::error::Error + 'static)),
             _ => None,
         }
     }
@@ -76,13 +102,14 @@ impl From<amiquip::Error> for Error {
     }
 }
 
-/// The parts of an `amqp://user:pass@host:port/vhost` URL.
+/// The parts of an `amqp://user:pass@host:port/vhost` URL, whose authority
+/// may list several nodes of one cluster, comma-separated, which share the
+/// credentials, the vhost and the query:
+/// `amqp://user:pass@host1:5672,host2:5672,host3/vhost`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpUrl {
-    /// Host name or address.
-    pub host: String,
-    /// TCP port, 5672 when absent.
-    pub port: u16,
+    /// The nodes, in the order a connection tries them; at least one.
+    pub nodes: Vec<Node>,
     /// User name, `guest` when absent.
     pub user: String,
     /// Password, `guest` when absent.
@@ -97,6 +124,26 @@ pub struct AmqpUrl {
     pub heartbeat: u16,
 }
 
+/// One broker node of an [`AmqpUrl`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port, 5672 when absent.
+    pub port: u16,
+}
+
+impl fmt::Display for Node {
+    /// `host:port`, with an IPv6 address in brackets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// The heartbeat interval when the URL sets none: a vanished broker is
 /// noticed within about 20 s (RabbitMQ's own default of 60 s would take
 /// two minutes).
@@ -104,7 +151,9 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
 impl AmqpUrl {
     /// Parses an `amqp://` URL following RabbitMQ's URI spec (percent-encoding
-    /// in user, password and vhost; `%2f` is the default vhost `/`).
+    /// in user, password and vhost; `%2f` is the default vhost `/`), with
+    /// one extension: the host may be a comma-separated list of nodes,
+    /// each `host`, `host:port` or `[v6-address]:port`.
     pub fn parse(url: &str) -> Result<AmqpUrl, String> {
         let rest = url
             .strip_prefix("amqp://")
@@ -125,7 +174,7 @@ impl AmqpUrl {
             Some((a, v)) => (a, Some(v)),
             None => (rest, None),
         };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
         };
@@ -136,6 +185,55 @@ impl AmqpUrl {
             },
             None => ("guest".to_string(), "guest".to_string()),
         };
+        let nodes = if hosts.contains(',') {
+            hosts
+                .split(',')
+                .map(|h| match h {
+                    "" => Err("empty node in the comma-separated list".to_string()),
+                    h => Node::parse(h).map_err(|e| format!("node {h:?}: {e}")),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            vec![Node::parse(hosts)?]
+        };
+        let vhost = match vhost {
+            None | Some("") => "/".to_string(),
+            Some(v) => decode(v)?,
+        };
+        Ok(AmqpUrl {
+            nodes,
+            user,
+            password,
+            vhost,
+            heartbeat,
+        })
+    }
+
+    /// The URL without its password, every node listed, for logs and
+    /// error messages.
+    pub fn redacted(&self) -> String {
+        let nodes: Vec<String> = self.nodes.iter().map(Node::to_string).collect();
+        self.redacted_with(&nodes.join(","))
+    }
+
+    /// The URL of one of its nodes, without the password.
+    pub fn redacted_at(&self, node: &Node) -> String {
+        self.redacted_with(&node.to_string())
+    }
+
+    fn redacted_with(&self, hosts: &str) -> String {
+        format!(
+            "amqp://{}@{hosts}/{}",
+            self.user,
+            self.vhost.replace('/', "%2f")
+        )
+    }
+}
+
+impl Node {
+    /// Parses `host`, `host:port` or `[v6-address]:port`; an empty host is
+    /// `localhost`.
+    fn parse(hostport: &str) -> Result<Node, String> {
         let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
             let (h, p) = h.split_once(']').ok_or("unclosed [ in host")?;
             (h.to_string(), p.strip_prefix(':'))
@@ -149,33 +247,14 @@ impl AmqpUrl {
             Some(p) => p.parse().map_err(|_| format!("bad port {p:?}"))?,
             None => 5672,
         };
-        let vhost = match vhost {
-            None | Some("") => "/".to_string(),
-            Some(v) => decode(v)?,
-        };
-        Ok(AmqpUrl {
+        Ok(Node {
             host: if host.is_empty() {
                 "localhost".into()
             } else {
                 host
             },
             port,
-            user,
-            password,
-            vhost,
-            heartbeat,
         })
-    }
-
-    /// The URL without its password, for logs and error messages.
-    pub fn redacted(&self) -> String {
-        format!(
-            "amqp://{}@{}:{}/{}",
-            self.user,
-            self.host,
-            self.port,
-            self.vhost.replace('/', "%2f")
-        )
     }
 }
 
@@ -214,6 +293,8 @@ pub struct Topology {
     pub delays: Vec<Duration>,
     /// Declare quorum queues (replicated on a cluster) instead of classic.
     pub quorum: bool,
+    /// `x-delivery-limit` of every quorum queue.
+    pub delivery_limit: u32,
 }
 
 impl Topology {
@@ -227,12 +308,19 @@ impl Topology {
             dead_queue: format!("{prefix}.dead"),
             delays: delays.to_vec(),
             quorum: false,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
         }
     }
 
     /// The same names, declared as quorum queues when `quorum` is set.
     pub fn with_quorum(mut self, quorum: bool) -> Topology {
         self.quorum = quorum;
+        self
+    }
+
+    /// The same, with `limit` as the quorum queues' `x-delivery-limit`.
+    pub fn with_delivery_limit(mut self, limit: u32) -> Topology {
+        self.delivery_limit = limit;
         self
     }
 
@@ -254,6 +342,17 @@ impl Topology {
     /// queues made by an earlier ingestd, or by RabbitMQ 3.12+ and 4.x
     /// (where version 2 is the default or the only one), are used as they
     /// are. Any other difference in arguments still fails.
+    ///
+    /// A quorum queue gets an explicit `x-delivery-limit` (RabbitMQ 4
+    /// otherwise applies 20, 3.x none), and one that dead-letters (the
+    /// events queue, the delay queues) gets `x-dead-letter-strategy:
+    /// at-least-once` with the `x-overflow: reject-publish` it requires
+    /// (RabbitMQ 3.10+), so that a dead-lettered message stays in its queue
+    /// until the queue it moves to has taken it. When the broker refuses
+    /// these (a queue declared without them by an earlier ingestd, or a
+    /// broker that does not know them), the queue is declared again
+    /// without them and used as it is, with a warning: its dead-lettering
+    /// is then at-most-once, and its delivery limit the broker's.
     pub fn declare(&self, connection: &mut Connection) -> Result<(), Error> {
         let mut channel = connection.open_channel(None)?;
         let durable = ExchangeDeclareOptions {
@@ -300,9 +399,10 @@ impl Topology {
         Ok(())
     }
 
-    /// Declares one durable queue: a classic one with `x-queue-version` 2,
-    /// or, if it exists without that argument, as it is (the broker closes
-    /// `channel` on the mismatch; a new one takes its place).
+    /// Declares one durable queue: a quorum one with the arguments that
+    /// keep its promises, or a classic one with `x-queue-version` 2; or,
+    /// if the broker refuses those, as it is (the broker closes `channel`
+    /// on the refusal; a new one takes its place).
     fn declare_queue(
         &self,
         connection: &mut Connection,
@@ -310,20 +410,53 @@ impl Topology {
         name: &str,
         arguments: FieldTable,
     ) -> Result<(), Error> {
-        if self.quorum {
-            return declare_queue(channel, name, arguments);
+        let (extra, refused): (&[(&str, AmqpValue)], &[&str]) = if self.quorum {
+            (&self.quorum_arguments(&arguments), &QUORUM_GUARANTEES)
+        } else {
+            (
+                &[("x-queue-version", AmqpValue::LongInt(2))],
+                &["x-queue-version"],
+            )
+        };
+        let mut full = arguments.clone();
+        for (key, value) in extra {
+            full.insert((*key).into(), value.clone());
         }
-        let mut versioned = arguments.clone();
-        versioned.insert("x-queue-version".into(), AmqpValue::LongInt(2));
-        match declare_queue(channel, name, versioned) {
+        match declare_queue(channel, name, full) {
             Err(Error::Amqp(amiquip::Error::ServerClosedChannel { code, message, .. }))
-                if code == PRECONDITION_FAILED && message.contains("x-queue-version") =>
+                if code == PRECONDITION_FAILED && refused.iter().any(|a| message.contains(a)) =>
             {
                 *channel = connection.open_channel(None)?;
-                declare_queue(channel, name, arguments)
+                declare_queue(channel, name, arguments)?;
+                if self.quorum {
+                    warn!(
+                        "broker: queue {name} is used as it is, without {}, which the broker \
+                         refused ({message}): its dead-lettering is at-most-once and its \
+                         delivery limit the broker's; see the quorum queue notes in \
+                         docs/scaling.md",
+                        QUORUM_GUARANTEES.join(", ")
+                    );
+                }
+                Ok(())
             }
             other => other,
         }
+    }
+
+    /// What a quorum queue declared with `arguments` adds to them: the
+    /// delivery limit, and at-least-once dead-lettering when it
+    /// dead-letters.
+    fn quorum_arguments(&self, arguments: &FieldTable) -> Vec<(&'static str, AmqpValue)> {
+        let limit = i32::try_from(self.delivery_limit).unwrap_or(i32::MAX);
+        let mut extra = vec![("x-delivery-limit", AmqpValue::LongInt(limit))];
+        if arguments.contains_key("x-dead-letter-exchange") {
+            extra.push((
+                "x-dead-letter-strategy",
+                AmqpValue::LongString("at-least-once".into()),
+            ));
+            extra.push(("x-overflow", AmqpValue::LongString("reject-publish".into())));
+        }
+        extra
     }
 
     fn arguments(&self) -> FieldTable {
@@ -357,10 +490,79 @@ fn declare_queue(channel: &Channel, name: &str, arguments: FieldTable) -> Result
     Ok(())
 }
 
-/// Opens a connection with `TCP_NODELAY`, failing within `timeout`.
+/// Opens a connection to the first node of `url` that answers (see
+/// [`Nodes`]), each node failing within `timeout`.
 pub fn connect(url: &AmqpUrl, timeout: Duration) -> Result<Connection, Error> {
+    Nodes::new(url.clone()).connect(timeout)
+}
+
+/// The nodes of a URL as one component sees them: which node its
+/// connection is on, and where the next one starts. A connection goes to
+/// the first node that answers, trying each node once, in the URL's order
+/// from where the last connection left off: the first node at start, and
+/// after that the node after the one last used. A component reconnects
+/// when its connection failed, so the node that failed it is tried last,
+/// and one that does not answer (a blackhole costs the whole connect
+/// timeout) is not tried first again and again.
+#[derive(Debug, Clone)]
+pub struct Nodes {
+    url: AmqpUrl,
+    next: usize,
+    current: Option<usize>,
+}
+
+impl Nodes {
+    /// The nodes of `url`, none connected yet.
+    pub fn new(url: AmqpUrl) -> Nodes {
+        Nodes {
+            url,
+            next: 0,
+            current: None,
+        }
+    }
+
+    /// The node of the last connection opened; none before the first and
+    /// after a connect that found no node.
+    pub fn current(&self) -> Option<&Node> {
+        self.current.map(|i| &self.url.nodes[i])
+    }
+
+    /// Opens a connection with `TCP_NODELAY` to the first node that
+    /// answers within `timeout`, trying each node once from where the last
+    /// connection left off. With a single node its error is returned as
+    /// it is; with several, [`Error::NoNode`] names each node's.
+    pub fn connect(&mut self, timeout: Duration) -> Result<Connection, Error> {
+        let n = self.url.nodes.len();
+        let mut failures = Vec::new();
+        for i in self.order() {
+            let node = &self.url.nodes[i];
+            match connect_node(&self.url, node, timeout) {
+                Ok(connection) => {
+                    self.current = Some(i);
+                    self.next = (i + 1) % n;
+                    return Ok(connection);
+                }
+                Err(e) => failures.push((node.to_string(), e)),
+            }
+        }
+        self.current = None;
+        if failures.len() == 1 {
+            return Err(failures.remove(0).1);
+        }
+        Err(Error::NoNode(failures))
+    }
+
+    /// The indexes of the nodes in the order the next connect tries them.
+    fn order(&self) -> impl Iterator<Item = usize> + use<> {
+        let (n, next) = (self.url.nodes.len(), self.next);
+        (0..n).map(move |k| (next + k) % n)
+    }
+}
+
+/// Opens a connection to `node` with `TCP_NODELAY`, failing within `timeout`.
+fn connect_node(url: &AmqpUrl, node: &Node, timeout: Duration) -> Result<Connection, Error> {
     let mut last = None;
-    let addrs = (url.host.as_str(), url.port)
+    let addrs = (node.host.as_str(), node.port)
         .to_socket_addrs()
         .map_err(Error::Connect)?;
     for addr in addrs {
@@ -516,12 +718,20 @@ pub struct Publisher {
     connection: Connection,
     exchange: String,
     blocked: Receiver<ConnectionBlockedNotification>,
+    /// The events go to quorum queues, where a refusal is the queue's
+    /// state, not the message's (see [`Publisher::publish_each`]).
+    quorum: bool,
 }
 
 impl Publisher {
-    /// Connects, declares the topology and opens a confirm channel.
+    /// Connects to the first node of `url` that answers, declares the
+    /// topology and opens a confirm channel.
     pub fn open(url: &AmqpUrl, topology: &Topology, timeout: Duration) -> Result<Publisher, Error> {
-        let mut connection = connect(url, timeout)?;
+        Publisher::on(connect(url, timeout)?, topology)
+    }
+
+    /// Declares the topology on `connection` and opens a confirm channel.
+    pub fn on(mut connection: Connection, topology: &Topology) -> Result<Publisher, Error> {
         // RabbitMQ says when it stops taking this connection's messages (a
         // memory or disk alarm) and when it takes them again.
         let blocked = connection.listen_for_connection_blocked()?;
@@ -532,6 +742,7 @@ impl Publisher {
             connection,
             exchange: topology.exchange.clone(),
             blocked,
+            quorum: topology.quorum,
         })
     }
 
@@ -549,13 +760,28 @@ impl Publisher {
 
     /// Publishes a batch of events, waits for all confirms, and tells which
     /// the broker took (see [`ConfirmChannel::publish_each`]).
+    ///
+    /// To quorum queues, a refusal fails the whole batch instead
+    /// ([`Error::Nacked`]): what a quorum queue refuses is not a message
+    /// but every publish while this channel finds no leader for it. On
+    /// RabbitMQ 3.10 a channel opened while the queue's leader is changing
+    /// keeps the node that went away as the leader and refuses every
+    /// publish for as long as it lives, while a new connection publishes
+    /// at once; so the batch is treated like one whose confirms did not
+    /// come, and the relay reconnects (to the next node) and tries it
+    /// again, instead of counting refusals against the events.
     pub fn publish_each(
         &mut self,
         messages: &[Message],
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
-        self.channel
-            .publish_each(&self.exchange, EVENT_ROUTING_KEY, messages, timeout)
+        let taken =
+            self.channel
+                .publish_each(&self.exchange, EVENT_ROUTING_KEY, messages, timeout)?;
+        if self.quorum && taken.contains(&false) {
+            return Err(Error::Nacked);
+        }
+        Ok(taken)
     }
 
     /// Closes the channel and connection politely.
@@ -572,25 +798,29 @@ mod tests {
     #[test]
     fn parses_the_default_url() {
         let u = AmqpUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
-        assert_eq!(u.host, "127.0.0.1");
-        assert_eq!(u.port, 5672);
+        assert_eq!(u.nodes, [node("127.0.0.1", 5672)]);
         assert_eq!(u.user, "guest");
         assert_eq!(u.password, "guest");
         assert_eq!(u.vhost, "/");
         assert_eq!(u.redacted(), "amqp://guest@127.0.0.1:5672/%2f");
     }
 
+    fn node(host: &str, port: u16) -> Node {
+        Node {
+            host: host.into(),
+            port,
+        }
+    }
+
     #[test]
     fn parses_partial_urls() {
         let u = AmqpUrl::parse("amqp://rabbit").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.vhost.as_str()),
-            ("rabbit", 5672, "/")
-        );
+        assert_eq!(u.nodes, [node("rabbit", 5672)]);
+        assert_eq!(u.vhost, "/");
         assert_eq!(u.user, "guest");
         let u = AmqpUrl::parse("amqp://a%40b:p%3Ass@h:1234/prod?heartbeat=5").unwrap();
         assert_eq!((u.user.as_str(), u.password.as_str()), ("a@b", "p:ss"));
-        assert_eq!((u.port, u.vhost.as_str()), (1234, "prod"));
+        assert_eq!((u.nodes[0].port, u.vhost.as_str()), (1234, "prod"));
         assert_eq!(u.heartbeat, 5);
         assert_eq!(AmqpUrl::parse("amqp://h").unwrap().heartbeat, 10);
         assert_eq!(
@@ -600,7 +830,102 @@ mod tests {
             0
         );
         let u = AmqpUrl::parse("amqp://[::1]:5673/").unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("::1", 5673));
+        assert_eq!(u.nodes, [node("::1", 5673)]);
+        assert_eq!(u.nodes[0].to_string(), "[::1]:5673");
+        assert_eq!(
+            AmqpUrl::parse("amqp://").unwrap().nodes,
+            [node("localhost", 5672)]
+        );
+    }
+
+    #[test]
+    fn parses_a_list_of_nodes_sharing_credentials_and_vhost() {
+        let u =
+            AmqpUrl::parse("amqp://u:p,w@h1:5672,h2:5673,[::1]:5674,h4/prod?heartbeat=3").unwrap();
+        assert_eq!(
+            u.nodes,
+            [
+                node("h1", 5672),
+                node("h2", 5673),
+                node("::1", 5674),
+                node("h4", 5672)
+            ]
+        );
+        // A comma before the @ belongs to the password.
+        assert_eq!((u.user.as_str(), u.password.as_str()), ("u", "p,w"));
+        assert_eq!((u.vhost.as_str(), u.heartbeat), ("prod", 3));
+        assert_eq!(
+            u.redacted(),
+            "amqp://u@h1:5672,h2:5673,[::1]:5674,h4:5672/prod"
+        );
+        assert_eq!(u.redacted_at(&u.nodes[1]), "amqp://u@h2:5673/prod");
+        for bad in [
+            "amqp://h1,,h2",
+            "amqp://h1,",
+            "amqp://,h2/",
+            "amqp://h1,h2:x",
+        ] {
+            let e = AmqpUrl::parse(bad).unwrap_err();
+            assert!(e.contains("node"), "{bad}: {e}");
+        }
+        assert!(
+            AmqpUrl::parse("amqp://h1:5672,h2:port")
+                .unwrap_err()
+                .contains("\"h2:port\"")
+        );
+    }
+
+    #[test]
+    fn nodes_are_tried_from_the_one_after_the_last_used() {
+        let url = AmqpUrl::parse("amqp://a,b,c").unwrap();
+        let mut nodes = Nodes::new(url);
+        assert_eq!(nodes.order().collect::<Vec<_>>(), [0, 1, 2]);
+        // As after a connection to the second node.
+        nodes.current = Some(1);
+        nodes.next = 2;
+        assert_eq!(nodes.current(), Some(&node("b", 5672)));
+        assert_eq!(nodes.order().collect::<Vec<_>>(), [2, 0, 1]);
+    }
+
+    #[test]
+    fn a_connect_that_finds_no_node_names_each() {
+        // Ports that refuse: bound once, then closed.
+        let refusing: Vec<u16> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let url = AmqpUrl::parse(&format!(
+            "amqp://127.0.0.1:{},127.0.0.1:{}",
+            refusing[0], refusing[1]
+        ))
+        .unwrap();
+        let mut nodes = Nodes::new(url);
+        let e = nodes.connect(Duration::from_secs(1)).unwrap_err();
+        let Error::NoNode(failures) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(failures.len(), 2);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("no broker node answered: 127.0.0.1:"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("; 127.0.0.1:{}: ", refusing[1])),
+            "{text}"
+        );
+        assert_eq!(nodes.current(), None);
+        // One node: its own error, as before there were lists.
+        let one = AmqpUrl::parse(&format!("amqp://127.0.0.1:{}", refusing[0])).unwrap();
+        assert!(matches!(
+            connect(&one, Duration::from_secs(1)),
+            Err(Error::Connect(_))
+        ));
     }
 
     #[test]
@@ -611,6 +936,30 @@ mod tests {
         assert!(AmqpUrl::parse("amqp://h/%zz").is_err());
         assert!(AmqpUrl::parse("amqp://h/?heartbeat=-1").is_err());
         assert!(AmqpUrl::parse("amqp://h/?heartbeat=ten").is_err());
+    }
+
+    #[test]
+    fn quorum_queues_that_dead_letter_get_at_least_once_dead_lettering() {
+        let t = Topology::new("t", &[Duration::from_secs(1)])
+            .with_quorum(true)
+            .with_delivery_limit(7);
+        let keys = |args: &FieldTable| -> Vec<&'static str> {
+            t.quorum_arguments(args).iter().map(|(k, _)| *k).collect()
+        };
+        assert_eq!(keys(&FieldTable::new()), ["x-delivery-limit"]);
+        let mut dead_letters = FieldTable::new();
+        dead_letters.insert(
+            "x-dead-letter-exchange".into(),
+            AmqpValue::LongString("t.dlx".into()),
+        );
+        assert_eq!(
+            keys(&dead_letters),
+            ["x-delivery-limit", "x-dead-letter-strategy", "x-overflow"]
+        );
+        assert!(matches!(
+            t.quorum_arguments(&dead_letters)[0].1,
+            AmqpValue::LongInt(7)
+        ));
     }
 
     #[test]

@@ -129,7 +129,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "INGEST_DATABASE_URL",
         default: "postgres://postgres@127.0.0.1:5432/postgres",
-        help: "PostgreSQL connection URL",
+        help: "PostgreSQL connection URL or key=value string; several hosts (postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write) are tried in order, and read-write skips a standby to find the primary",
     },
     Var {
         name: "INGEST_DB_SCHEMA",
@@ -159,7 +159,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "INGEST_AMQP_URL",
         default: "amqp://guest:guest@127.0.0.1:5672/%2f",
-        help: "RabbitMQ connection URL",
+        help: "RabbitMQ connection URL; the nodes of a cluster comma-separated, sharing credentials, vhost and heartbeat (amqp://u:p@h1:5672,h2:5672,h3:5672/vhost): each connection goes to the first that answers, a reconnection starts at the node after the one lost",
     },
     Var {
         name: "INGEST_AMQP_PREFIX",
@@ -215,6 +215,11 @@ pub const VARS: &[Var] = &[
         name: "INGEST_QUEUE_TYPE",
         default: "classic",
         help: "classic, or quorum for replicated queues on a RabbitMQ cluster",
+    },
+    Var {
+        name: "INGEST_DELIVERY_LIMIT",
+        default: "100",
+        help: "quorum queues: deliveries of one message before the broker dead-letters it (x-delivery-limit; RabbitMQ 4 would apply 20); its event stays pending and is re-sent after INGEST_REDELIVER_AFTER. Fixed when a queue is created",
     },
     Var {
         name: "INGEST_RETENTION",
@@ -305,7 +310,8 @@ pub struct Config {
     /// `INGEST_DB_IDLE_IN_TRANSACTION_TIMEOUT`: PostgreSQL's
     /// `idle_in_transaction_session_timeout`.
     pub db_idle_tx_timeout: Duration,
-    /// `INGEST_AMQP_URL`: `amqp://user:pass@host:port/vhost`.
+    /// `INGEST_AMQP_URL`: `amqp://user:pass@host:port/vhost`, the host
+    /// possibly a comma-separated list of nodes.
     pub amqp_url: String,
     /// `INGEST_AMQP_PREFIX`: every exchange and queue name starts with it.
     pub amqp_prefix: String,
@@ -331,6 +337,8 @@ pub struct Config {
     pub redeliver_after: Duration,
     /// `INGEST_QUEUE_TYPE`: declare quorum queues instead of classic ones.
     pub quorum_queues: bool,
+    /// `INGEST_DELIVERY_LIMIT`: the quorum queues' `x-delivery-limit`.
+    pub delivery_limit: u32,
     /// `INGEST_RETENTION`: age after which processed events are deleted.
     pub retention: Option<Duration>,
     /// `INGEST_STATS_INTERVAL`: pause between two reads of the database
@@ -457,7 +465,7 @@ impl Config {
             committers: positive(get("INGEST_COMMITTERS"))?,
             commit_batch: positive(get("INGEST_COMMIT_BATCH"))?,
             commit_queue: positive(get("INGEST_COMMIT_QUEUE"))?,
-            database_url: non_empty(get("INGEST_DATABASE_URL"))?,
+            database_url: parse_with(get("INGEST_DATABASE_URL"), database_url)?,
             db_schema: parse_with(get("INGEST_DB_SCHEMA"), identifier)?,
             db_pool_size: positive(get("INGEST_DB_POOL_SIZE"))?,
             db_timeout: nonzero_duration(get("INGEST_DB_TIMEOUT"))?,
@@ -487,6 +495,17 @@ impl Config {
                 "classic" => Ok(false),
                 "quorum" => Ok(true),
                 _ => Err(format!("{s:?} is neither classic nor quorum")),
+            })?,
+            delivery_limit: parse_with(get("INGEST_DELIVERY_LIMIT"), |s| {
+                match s.trim().parse::<u32>() {
+                    // The broker reads it as a signed 32-bit number; 0 or
+                    // a negative one would not mean "no limit" everywhere.
+                    Ok(n) if (1..=i32::MAX as u32).contains(&n) => Ok(n),
+                    _ => Err(format!(
+                        "{s:?} is not a whole number from 1 to {}",
+                        i32::MAX
+                    )),
+                }
             })?,
             retention: parse_with(get("INGEST_RETENTION"), |s| match s {
                 "off" | "" => Ok(None),
@@ -652,14 +671,22 @@ where
     })
 }
 
-fn non_empty(input: (&'static str, &str)) -> Result<String, Error> {
-    parse_with(input, |s| {
-        if s.trim().is_empty() {
-            Err("must not be empty".into())
-        } else {
-            Ok(s.to_string())
-        }
-    })
+/// A PostgreSQL URL or key=value string that the client can use: one or
+/// several hosts, and any `target_session_attrs` it knows.
+fn database_url(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    let config: postgres::Config = s
+        .parse()
+        .map_err(|e| format!("not a PostgreSQL URL or key=value string: {e}"))?;
+    let (hosts, ports) = (config.get_hosts().len(), config.get_ports().len());
+    if ports > 1 && ports != hosts {
+        return Err(format!(
+            "{hosts} hosts but {ports} ports: give one port, or one per host"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn nonzero_duration(input: (&'static str, &str)) -> Result<Duration, Error> {
@@ -757,6 +784,56 @@ mod tests {
             with(&[("INGEST_PREFETCH", "70000")]).unwrap_err().var,
             "INGEST_PREFETCH"
         );
+    }
+
+    #[test]
+    fn cluster_urls_list_their_nodes_and_hosts() {
+        let c = with(&[(
+            "INGEST_AMQP_URL",
+            "amqp://u:p@127.0.0.1:5681,127.0.0.1:5682,127.0.0.1:5683/%2f",
+        )])
+        .unwrap();
+        let url = crate::broker::AmqpUrl::parse(&c.amqp_url).unwrap();
+        assert_eq!(url.nodes.len(), 3);
+        for bad in ["amqp://h1,,h3", "amqp://h1,h2:x/", "amqp://h1,"] {
+            let e = with(&[("INGEST_AMQP_URL", bad)]).unwrap_err();
+            assert_eq!(e.var, "INGEST_AMQP_URL", "{bad}");
+            assert!(e.to_string().contains("node"), "{e}");
+        }
+        let primary = "postgres://postgres@127.0.0.1:5432,127.0.0.1:5433/postgres\
+                       ?target_session_attrs=read-write";
+        let c = with(&[("INGEST_DATABASE_URL", primary)]).unwrap();
+        assert_eq!(c.database_url, primary);
+        let pg: postgres::Config = c.database_url.parse().unwrap();
+        assert_eq!(pg.get_hosts().len(), 2);
+        assert_eq!(
+            pg.get_target_session_attrs(),
+            postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        assert!(with(&[("INGEST_DATABASE_URL", "host=a,b port=1,2 user=u")]).is_ok());
+        for bad in [
+            "postgres://u@h1,h2/db?target_session_attrs=primary-ish",
+            "host=a,b,c port=1,2",
+            "postgres://u@h:port/db",
+            " ",
+        ] {
+            let e = with(&[("INGEST_DATABASE_URL", bad)]).unwrap_err();
+            assert_eq!(e.var, "INGEST_DATABASE_URL", "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_delivery_limit_is_positive_and_fits_the_broker() {
+        assert_eq!(with(&[]).unwrap().delivery_limit, 100);
+        let c = with(&[("INGEST_DELIVERY_LIMIT", "5")]).unwrap();
+        assert_eq!(c.delivery_limit, 5);
+        for bad in ["0", "-1", "2147483648", "many"] {
+            assert_eq!(
+                with(&[("INGEST_DELIVERY_LIMIT", bad)]).unwrap_err().var,
+                "INGEST_DELIVERY_LIMIT",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 # Shell helpers shared by the harnesses that run a release ingestd on
-# loopback (tests/chaos.sh, tests/stress_smoke.sh). Source it; it defines
-# functions only.
+# loopback (tests/chaos.sh, tests/cluster_chaos.sh, tests/stress_smoke.sh).
+# Source it; it defines functions only.
 
 # Waits up to $3 seconds (default 30) for the ingestd of process $2 to log
 # the address it listens on in log file $1, and prints that address. Fails,

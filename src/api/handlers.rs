@@ -234,10 +234,17 @@ impl Api {
             ready &= link == Link::Up;
             checks.insert(name.into(), link.as_str().into());
         }
+        // The broker node each connection is on (null while it is down).
+        let nodes: serde_json::Map<String, serde_json::Value> = self
+            .health
+            .broker_nodes()
+            .into_iter()
+            .map(|(name, node)| (name.to_string(), node.into()))
+            .collect();
         let status = if ready { "ready" } else { "unavailable" };
         json_response(
             if ready { 200 } else { 503 },
-            &json!({ "status": status, "checks": checks }),
+            &json!({ "status": status, "checks": checks, "nodes": nodes }),
         )
     }
 }

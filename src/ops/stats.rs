@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use serde_json::{Value, json};
 
-use crate::broker::{self, AmqpUrl, Topology};
+use crate::broker::{self, AmqpUrl, Nodes, Topology};
 use crate::lifecycle::Stop;
 use crate::ops::health::Health;
 use crate::ops::metrics::{Metrics, SECONDS};
@@ -206,12 +206,13 @@ impl Stats {
     /// Samples every second and polls queue depths until `stop` disconnects.
     pub fn run_sampler(&self, url: AmqpUrl, topology: Topology, stop: Stop) {
         let mut connection = None;
+        let mut nodes = Nodes::new(url);
         // Give the relay and consumer a moment to declare the queues.
         let mut next_probe = Instant::now() + Duration::from_secs(1);
         loop {
             self.record();
             if Instant::now() >= next_probe {
-                let depths = probe_queues(&mut connection, &url, &topology);
+                let depths = probe_queues(&mut connection, &mut nodes, &topology);
                 if depths.0.is_none() {
                     // Broker away, or the queues not declared yet: try
                     // again in a while, not every second.
@@ -342,12 +343,19 @@ impl Stats {
         let mut health = serde_json::Map::new();
         health.insert("postgres".into(), if db.up { "up" } else { "down" }.into());
         let links = self.health.broker_links();
+        let node_list = self.health.broker_nodes();
+        let mut nodes = serde_json::Map::new();
         for name in ["broker_relay", "broker_consumer"] {
             let state = match links.iter().find(|(n, _)| *n == name) {
                 Some((_, link)) => link.as_str(),
                 None => "not run here",
             };
             health.insert(name.into(), state.into());
+            let node = node_list
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, node)| node.clone());
+            nodes.insert(name.into(), node.into());
         }
         // Before the first successful read there are no figures to show,
         // which is not the same as zeros.
@@ -384,6 +392,7 @@ impl Stats {
             "version": crate::version(),
             "uptime_s": round(now.at, 1),
             "health": health,
+            "nodes": nodes,
             "events": events,
             "outbox": outbox,
             "db_figures": {
@@ -452,6 +461,11 @@ pub fn render_page(s: &Value) -> String {
             text(v)
         }
     };
+    // "on host:port" after a connection's state, nothing while it has none.
+    let on_node = |v: &Value| match v.as_str() {
+        Some(node) => format!("on {node}"),
+        None => String::new(),
+    };
     let failed_rows: String = s["recent_failed"]
         .as_array()
         .map(|rows| {
@@ -473,6 +487,8 @@ pub fn render_page(s: &Value) -> String {
         ("postgres", text(&s["health"]["postgres"])),
         ("broker_relay", text(&s["health"]["broker_relay"])),
         ("broker_consumer", text(&s["health"]["broker_consumer"])),
+        ("node_relay", on_node(&s["nodes"]["broker_relay"])),
+        ("node_consumer", on_node(&s["nodes"]["broker_consumer"])),
         ("pending", count("events", "pending")),
         ("processed", count("events", "processed")),
         ("failed", count("events", "failed")),
@@ -523,12 +539,12 @@ fn round(x: f64, digits: i32) -> f64 {
 
 fn probe_queues(
     connection: &mut Option<amiquip::Connection>,
-    url: &AmqpUrl,
+    nodes: &mut Nodes,
     topology: &Topology,
 ) -> (Option<u32>, Option<u32>) {
     let result = (|| -> Result<(u32, u32), broker::Error> {
         if connection.is_none() {
-            *connection = Some(broker::connect(url, broker::CONNECT_TIMEOUT)?);
+            *connection = Some(nodes.connect(broker::CONNECT_TIMEOUT)?);
         }
         let c = connection.as_mut().expect("just connected");
         let channel = c.open_channel(None)?;
@@ -604,7 +620,8 @@ mod tests {
     fn the_page_is_filled_and_escaped() {
         let doc = json!({
             "version": "ingestd 1", "uptime_s": 3.5,
-            "health": {"postgres": "up", "broker_relay": "down", "broker_consumer": "not run here"},
+            "health": {"postgres": "up", "broker_relay": "up", "broker_consumer": "not run here"},
+            "nodes": {"broker_relay": "rabbit-2:5672", "broker_consumer": null},
             "events": {"pending": 1, "processed": 20001, "failed": 3, "estimated": ["processed"]},
             "outbox": {"rows": 4, "oldest_age_s": 0.5, "estimated": []},
             "queue": {"depth": null, "dead": 0},
@@ -618,6 +635,11 @@ mod tests {
         assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(!page.contains("<script>alert(1)"));
         assert!(page.contains("data-id=\"x\""));
+        assert!(
+            page.contains(">on rabbit-2:5672<"),
+            "the relay's node is named"
+        );
+        assert!(page.contains("id=\"node-broker-consumer\" class=\"muted\"><"));
         assert!(page.contains(">~20001<"), "an estimate is marked");
         assert!(page.contains(">4<"), "an exact count is not");
         assert!(page.len() < 50 * 1024, "the page is {} bytes", page.len());

@@ -22,7 +22,7 @@ use log::{debug, info, warn};
 use postgres::fallible_iterator::FallibleIterator;
 
 use crate::backoff::Backoff;
-use crate::broker::{self, AmqpUrl, Message, Publisher, Topology};
+use crate::broker::{self, AmqpUrl, Message, Nodes, Publisher, Topology};
 use crate::lifecycle::{Failures, Stop};
 use crate::message;
 use crate::ops::health::{Health, Link};
@@ -34,7 +34,7 @@ use crate::trace::Subject;
 pub struct Relay {
     /// Where the outbox lives.
     pub store: Store,
-    /// Broker address.
+    /// Broker address: one node, or the nodes of a cluster.
     pub url: AmqpUrl,
     /// Exchange and queue names.
     pub topology: Topology,
@@ -106,6 +106,7 @@ impl Relay {
     /// Relays until `stop` disconnects. A batch under way is finished first.
     pub fn run(self, wake: Receiver<()>, stop: Stop) {
         let mut wake = wake;
+        let mut nodes = Nodes::new(self.url.clone());
         let mut publisher: Option<Publisher> = None;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut failing = false;
@@ -146,11 +147,12 @@ impl Relay {
             }
             let result = match publisher.as_mut() {
                 Some(p) => self.relay_once(p),
-                None => match Publisher::open(&self.url, &self.topology, self.connect_timeout) {
-                    Ok(p) => {
-                        info!("relay: connected to {}", self.url.redacted());
+                None => match self.open(&mut nodes) {
+                    Ok((p, node)) => {
+                        info!("relay: connected to {}", self.url.redacted_at(&node));
                         self.metrics.broker_connects.inc();
                         self.health.set_relay(true);
+                        self.health.set_relay_node(node.to_string());
                         publisher = Some(p);
                         continue;
                     }
@@ -213,6 +215,14 @@ impl Relay {
         }
         self.health.set_relay(false);
         info!("relay: stopped");
+    }
+
+    /// Connects to the next node that answers, declares the topology and
+    /// opens the confirm channel; returns the node with the publisher.
+    fn open(&self, nodes: &mut Nodes) -> Result<(Publisher, broker::Node), broker::Error> {
+        let connection = nodes.connect(self.connect_timeout)?;
+        let node = nodes.current().cloned().expect("a node just answered");
+        Ok((Publisher::on(connection, &self.topology)?, node))
     }
 
     /// One pass: claim, publish with confirms, delete, commit. Returns how

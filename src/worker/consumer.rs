@@ -15,14 +15,14 @@ use crossbeam_channel::{Receiver, Sender, after, bounded, never, select, unbound
 use log::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::broker::{self, AmqpUrl, ConfirmChannel, Message, Topology};
+use crate::broker::{self, AmqpUrl, ConfirmChannel, Message, Nodes, Topology};
 use crate::lifecycle::{self, Stop};
 use crate::ops::health::Health;
 use crate::worker::{self, Done, Job, Outcome, Worker};
 
 /// What the consumer needs to run.
 pub struct Consumer {
-    /// Broker address.
+    /// Broker address: one node, or the nodes of a cluster.
     pub url: AmqpUrl,
     /// Queue and exchange names.
     pub topology: Topology,
@@ -99,10 +99,11 @@ impl Consumer {
         drop((job_rx, done_tx));
 
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut nodes = Nodes::new(self.url.clone());
         let mut generation = 0u64;
         loop {
             generation += 1;
-            match self.session(generation, &job_tx, &done_rx, &stop) {
+            match self.session(&mut nodes, generation, &job_tx, &done_rx, &stop) {
                 Ok(SessionEnd::Stopped) => break,
                 Err(e) => {
                     // One log line per state change, not one per retry.
@@ -136,12 +137,14 @@ impl Consumer {
 
     fn session(
         &self,
+        nodes: &mut Nodes,
         generation: u64,
         jobs: &Sender<Job>,
         done: &Receiver<Done>,
         stop: &Stop,
     ) -> Result<SessionEnd, broker::Error> {
-        let mut connection = broker::connect(&self.url, self.connect_timeout)?;
+        let mut connection = nodes.connect(self.connect_timeout)?;
+        let node = nodes.current().cloned().expect("a node just answered");
         self.topology.declare(&mut connection)?;
         let channel = connection.open_channel(None)?;
         // Retry copies go out on their own confirm channel, so that a copy
@@ -151,10 +154,11 @@ impl Consumer {
         let queue = channel.queue_declare_passive(&*self.topology.queue)?;
         let consumer = queue.consume(ConsumerOptions::default())?;
         self.health.set_consumer(true);
+        self.health.set_consumer_node(node.to_string());
         self.worker.metrics.broker_connects.inc();
         info!(
             "consumer: connected to {} queue {}",
-            self.url.redacted(),
+            self.url.redacted_at(&node),
             self.topology.queue
         );
 

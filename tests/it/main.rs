@@ -4,6 +4,7 @@
 mod api;
 mod blackhole;
 mod cloudevents;
+mod cluster;
 mod docs;
 mod encoding;
 mod faults;

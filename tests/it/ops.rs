@@ -84,7 +84,7 @@ fn quorum_queues_carry_the_pipeline() {
 
 /// `rabbitmqctl`'s arguments of every queue whose name starts with
 /// `prefix`, by name.
-fn queue_arguments(prefix: &str) -> Vec<(String, String)> {
+pub fn queue_arguments(prefix: &str) -> Vec<(String, String)> {
     let out = std::process::Command::new("rabbitmqctl")
         .args(["-q", "list_queues", "name", "arguments"])
         .output()

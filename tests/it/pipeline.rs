@@ -532,11 +532,11 @@ fn an_original_back_after_its_retry_copy_was_lost_waits_for_the_delay() {
 }
 
 /// Removes a broker policy when dropped.
-struct Policy(String);
+pub struct Policy(String);
 
 impl Policy {
     /// Sets policy `name` on the queues matching `pattern`.
-    fn set(name: &str, pattern: &str, definition: &str) -> Policy {
+    pub fn set(name: &str, pattern: &str, definition: &str) -> Policy {
         let status = std::process::Command::new("rabbitmqctl")
             .args([
                 "-q",

@@ -255,6 +255,10 @@ fn the_status_page_follows_the_pipeline_in_a_browser() {
         after.contains(&format!("data-id=\"{bad}\"")),
         "the failed event is listed"
     );
+    // Each broker connection names the node it is on.
+    let node = format!("on {}", crate::util::amqp_host_port());
+    assert_eq!(text_of(&after, "node-broker-relay"), node);
+    assert_eq!(text_of(&after, "node-broker-consumer"), node);
     // The chart lines and the Retry buttons come from the page's script
     // and /v1/stats, never from the server: they prove the script ran.
     let line = tag_with_id(&after, "line-processed");

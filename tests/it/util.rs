@@ -738,7 +738,7 @@ pub fn ingest(addr: SocketAddr, payload: &Value) -> Uuid {
 /// The broker's `host:port`, for a proxy in front of it.
 pub fn amqp_host_port() -> String {
     let url = AmqpUrl::parse(&amqp_url()).unwrap();
-    format!("{}:{}", url.host, url.port)
+    url.nodes[0].to_string()
 }
 
 /// A proxy in front of the broker, up, and the URL that goes through it,
@@ -747,6 +747,38 @@ pub fn amqp_proxy(query: &str) -> (Proxy, String) {
     let proxy = Proxy::start(&amqp_host_port(), true);
     let url = format!("amqp://guest:guest@{}/%2f?{query}", proxy.addr());
     (proxy, url)
+}
+
+/// A URL of the tests' broker whose authority lists `nodes` (`host:port`
+/// each), in order, with `query` added.
+pub fn amqp_nodes_url(nodes: &[String], query: &str) -> String {
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    format!(
+        "amqp://{}:{}@{}/{}?{query}",
+        url.user,
+        url.password,
+        nodes.join(","),
+        url.vhost.replace('/', "%2f")
+    )
+}
+
+/// The tests' PostgreSQL as `host:port`, for a proxy in front of it.
+pub fn db_host_port() -> String {
+    let pg: postgres::Config = db_url().parse().unwrap();
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!("127.0.0.1:{port}")
+}
+
+/// A URL of the tests' database that lists `hosts` (`host:port` each), in
+/// order, with `query` added.
+pub fn db_hosts_url(hosts: &[String], query: &str) -> String {
+    let pg: postgres::Config = db_url().parse().unwrap();
+    format!(
+        "postgres://{}@{}/{}?{query}",
+        pg.get_user().unwrap_or("postgres"),
+        hosts.join(","),
+        pg.get_dbname().unwrap_or("test")
+    )
 }
 
 /// A proxy in front of PostgreSQL, up, and the URL that goes through it.
@@ -777,6 +809,8 @@ pub struct Proxy {
 struct ProxyState {
     up: AtomicBool,
     closed: AtomicBool,
+    /// Connections forwarded to the target so far.
+    forwarded: AtomicUsize,
     /// Connections forward only while their generation is the current one
     /// and no blackhole is on: a connection caught in a blackhole stays
     /// dead after it ends, as its peer's would.
@@ -815,6 +849,7 @@ impl Proxy {
         let state = Arc::new(ProxyState {
             up: AtomicBool::new(up),
             closed: AtomicBool::new(false),
+            forwarded: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
             blackholed: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
@@ -837,6 +872,7 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
                 };
+                st.forwarded.fetch_add(1, Ordering::SeqCst);
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 {
@@ -860,6 +896,11 @@ impl Proxy {
     /// The proxy's own address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How many connections it has forwarded to its target so far.
+    pub fn forwarded(&self) -> usize {
+        self.state.forwarded.load(Ordering::SeqCst)
     }
 
     /// Cuts every connection and refuses new ones.
