@@ -5,8 +5,10 @@
 //! the one it was accepted with through retries, replays and re-sends.
 //!
 //! ingestd does not record spans of its own: it passes the caller's trace
-//! context on unchanged (as a proxy would) and starts a new one, not
-//! sampled, for a request that brought none.
+//! context on (as a proxy would; a later version's `traceparent` is kept
+//! as version 00, the only one this code knows, and only a request's first
+//! `traceparent` and `tracestate` headers are read) and starts a new one,
+//! not sampled, for a request that brought none.
 
 use uuid::Uuid;
 

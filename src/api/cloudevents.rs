@@ -30,7 +30,7 @@ use uuid::{Builder, Uuid};
 use crate::api::ApiError;
 use crate::api::ingest::{self, Limits, Parsed};
 use crate::store::{BASE64_MARKER, NewEvent};
-use crate::trace::TraceContext;
+use crate::trace::{TraceContext, parse_traceparent, parse_tracestate};
 
 /// Longest string value of an attribute other than `type` and
 /// `partitionkey`, in characters.
@@ -196,6 +196,10 @@ pub fn parse_binary(
     } else if content_type.is_none_or(is_json_content_type) {
         Data::Json(parse_json(body, limits)?)
     } else {
+        // Refused before encoding: base64 takes 4 bytes for every 3.
+        if body.len().div_ceil(3) * 4 > limits.max_payload_bytes {
+            return Err(ApiError::PayloadTooLarge(limits.max_payload_bytes));
+        }
         Data::Base64(STANDARD.encode(body))
     };
     Ok(Parsed {
@@ -254,13 +258,17 @@ fn structured_event(
         }
         (Some(data), None) => Data::Json(data),
         (None, Some(Value::String(text))) => {
+            // Kept canonical (padded, no unused bits), whatever was sent,
+            // so that strict decoders downstream read it.
             let text: String = text.split_ascii_whitespace().collect();
-            if LENIENT.decode(&text).is_err() {
-                return Err(ApiError::InvalidBody(
-                    "\"data_base64\" is not valid base64".into(),
-                ));
+            match LENIENT.decode(&text) {
+                Ok(bytes) => Data::Base64(STANDARD.encode(bytes)),
+                Err(_) => {
+                    return Err(ApiError::InvalidBody(
+                        "\"data_base64\" is not valid base64".into(),
+                    ));
+                }
             }
-            Data::Base64(text)
         }
         (None, Some(_)) => {
             return Err(ApiError::InvalidBody(
@@ -347,9 +355,13 @@ fn new_event(
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
     };
-    // The event's own trace context when it has one, else the request's.
-    let trace = match caller("traceparent") {
-        Some(parent) => TraceContext::from_caller(Some(&parent), caller("tracestate").as_deref()),
+    // The event's own trace context when it has a valid one, else the
+    // request's.
+    let trace = match caller("traceparent").as_deref().and_then(parse_traceparent) {
+        Some(traceparent) => TraceContext {
+            traceparent,
+            tracestate: caller("tracestate").as_deref().and_then(parse_tracestate),
+        },
         None => trace.clone(),
     };
     attributes.remove("traceparent");
@@ -392,8 +404,19 @@ fn check_attribute(name: &str, value: &Value) -> Result<(), ApiError> {
             "attribute name {name:?} is not 1 to 20 lower-case letters and digits"
         )));
     }
+    // `data` is the event's data, never an attribute (a binary-mode
+    // `ce-data` header would otherwise publish a second `data`).
+    if name == "data" {
+        return Err(ApiError::InvalidBody(
+            "\"data\" is a reserved name, not an attribute".into(),
+        ));
+    }
+    // CloudEvents strings hold no control characters (U+0000 to U+001F,
+    // U+007F to U+009F).
     let valid_value = match value {
-        Value::String(s) => s.chars().count() <= MAX_ATTRIBUTE_CHARS && !s.contains('\0'),
+        Value::String(s) => {
+            s.chars().count() <= MAX_ATTRIBUTE_CHARS && !s.chars().any(char::is_control)
+        }
         Value::Bool(_) => true,
         Value::Number(n) => crate::message::integer_attribute(n).is_some(),
         _ => false,
@@ -403,7 +426,7 @@ fn check_attribute(name: &str, value: &Value) -> Result<(), ApiError> {
     } else {
         Err(ApiError::InvalidBody(format!(
             "attribute {name} must be a string of at most {MAX_ATTRIBUTE_CHARS} characters \
-             without U+0000, a boolean or a 32-bit integer"
+             without control characters, a boolean or a 32-bit integer"
         )))
     }
 }
@@ -417,6 +440,9 @@ fn percent_decode(value: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = value.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -436,7 +462,7 @@ pub fn is_rfc3339(s: &str) -> bool {
             .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
             .then(|| s[r].parse::<u32>().unwrap_or(u32::MAX))
     };
-    let (Some(_), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = (
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = (
         digits(0..4),
         digits(5..7),
         digits(8..10),
@@ -448,11 +474,18 @@ pub fn is_rfc3339(s: &str) -> bool {
     };
     let separators = b.get(4) == Some(&b'-')
         && b.get(7) == Some(&b'-')
-        && matches!(b.get(10), Some(b'T' | b't' | b' '))
+        && matches!(b.get(10), Some(b'T' | b't'))
         && b.get(13) == Some(&b':')
         && b.get(16) == Some(&b':');
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
     let in_range = (1..=12).contains(&month)
-        && (1..=31).contains(&day)
+        && (1..=days).contains(&day)
         && hour <= 23
         && minute <= 59
         && second <= 60;
@@ -570,11 +603,16 @@ mod tests {
         assert_eq!(e.payload, Value::String("AAE=".into()));
         assert_eq!(e.attributes.unwrap()[BASE64_MARKER], true);
         // Unused trailing bits and missing padding are read leniently.
-        for text in ["0wKB3w==", "AB==", "AAE"] {
+        // ...and stored canonical.
+        for (text, stored) in [("0wKB3w==", "0wKB3w=="), ("AB==", "AA=="), ("AAE", "AAE=")] {
             let body = format!(
                 r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","data_base64":"{text}"}}"#
             );
-            assert!(structured(&body).is_ok(), "{text}");
+            assert_eq!(
+                structured(&body).unwrap().payload,
+                Value::String(stored.into()),
+                "{text}"
+            );
         }
     }
 
@@ -640,6 +678,10 @@ mod tests {
             (
                 r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","subject":""}"#,
                 "subject must be",
+            ),
+            (
+                r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","x":"a\nb"}"#,
+                "control characters",
             ),
         ];
         for (body, reason) in cases {
@@ -707,6 +749,18 @@ mod tests {
         let attributes = e.attributes.as_ref().unwrap();
         assert_eq!(attributes["datacontenttype"], "text/plain");
         assert_eq!(attributes[BASE64_MARKER], true);
+        for bad in [("data", "spoof"), ("id", "%+f"), ("id", "a%0Ab")] {
+            let mut with = headers.to_vec();
+            with.retain(|(n, _)| n != bad.0);
+            with.push((bad.0.to_string(), bad.1));
+            assert!(
+                matches!(
+                    parse_binary(&with, None, b"", &trace(), &LIMITS),
+                    Err(ApiError::InvalidBody(_))
+                ),
+                "{bad:?}"
+            );
+        }
         let mut broken = headers.to_vec();
         broken[1].1 = "%ff";
         assert!(matches!(
@@ -732,12 +786,21 @@ mod tests {
             r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","traceparent":"{parent}","tracestate":"a=1"}}"#
         );
         let e = structured(&body).unwrap();
-        let trace = e.trace.unwrap();
+        let kept = e.trace.unwrap();
         assert_eq!(
-            (trace.traceparent.as_str(), trace.tracestate.as_deref()),
+            (kept.traceparent.as_str(), kept.tracestate.as_deref()),
             (parent, Some("a=1"))
         );
         assert!(!e.attributes.unwrap().contains_key("traceparent"));
+        // An invalid one gives way to the request's.
+        let request = trace();
+        let body =
+            r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","traceparent":"nope"}"#;
+        let e = parse_structured(body.as_bytes(), &request, &LIMITS)
+            .unwrap()
+            .events[0]
+            .clone();
+        assert_eq!(e.trace, Some(request));
     }
 
     #[test]
@@ -755,6 +818,7 @@ mod tests {
             "2026-01-31t12:00:00.123456z",
             "2026-01-31T12:00:00+05:30",
             "2016-12-31T23:59:60Z",
+            "2024-02-29T00:00:00Z",
         ] {
             assert!(is_rfc3339(ok), "{ok}");
         }
@@ -766,6 +830,9 @@ mod tests {
             "2026-01-31T12:00:00.Z",
             "2026-01-31T25:00:00Z",
             "2026-01-31T12:00:00+0530",
+            "2026-01-31 12:00:00Z",
+            "2026-02-29T12:00:00Z",
+            "2026-04-31T12:00:00Z",
         ] {
             assert!(!is_rfc3339(bad), "{bad}");
         }

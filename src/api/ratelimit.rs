@@ -94,10 +94,26 @@ impl Client {
                 label: scope.as_str().chars().take(12).collect(),
             },
             _ => Client {
-                bucket: address.map(|a| a.to_string()).unwrap_or_default(),
+                bucket: address.map(bucket_of).unwrap_or_default(),
                 label: "address".into(),
             },
         }
+    }
+}
+
+/// The bucket of an address: the address itself for IPv4, its /64 for
+/// IPv6, the block one host is given, so that a client cannot take a fresh
+/// bucket with each of its addresses.
+fn bucket_of(address: IpAddr) -> String {
+    match address {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
     }
 }
 
@@ -252,6 +268,17 @@ mod tests {
         }
         let limit = RateLimit::parse("1000/s").unwrap().unwrap();
         assert_eq!(limit.per_minute(), 60_000);
+    }
+
+    #[test]
+    fn an_ipv6_client_has_one_bucket_per_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(Client::new(None, Some(a)), Client::new(None, Some(b)));
+        assert_ne!(Client::new(None, Some(a)), Client::new(None, Some(c)));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(bucket_of(mapped), "192.0.2.7");
     }
 
     #[test]

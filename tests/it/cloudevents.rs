@@ -149,6 +149,20 @@ fn the_python_sdk_sends_every_mode_and_its_replays_create_nothing() {
         .collect();
     env.wait_processed(&ids, Duration::from_secs(30));
     assert_eq!(env.processed_twice(), 0);
+    let seen = env
+        .processor
+        .attributes(ids[0])
+        .flatten()
+        .expect("attributes");
+    assert_eq!(seen["subject"], "s-bin-1");
+    assert_eq!(seen["source"], "/tests/sdk");
+    assert_eq!(seen["id"], "bin-1");
+    let seen = env
+        .processor
+        .attributes(ids[1])
+        .flatten()
+        .expect("attributes");
+    assert_eq!(seen["data_base64"], true);
     app.shutdown().unwrap();
 }
 

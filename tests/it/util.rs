@@ -380,6 +380,7 @@ pub struct Scripted {
     calls: Mutex<HashMap<Uuid, Vec<Instant>>>,
     payloads: Mutex<HashMap<Uuid, Value>>,
     traces: Mutex<HashMap<Uuid, Vec<Trace>>>,
+    attributes: Mutex<HashMap<Uuid, Option<Value>>>,
     healed: AtomicBool,
     released: AtomicBool,
 }
@@ -411,6 +412,12 @@ impl Scripted {
             .unwrap_or_default()
     }
 
+    /// The CloudEvents attributes the last attempt on `id` was handed
+    /// (`Some(None)` for a plain event), `None` before any attempt.
+    pub fn attributes(&self, id: Uuid) -> Option<Option<Value>> {
+        self.attributes.lock().unwrap().get(&id).cloned()
+    }
+
     /// From now on permanent failures stop failing.
     pub fn heal(&self) {
         self.healed.store(true, Ordering::SeqCst);
@@ -440,6 +447,10 @@ impl Processor for Scripted {
             .entry(event.id)
             .or_default()
             .push((event.traceparent.clone(), event.tracestate.clone()));
+        self.attributes
+            .lock()
+            .unwrap()
+            .insert(event.id, event.attributes.clone());
         if event.payload.get("hold") == Some(&Value::Bool(true)) {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !self.released.load(Ordering::SeqCst) && Instant::now() < deadline {
