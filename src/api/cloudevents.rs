@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use uuid::{Builder, Uuid};
 
 use crate::api::ApiError;
+use crate::api::head::media_essence;
 use crate::api::ingest::{self, Limits, Parsed};
 use crate::store::{BASE64_MARKER, NewEvent};
 use crate::trace::{TraceContext, parse_traceparent, parse_tracestate};
@@ -61,15 +62,7 @@ pub enum Mode {
 /// `ce-specversion` header; `None` for a plain ingest. An event format
 /// other than JSON is refused (`415`).
 pub fn mode(content_type: Option<&str>, has_specversion: bool) -> Result<Option<Mode>, ApiError> {
-    let essence = content_type
-        .map(|ct| {
-            ct.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
+    let essence = content_type.map(media_essence).unwrap_or_default();
     if let Some(format) = essence.strip_prefix("application/cloudevents-batch") {
         return match format {
             "+json" => Ok(Some(Mode::Batched)),
@@ -220,12 +213,7 @@ fn same_content(a: &NewEvent, b: &NewEvent) -> bool {
 /// True for a `datacontenttype` whose data is JSON: `application/json`,
 /// `text/json` or any `+json` type.
 pub fn is_json_content_type(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let essence = media_essence(content_type);
     essence.ends_with("/json") || essence.ends_with("+json")
 }
 

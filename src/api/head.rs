@@ -140,15 +140,20 @@ pub fn head_check(
 }
 
 /// Maps a method and a URL to a route. The legacy path matches without
-/// Checks that a Content-Type names JSON (`application/json`, optionally
-/// with parameters, or any `+json` type).
-pub fn is_json_media_type(content_type: &str) -> bool {
-    let essence = content_type
+/// A media type without its parameters, in lower case: `type/subtype`.
+pub fn media_essence(content_type: &str) -> String {
+    content_type
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+}
+
+/// Checks that a Content-Type names JSON (`application/json`, optionally
+/// with parameters, or any `+json` type).
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let essence = media_essence(content_type);
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }

@@ -281,15 +281,20 @@ mod tests {
         assert_eq!(bucket_of(mapped), "192.0.2.7");
     }
 
-    #[test]
-    fn a_bucket_allows_its_burst_then_its_rate() {
-        let limiter = Limiter::new(
+    /// Ten events a second, twenty at once.
+    fn limiter() -> Limiter {
+        Limiter::new(
             RateLimit {
                 rate: 10.0,
                 burst: 20.0,
             },
             None,
-        );
+        )
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let limiter = limiter();
         let t0 = Instant::now();
         assert_eq!(limiter.take_at("a", 15, t0), Ok(()));
         assert_eq!(limiter.take_at("a", 5, t0), Ok(()));
@@ -304,13 +309,7 @@ mod tests {
 
     #[test]
     fn a_batch_beyond_the_burst_passes_from_a_full_bucket_and_owes_the_rest() {
-        let limiter = Limiter::new(
-            RateLimit {
-                rate: 10.0,
-                burst: 20.0,
-            },
-            None,
-        );
+        let limiter = limiter();
         let t0 = Instant::now();
         assert_eq!(limiter.take_at("a", 50, t0), Ok(()));
         // 30 owed and 20 to refill: 5 seconds before the next full bucket.

@@ -5,7 +5,6 @@
 //! reads the messages.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use ingestd::Role;
@@ -13,7 +12,9 @@ use ingestd::api::cloudevents::event_id;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::util::{Resp, TestEnv, amqp_url, get, queued_messages, request, wait_until};
+use crate::util::{
+    Resp, TestEnv, amqp_url, assert_error, get, python3, queued_messages, request, wait_until,
+};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -26,17 +27,8 @@ fn clients_script() -> String {
 
 /// Runs the Python clients script and returns its JSON lines.
 fn python(args: &[&str]) -> Vec<Value> {
-    let out = Command::new("python3")
-        .arg(clients_script())
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
-    assert!(
-        out.status.success(),
-        "python3 {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let script = clients_script();
+    let stdout = python3(&[&[script.as_str()], args].concat(), b"");
     println!("{stdout}");
     stdout
         .lines()
@@ -62,21 +54,6 @@ fn ce(id: &str, data: Value) -> Value {
 
 fn event(addr: SocketAddr, id: Uuid) -> Value {
     get(addr, &format!("/v1/events/{id}")).json()
-}
-
-fn assert_error(resp: &Resp, status: u16, code: &str) {
-    assert_eq!(
-        resp.status,
-        status,
-        "{}",
-        String::from_utf8_lossy(&resp.body)
-    );
-    assert_eq!(
-        resp.json()["error"],
-        code,
-        "{}",
-        String::from_utf8_lossy(&resp.body)
-    );
 }
 
 #[test]

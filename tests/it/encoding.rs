@@ -15,7 +15,7 @@ use flate2::{Compress, Compression, Crc, FlushCompress};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::util::{Resp, TestEnv, get, request};
+use crate::util::{Resp, TestEnv, assert_error, get, python3, request};
 
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = GzEncoder::new(Vec::new(), Compression::default());
@@ -58,19 +58,6 @@ fn id_of(resp: &Resp) -> Uuid {
 /// The payload of event `id`, as the API reads it back.
 fn payload(addr: SocketAddr, id: Uuid) -> Value {
     get(addr, &format!("/v1/events/{id}")).json()["payload"].clone()
-}
-
-/// Fails the test unless `resp` is the JSON error `code` with `status`.
-fn assert_error(resp: &Resp, status: u16, code: &str) {
-    assert_eq!(
-        resp.status,
-        status,
-        "{}",
-        String::from_utf8_lossy(&resp.body)
-    );
-    let body = resp.json();
-    assert_eq!(body["error"], code, "{body}");
-    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
 }
 
 /// A gzip file of one member holding `mib` MiB of zeros, built as an
@@ -421,18 +408,8 @@ for coding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress)):
     with opener.open(request, timeout=10) as response:
         print(response.status, response.read().decode())
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(format!("http://{addr}/v1/events"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
-    assert!(
-        out.status.success(),
-        "python3 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let url = format!("http://{addr}/v1/events");
+    let stdout = python3(&["-c", script, &url], b"");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     for (line, coding) in lines.iter().zip(["gzip", "deflate"]) {

@@ -5,12 +5,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::util::{Resp, TestEnv, get, parse_response, request};
+use crate::util::{Resp, TestEnv, get, parse_response, python3, request};
 
 const KEY_A: &str = "key-a-0123456789abcdef";
 const KEY_B: &str = "key-b-0123456789abcdef";
@@ -62,17 +61,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         for sample in family.samples:
             print(sample.labels["client"], sample.value)
 "#;
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
-    child.stdin.take().unwrap().write_all(&text).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the metrics did not parse");
-    String::from_utf8(out.stdout)
-        .unwrap()
+    python3(&["-c", script], &text)
         .lines()
         .map(|l| {
             let (client, value) = l.split_once(' ').unwrap();

@@ -972,6 +972,40 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: &Arc<ProxyState>, generat
     });
 }
 
+/// Fails the test unless `resp` is the JSON error `code` with `status`.
+pub fn assert_error(resp: &Resp, status: u16, code: &str) {
+    assert_eq!(
+        resp.status,
+        status,
+        "{}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    let body = resp.json();
+    assert_eq!(body["error"], code, "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+}
+
+/// Runs `python3` with `args`, `stdin` on its standard input, and returns
+/// its standard output; fails the test when it cannot run or fails.
+pub fn python3(args: &[&str], stdin: &[u8]) -> String {
+    let mut child = Command::new("python3")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run python3: {e}"));
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "python3 {:?} failed: {}",
+        args.first(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Messages ready in `queue`, or `None` while it does not exist yet.
 pub fn queued_messages(queue: &str) -> Option<u32> {
     let url = AmqpUrl::parse(&amqp_url()).unwrap();
