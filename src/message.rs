@@ -79,8 +79,21 @@ impl Message {
             .as_deref()
             .and_then(|text| serde_json::from_str(text).ok());
         let attributes = cloudevent_attributes(row, stored.as_ref(), settings);
+        let (body, content_type) = match settings.format {
+            Format::Ingestd => (ingestd_body(row, stored.as_ref()), "application/json"),
+            Format::CloudEvents => {
+                let base64 = stored
+                    .as_ref()
+                    .is_some_and(|s| s.get(BASE64_MARKER) == Some(&Value::Bool(true)));
+                (
+                    structured_body(row, attributes.clone(), base64),
+                    STRUCTURED_CONTENT_TYPE,
+                )
+            }
+        };
+        // The attributes move into the headers: no copy of their values.
         let mut headers = FieldTable::new();
-        for (name, value) in &attributes {
+        for (name, value) in attributes {
             if name == "datacontenttype" {
                 continue;
             }
@@ -99,18 +112,6 @@ impl Message {
                 headers.insert(name.into(), AmqpValue::LongString(value.clone()));
             }
         }
-        let (body, content_type) = match settings.format {
-            Format::Ingestd => (ingestd_body(row, stored.as_ref()), "application/json"),
-            Format::CloudEvents => {
-                let base64 = stored
-                    .as_ref()
-                    .is_some_and(|s| s.get(BASE64_MARKER) == Some(&Value::Bool(true)));
-                (
-                    structured_body(row, attributes, base64),
-                    STRUCTURED_CONTENT_TYPE,
-                )
-            }
-        };
         Message {
             id: row.event_id.to_string(),
             body,
@@ -192,11 +193,11 @@ fn cloudevent_attributes(
 
 /// A CloudEvents attribute as an AMQP header value: strings as long
 /// strings, booleans as booleans, integers as 32-bit integers.
-fn amqp_value(value: &Value) -> Option<AmqpValue> {
+fn amqp_value(value: Value) -> Option<AmqpValue> {
     match value {
-        Value::String(s) => Some(AmqpValue::LongString(s.clone())),
-        Value::Bool(b) => Some(AmqpValue::Boolean(*b)),
-        Value::Number(n) => integer_attribute(n).map(AmqpValue::LongInt),
+        Value::String(s) => Some(AmqpValue::LongString(s)),
+        Value::Bool(b) => Some(AmqpValue::Boolean(b)),
+        Value::Number(n) => integer_attribute(&n).map(AmqpValue::LongInt),
         _ => None,
     }
 }

@@ -203,12 +203,7 @@ pending() {
 while [ "$(pending)" != "0" ] && ((SECONDS < deadline)); do sleep 0.5; done
 R_DRAIN=$(secs_since "$t")
 
-read -r PROCESSED FAILED LOST TWICE < <(psql_q "
-  SELECT count(*) FILTER (WHERE e.status = 'processed'),
-         count(*) FILTER (WHERE e.status = 'failed'),
-         count(*) FILTER (WHERE e.id IS NULL OR e.status = 'pending'),
-         count(*) FILTER (WHERE e.processed_count > 1)
-  FROM $NAME.accepted a LEFT JOIN $NAME.events e USING (id)" | tr '|' ' ')
+read -r PROCESSED FAILED LOST TWICE < <(accepted_outcome "$NAME")
 
 kill -TERM "$PID"; wait "$PID" || true; PID=
 

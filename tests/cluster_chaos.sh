@@ -391,12 +391,7 @@ done
 R_DRAIN=$(secs_since "$t")
 DEAD=$(rctl 0 list_queues name messages --no-table-headers | awk -v q="$NAME.dead" '$1 == q { print $2 }')
 
-read -r PROCESSED FAILED LOST TWICE < <(psql_q "
-  SELECT count(*) FILTER (WHERE e.status = 'processed'),
-         count(*) FILTER (WHERE e.status = 'failed'),
-         count(*) FILTER (WHERE e.id IS NULL OR e.status = 'pending'),
-         count(*) FILTER (WHERE e.processed_count > 1)
-  FROM $NAME.accepted a LEFT JOIN $NAME.events e USING (id)" | tr '|' ' ')
+read -r PROCESSED FAILED LOST TWICE < <(accepted_outcome "$NAME")
 
 # Why events failed, if any did: none should.
 REASONS=$(psql_q "SELECT count(*) || ' ' || coalesce(last_error, '?') FROM $NAME.events

@@ -49,3 +49,15 @@ remove_run() {
       echo "cleanup: cannot delete exchange $x" >&2
   done
 }
+
+# Prints, for the ids in table $1.accepted (every 202 of a run), how many of
+# their events are processed, failed, lost (missing or still pending) and
+# processed more than once, space-separated. Uses the caller's psql_q.
+accepted_outcome() {
+  psql_q "
+    SELECT count(*) FILTER (WHERE e.status = 'processed'),
+           count(*) FILTER (WHERE e.status = 'failed'),
+           count(*) FILTER (WHERE e.id IS NULL OR e.status = 'pending'),
+           count(*) FILTER (WHERE e.processed_count > 1)
+    FROM $1.accepted a LEFT JOIN $1.events e USING (id)" | tr '|' ' '
+}

@@ -99,7 +99,7 @@ pub fn parse_structured(
     trace: &TraceContext,
     limits: &Limits,
 ) -> Result<Parsed, ApiError> {
-    match parse_json(body, limits)? {
+    match ingest::parse_value(body, limits)? {
         Value::Object(object) => Ok(Parsed {
             events: vec![structured_event(object, trace, limits)?],
             batch: false,
@@ -117,38 +117,29 @@ pub fn parse_batched(
     trace: &TraceContext,
     limits: &Limits,
 ) -> Result<Parsed, ApiError> {
-    let Value::Array(items) = parse_json(body, limits)? else {
+    let Value::Array(items) = ingest::parse_value(body, limits)? else {
         return Err(ApiError::InvalidBody(
             "a batch of CloudEvents must be a JSON array".into(),
         ));
     };
-    if items.is_empty() {
-        return Err(ApiError::InvalidBody("the batch is empty".into()));
-    }
-    if items.len() > limits.max_batch {
-        return Err(ApiError::BatchTooLarge(limits.max_batch));
-    }
-    let mut events: Vec<NewEvent> = Vec::with_capacity(items.len());
+    // The same source and id twice: a copy is a duplicate of the earlier
+    // item (stored once), other content a conflict.
     let mut seen = std::collections::HashMap::new();
-    for (index, item) in items.into_iter().enumerate() {
-        let in_item = |e| ApiError::InvalidItem(index, Box::new(e));
-        let Value::Object(object) = item else {
-            return Err(in_item(ApiError::InvalidBody(
-                "each item must be a CloudEvent as a JSON object".into(),
-            )));
-        };
-        let event = structured_event(object, trace, limits).map_err(in_item)?;
-        // The same source and id twice: a copy is a duplicate of the
-        // earlier item (stored once), other content a conflict.
-        if let Some(&earlier) = seen.get(&event.id) {
-            if !same_content(&events[earlier], &event) {
-                return Err(ApiError::IdConflict(Some(index), event.id));
+    let not_object = "each item must be a CloudEvent as a JSON object";
+    let events = ingest::parse_items(items, limits, not_object, |index, object, earlier| {
+        let event = structured_event(object, trace, limits)
+            .map_err(|e| ApiError::InvalidItem(index, Box::new(e)))?;
+        match seen.get(&event.id) {
+            Some(&first) if !same_content(&earlier[first], &event) => {
+                Err(ApiError::IdConflict(Some(index), event.id))
             }
-        } else {
-            seen.insert(event.id, index);
+            Some(_) => Ok(event),
+            None => {
+                seen.insert(event.id, index);
+                Ok(event)
+            }
         }
-        events.push(event);
-    }
+    })?;
     Ok(Parsed {
         events,
         batch: true,
@@ -187,7 +178,7 @@ pub fn parse_binary(
     let data = if body.is_empty() {
         Data::None
     } else if content_type.is_none_or(is_json_content_type) {
-        Data::Json(parse_json(body, limits)?)
+        Data::Json(ingest::parse_value(body, limits)?)
     } else {
         // Refused before encoding: base64 takes 4 bytes for every 3.
         if body.len().div_ceil(3) * 4 > limits.max_payload_bytes {
@@ -222,11 +213,6 @@ enum Data {
     None,
     Json(Value),
     Base64(String),
-}
-
-fn parse_json(body: &[u8], limits: &Limits) -> Result<Value, ApiError> {
-    ingest::check_text(body, limits)?;
-    serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
 /// One event of the JSON format: its members are the attributes, but
@@ -504,11 +490,7 @@ pub fn is_rfc3339(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_batch: 3,
-        max_payload_bytes: 64,
-        max_depth: 6,
-    };
+    use crate::api::ingest::tests::LIMITS;
 
     fn trace() -> TraceContext {
         TraceContext::start()

@@ -82,23 +82,53 @@ pub fn check_syntax(body: &[u8]) -> Result<(), ApiError> {
 
 /// Parses and validates an ingest body.
 pub fn parse(body: &[u8], limits: &Limits) -> Result<Parsed, ApiError> {
-    // Checked before parsing, so a deep body costs a scan, not a deep parse.
-    check_text(body, limits)?;
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    match value {
+    match parse_value(body, limits)? {
         Value::Object(object) => Ok(Parsed {
             events: vec![parse_event(object, limits)?],
             batch: false,
         }),
-        Value::Array(items) => parse_batch(items, limits),
+        Value::Array(items) => {
+            let mut client_ids = HashSet::new();
+            let not_object = "each item must be a JSON object with a \"payload\" field";
+            let events = parse_items(items, limits, not_object, |index, object, _| {
+                let in_item = |e| ApiError::InvalidItem(index, Box::new(e));
+                let event = parse_event(object, limits).map_err(in_item)?;
+                if event.client_id && !client_ids.insert(event.id) {
+                    return Err(in_item(ApiError::InvalidBody(format!(
+                        "the id {} appears twice in the batch",
+                        event.id
+                    ))));
+                }
+                Ok(event)
+            })?;
+            Ok(Parsed {
+                events,
+                batch: true,
+            })
+        }
         _ => Err(ApiError::InvalidBody(
             "the body must be a JSON object with a \"payload\" field, or an array of them".into(),
         )),
     }
 }
 
-fn parse_batch(items: Vec<Value>, limits: &Limits) -> Result<Parsed, ApiError> {
+/// A body's JSON, after the scan checks of [`check_text`], so that a deep
+/// body costs a scan, not a deep parse.
+pub fn parse_value(body: &[u8], limits: &Limits) -> Result<Value, ApiError> {
+    check_text(body, limits)?;
+    serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))
+}
+
+/// The events of a batch, all or nothing: not empty, at most the limit,
+/// every item an object (else `not_object`, naming it), which `event`
+/// turns into an event given its index and the events before it; `event`
+/// names the item in its own errors.
+pub fn parse_items(
+    items: Vec<Value>,
+    limits: &Limits,
+    not_object: &str,
+    mut event: impl FnMut(usize, Map<String, Value>, &[NewEvent]) -> Result<NewEvent, ApiError>,
+) -> Result<Vec<NewEvent>, ApiError> {
     if items.is_empty() {
         return Err(ApiError::InvalidBody("the batch is empty".into()));
     }
@@ -106,27 +136,17 @@ fn parse_batch(items: Vec<Value>, limits: &Limits) -> Result<Parsed, ApiError> {
         return Err(ApiError::BatchTooLarge(limits.max_batch));
     }
     let mut events = Vec::with_capacity(items.len());
-    let mut client_ids = HashSet::new();
     for (index, item) in items.into_iter().enumerate() {
-        let in_item = |e| ApiError::InvalidItem(index, Box::new(e));
         let Value::Object(object) = item else {
-            return Err(in_item(ApiError::InvalidBody(
-                "each item must be a JSON object with a \"payload\" field".into(),
-            )));
+            return Err(ApiError::InvalidItem(
+                index,
+                Box::new(ApiError::InvalidBody(not_object.into())),
+            ));
         };
-        let event = parse_event(object, limits).map_err(in_item)?;
-        if event.client_id && !client_ids.insert(event.id) {
-            return Err(in_item(ApiError::InvalidBody(format!(
-                "the id {} appears twice in the batch",
-                event.id
-            ))));
-        }
-        events.push(event);
+        let next = event(index, object, &events)?;
+        events.push(next);
     }
-    Ok(Parsed {
-        events,
-        batch: true,
-    })
+    Ok(events)
 }
 
 /// One event object.
@@ -424,11 +444,12 @@ pub fn nesting_exceeds(body: &[u8], max: usize) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    const LIMITS: Limits = Limits {
+    /// Small limits, for the tests of every body parser.
+    pub(crate) const LIMITS: Limits = Limits {
         max_batch: 3,
         max_payload_bytes: 64,
         max_depth: 6,
