@@ -28,6 +28,7 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
 	$(COMPOSE) -f docker-compose.yml config --quiet
+	cd fuzz && $(CARGO) fmt -- --check && $(CARGO) clippy --bins -- -D warnings
 
 # Writes the generated docs again (docs/configuration.md, from the table in
 # src/config.rs); `make test` fails while they are stale.
