@@ -85,7 +85,11 @@ fuzz_target!(|data: &[u8]| {
 fn check_head(line: &str, seed: usize) {
     let keys = ApiKeys::parse(KEY).unwrap();
     // no body, or one whose length may pass the limit
-    let length = if seed.is_multiple_of(2) { 0 } else { 1025 + seed * 7 };
+    let length = if seed.is_multiple_of(2) {
+        0
+    } else {
+        1025 + seed * 7
+    };
     for (method, path) in [
         (Method::Post, "/v1/events"),
         (Method::Post, line),
