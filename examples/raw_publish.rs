@@ -2,19 +2,31 @@
 //! persistent messages with confirms per batch, on the same TCP_NODELAY
 //! connection code the relay uses, with nothing else around it.
 //!
-//! Usage: `raw_publish AMQP_URL PREFIX MESSAGES BATCH`. Prints
+//! Usage: `raw_publish AMQP_URL PREFIX MESSAGES BATCH [bare|relay]`. Prints
 //! `{"published": N, "seconds": S, "per_second": R}`. Publishes to
-//! `<PREFIX>.events` and purges `<PREFIX>.events` afterwards.
+//! `<PREFIX>.events` and purges `<PREFIX>.events` afterwards. `bare` (the
+//! default) sends the relay's body with no headers; `relay` sends the very
+//! messages the relay builds for such an event, CloudEvents and trace
+//! context headers included, so that the two loops tell the broker's cost
+//! of the headers from the relay's own.
 
 use std::time::{Duration, Instant};
 
 use ingestd::broker::{AmqpUrl, Message, Publisher, Topology};
+use ingestd::message;
+use ingestd::store::outbox::OutboxRow;
+use ingestd::trace::TraceContext;
+use uuid::Uuid;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 5 {
-        eprintln!("usage: raw_publish AMQP_URL PREFIX MESSAGES BATCH");
-        std::process::exit(2);
+    let relay_messages = match args.get(5).map(String::as_str) {
+        None | Some("bare") => false,
+        Some("relay") => true,
+        Some(_) => usage(),
+    };
+    if args.len() < 5 || args.len() > 6 {
+        usage();
     }
     let url = AmqpUrl::parse(&args[1]).expect("AMQP URL");
     let total: usize = args[3].parse().expect("MESSAGES");
@@ -25,13 +37,19 @@ fn main() {
     // The same body shape and size the relay sends.
     let body = br#"{"id":"00000000-0000-0000-0000-000000000000","payload":{"n":1,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},"created_at":"2026-01-01T00:00:00.000000Z"}"#;
     let messages: Vec<Message> = (0..batch)
-        .map(|i| Message {
-            id: i.to_string(),
-            body: body.to_vec(),
-            timestamp: 0,
-            attempt: None,
-            content_type: "application/json".into(),
-            headers: Default::default(),
+        .map(|i| {
+            if relay_messages {
+                Message::for_event(&row(), 0, &message::Settings::default())
+            } else {
+                Message {
+                    id: i.to_string(),
+                    body: body.to_vec(),
+                    timestamp: 0,
+                    attempt: None,
+                    content_type: "application/json".into(),
+                    headers: Default::default(),
+                }
+            }
         })
         .collect();
     let started = Instant::now();
@@ -49,4 +67,29 @@ fn main() {
         "{{\"published\": {sent}, \"seconds\": {seconds:.3}, \"per_second\": {:.0}}}",
         sent as f64 / seconds
     );
+}
+
+fn usage() -> ! {
+    eprintln!("usage: raw_publish AMQP_URL PREFIX MESSAGES BATCH [bare|relay]");
+    std::process::exit(2);
+}
+
+/// An outbox row as the relay claims it for a plain event of the
+/// benchmark's shape, accepted with a fresh trace.
+fn row() -> OutboxRow {
+    let trace = TraceContext::start();
+    OutboxRow {
+        outbox_id: 1,
+        event_id: Uuid::new_v4(),
+        event_type: None,
+        key: None,
+        payload: r#"{"n": 1, "pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#.into(),
+        created_at: "2026-01-01T00:00:00.000000Z".into(),
+        created_epoch: 1_767_225_600,
+        refusals: 0,
+        queued_epoch: 0.0,
+        attributes: None,
+        traceparent: Some(trace.traceparent),
+        tracestate: None,
+    }
 }

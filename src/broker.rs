@@ -9,6 +9,7 @@
 //! is the relay) nor what a delivery means (that is the consumer and the
 //! workers).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -600,8 +601,24 @@ pub struct ConfirmChannel {
     confirms: Receiver<Confirm>,
     returns: Receiver<Return>,
     smoother: ConfirmSmoother,
+    /// Messages published, and confirmed, on this channel.
     published: u64,
     confirmed: u64,
+    /// The outcomes (acked or not) of confirmed messages whose batch was
+    /// not awaited yet, in publishing order.
+    outcomes: VecDeque<bool>,
+    /// The last message whose batch was awaited.
+    awaited: u64,
+}
+
+/// A batch published on a [`ConfirmChannel`] whose confirms were not
+/// awaited yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// The channel's count of published messages after the batch.
+    through: u64,
+    /// Messages in the batch.
+    count: usize,
 }
 
 impl ConfirmChannel {
@@ -618,6 +635,8 @@ impl ConfirmChannel {
             smoother: ConfirmSmoother::new(),
             published: 0,
             confirmed: 0,
+            outcomes: VecDeque::new(),
+            awaited: 0,
         })
     }
 
@@ -655,6 +674,19 @@ impl ConfirmChannel {
         messages: &[Message],
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
+        let pending = self.publish(exchange, routing_key, messages)?;
+        self.await_confirms(pending, timeout)
+    }
+
+    /// Publishes `messages` without waiting for their confirms: the
+    /// returned [`Pending`] is what [`ConfirmChannel::await_confirms`]
+    /// waits for, so that the next batch can be prepared meanwhile.
+    pub fn publish(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        messages: &[Message],
+    ) -> Result<Pending, Error> {
         for m in messages {
             let properties = m.properties();
             self.channel.basic_publish(
@@ -669,21 +701,25 @@ impl ConfirmChannel {
             )?;
             self.published += 1;
         }
-        let taken = self.await_confirms(messages.len(), timeout)?;
-        // The broker sends basic.return before the confirm of the same
-        // message, so every return of this batch is already queued.
-        if self.returns.try_recv().is_ok() {
-            return Err(Error::Unroutable);
-        }
-        Ok(taken)
+        Ok(Pending {
+            through: self.published,
+            count: messages.len(),
+        })
     }
 
-    /// Waits for the confirms of the last `count` messages published, which
-    /// the smoother hands over one by one in publishing order.
-    fn await_confirms(&mut self, count: usize, timeout: Duration) -> Result<Vec<bool>, Error> {
+    /// Waits for the confirms of a batch [`ConfirmChannel::publish`]
+    /// published and tells which messages the broker took. Batches are
+    /// awaited in the order they were published; the broker confirms in
+    /// that order too, and any confirm of an earlier batch that was never
+    /// awaited is dropped. A message the broker returned as unroutable
+    /// fails the batch.
+    pub fn await_confirms(
+        &mut self,
+        pending: Pending,
+        timeout: Duration,
+    ) -> Result<Vec<bool>, Error> {
         let deadline = Instant::now() + timeout;
-        let mut taken = Vec::with_capacity(count);
-        while self.confirmed < self.published {
+        while self.confirmed < pending.through {
             let raw = match self.confirms.recv_deadline(deadline) {
                 Ok(c) => c,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
@@ -694,14 +730,28 @@ impl ConfirmChannel {
                     return Err(Error::Closed);
                 }
             };
+            // The smoother hands the confirms over one by one, in
+            // publishing order.
             for c in self.smoother.process(raw) {
                 self.confirmed += 1;
-                taken.push(matches!(c, Confirm::Ack(_)));
+                self.outcomes.push_back(matches!(c, Confirm::Ack(_)));
             }
         }
-        // Confirms of earlier batches all arrived before this one started.
-        let extra = taken.len().saturating_sub(count);
-        Ok(taken.split_off(extra))
+        // What is left of earlier batches, and this batch's outcomes.
+        let first = pending.through - pending.count as u64;
+        let earlier = first.saturating_sub(self.awaited) as usize;
+        self.outcomes.drain(..earlier.min(self.outcomes.len()));
+        let taken: Vec<bool> = self
+            .outcomes
+            .drain(..pending.count.min(self.outcomes.len()))
+            .collect();
+        self.awaited = pending.through;
+        // The broker sends basic.return before the confirm of the same
+        // message, so every return of this batch is already queued.
+        if self.returns.try_recv().is_ok() {
+            return Err(Error::Unroutable);
+        }
+        Ok(taken)
     }
 
     /// Closes the channel politely.
@@ -775,9 +825,25 @@ impl Publisher {
         messages: &[Message],
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
-        let taken =
-            self.channel
-                .publish_each(&self.exchange, EVENT_ROUTING_KEY, messages, timeout)?;
+        let pending = self.publish(messages)?;
+        self.await_confirms(pending, timeout)
+    }
+
+    /// Publishes a batch of events without waiting for its confirms (see
+    /// [`ConfirmChannel::publish`]).
+    pub fn publish(&mut self, messages: &[Message]) -> Result<Pending, Error> {
+        self.channel
+            .publish(&self.exchange, EVENT_ROUTING_KEY, messages)
+    }
+
+    /// Waits for the confirms of a batch [`Publisher::publish`] published,
+    /// as [`Publisher::publish_each`] does.
+    pub fn await_confirms(
+        &mut self,
+        pending: Pending,
+        timeout: Duration,
+    ) -> Result<Vec<bool>, Error> {
+        let taken = self.channel.await_confirms(pending, timeout)?;
         if self.quorum && taken.contains(&false) {
             return Err(Error::Nacked);
         }

@@ -5,7 +5,11 @@
 //! them as persistent messages, waits for the broker's confirms and only then
 //! commits. Any failure rolls the transaction back, so the rows stay for the
 //! next try; a crash between publish and commit causes a redelivery, which
-//! workers skip.
+//! workers skip. While a full batch waits for its confirms, the next one is
+//! claimed and published in a second transaction on a second connection, so
+//! that the database's work overlaps the broker's; batches commit in order,
+//! each after its own confirms, and a failure rolls back every batch not
+//! committed yet.
 //! A message the broker refuses (a nack) fails only its own row, which is
 //! tried again with backoff and after a few refusals fails its event; a
 //! broker that blocks publishers (an alarm) is waited out, the rows staying
@@ -146,7 +150,7 @@ impl Relay {
                 }
             }
             let result = match publisher.as_mut() {
-                Some(p) => self.relay_once(p),
+                Some(p) => self.relay_once(p, &stop),
                 None => match self.open(&mut nodes) {
                     Ok((p, node)) => {
                         info!("relay: connected to {}", self.url.redacted_at(&node));
@@ -160,13 +164,13 @@ impl Relay {
                 },
             };
             let pause = match result {
-                Ok(n) => {
+                Ok(pass) => {
                     if failing {
                         info!("relay: recovered");
                         failing = false;
                     }
                     backoff.reset();
-                    if n >= self.batch {
+                    if pass.full {
                         // A full batch: more rows are probably waiting.
                         continue;
                     }
@@ -225,34 +229,150 @@ impl Relay {
         Ok((Publisher::on(connection, &self.topology)?, node))
     }
 
-    /// One pass: claim, publish with confirms, delete, commit. Returns how
-    /// many rows were relayed.
-    pub fn relay_once(&self, publisher: &mut Publisher) -> Result<usize, Error> {
-        let mut conn = self.store.conn()?;
-        let mut tx = conn.transaction()?;
-        let started = Instant::now();
-        let ids = publish_claimed(
-            &mut tx,
-            publisher,
-            self.batch,
-            self.confirm_timeout,
-            self.late_after,
-            &self.messages,
-        )?;
-        if ids.is_empty() {
-            // Nothing published (nothing due, or every message refused and
-            // recorded as such).
+    /// One pass: claim, publish, wait for the confirms, commit, for as
+    /// long as batches come full (and `stop` is not given, and the broker
+    /// does not block the connection). While the broker confirms one
+    /// batch, the next is claimed and published in a second transaction,
+    /// on a second pooled connection when the pool has one to spare, so
+    /// that the database's work overlaps the confirm wait. Each batch
+    /// commits only after its own confirms, in claiming order; any failure
+    /// rolls back every batch not committed yet.
+    pub fn relay_once(&self, publisher: &mut Publisher, stop: &Stop) -> Result<Pass, Error> {
+        let mut first = self.store.conn()?;
+        let mut tx = first.transaction()?;
+        let Some(mut flight) = self.launch(&mut tx, publisher)? else {
+            // Nothing due, or every message refused and recorded as such.
             tx.commit()?;
-            return Ok(0);
+            return Ok(Pass::default());
+        };
+        let mut second = None;
+        let mut pass = Pass::default();
+        loop {
+            let next = self.overlap(publisher, stop, &flight, &mut second);
+            pass.land(self.batch, &flight);
+            pass.relayed += self.land(publisher, tx, flight)?;
+            let Some((next_tx, next_flight)) = next? else {
+                return Ok(pass);
+            };
+            // The roles swap: the batch in flight is on the second
+            // connection, the next one goes on the first.
+            let next = self.overlap_on(publisher, stop, &next_flight, &mut first);
+            pass.land(self.batch, &next_flight);
+            pass.relayed += self.land(publisher, next_tx, next_flight)?;
+            let Some((again_tx, again_flight)) = next? else {
+                return Ok(pass);
+            };
+            tx = again_tx;
+            flight = again_flight;
         }
-        self.metrics
-            .confirm_seconds
-            .observe_duration(started.elapsed());
+    }
+
+    /// The next batch, claimed and published while `current` waits for its
+    /// confirms, on the spare connection (taken from the pool the first
+    /// time); `None` when `current` was not full or no connection is
+    /// spare.
+    fn overlap<'c>(
+        &self,
+        publisher: &mut Publisher,
+        stop: &Stop,
+        current: &Flight,
+        spare: &'c mut Option<store::Conn>,
+    ) -> Result<Option<(postgres::Transaction<'c>, Flight)>, Error> {
+        if !self.goes_on(publisher, stop, current) {
+            return Ok(None);
+        }
+        if spare.is_none() {
+            *spare = self.store.spare_conn(SPARE_WAIT);
+        }
+        match spare {
+            Some(conn) => self.overlap_on(publisher, stop, current, conn),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Relay::overlap`] on a given connection.
+    fn overlap_on<'c>(
+        &self,
+        publisher: &mut Publisher,
+        stop: &Stop,
+        current: &Flight,
+        conn: &'c mut store::Conn,
+    ) -> Result<Option<(postgres::Transaction<'c>, Flight)>, Error> {
+        if !self.goes_on(publisher, stop, current) {
+            return Ok(None);
+        }
+        let mut tx = conn.transaction()?;
+        Ok(self.launch(&mut tx, publisher)?.map(|flight| (tx, flight)))
+    }
+
+    /// Whether another batch follows `current` in this pass.
+    fn goes_on(&self, publisher: &Publisher, stop: &Stop, current: &Flight) -> bool {
+        current.rows.len() >= self.batch
+            && !stop.is_given()
+            && publisher.blocked_notifications().is_empty()
+    }
+
+    /// Claims a batch in `tx` and publishes it without waiting.
+    fn launch(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        publisher: &mut Publisher,
+    ) -> Result<Option<Flight>, Error> {
+        launch(tx, publisher, self.batch, self.late_after, &self.messages)
+    }
+
+    /// Waits for the confirms of `flight`, records what the broker refused
+    /// and commits `tx`, which deletes the rows published. Returns how many.
+    fn land(
+        &self,
+        publisher: &mut Publisher,
+        mut tx: postgres::Transaction<'_>,
+        flight: Flight,
+    ) -> Result<usize, Error> {
+        let started = flight.started;
+        let ids = land(&mut tx, publisher, flight, self.confirm_timeout)?;
+        if !ids.is_empty() {
+            self.metrics
+                .confirm_seconds
+                .observe_duration(started.elapsed());
+        }
         // The claim deleted the rows; the commit makes it so.
         tx.commit()?;
         self.metrics.published.add(ids.len() as u64);
         Ok(ids.len())
     }
+}
+
+/// How long the relay waits for a second pooled connection before it goes
+/// on without overlapping batches.
+const SPARE_WAIT: Duration = Duration::from_millis(50);
+
+/// What one [`Relay::relay_once`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Rows relayed, over every batch of the pass.
+    pub relayed: usize,
+    /// Batches claimed in the pass.
+    pub batches: usize,
+    /// Whether the last batch claimed was full, so that more rows are
+    /// probably waiting.
+    pub full: bool,
+}
+
+impl Pass {
+    fn land(&mut self, batch: usize, flight: &Flight) {
+        self.batches += 1;
+        self.full = flight.rows.len() >= batch;
+    }
+}
+
+/// A claimed batch whose messages were published and whose confirms have
+/// not been awaited yet.
+pub struct Flight {
+    rows: Vec<store::outbox::OutboxRow>,
+    pending: broker::Pending,
+    late_before: i64,
+    started: Instant,
 }
 
 /// Whether the broker blocks the relay's connection, from its
@@ -331,22 +451,63 @@ pub fn publish_claimed(
     late_after: Duration,
     messages: &message::Settings,
 ) -> Result<Vec<i64>, Error> {
+    match launch(tx, publisher, batch, late_after, messages)? {
+        Some(flight) => land(tx, publisher, flight, confirm_timeout),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The first half of [`publish_claimed`]: claims up to `batch` rows in
+/// `tx` and publishes their messages without waiting for the confirms;
+/// `None` when no row was due.
+pub fn launch(
+    tx: &mut postgres::Transaction<'_>,
+    publisher: &mut Publisher,
+    batch: usize,
+    late_after: Duration,
+    messages: &message::Settings,
+) -> Result<Option<Flight>, Error> {
+    let started = Instant::now();
     let rows = store::outbox::claim_outbox(tx, batch as i64)?;
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     // Events accepted this long ago are published late (the outbox held
-    // them through a broker outage): their idle clock restarts below.
+    // them through a broker outage): their idle clock restarts in `land`.
     let late_before = now.saturating_sub(late_after.as_secs()) as i64;
-    let messages: Vec<Message> = rows
+    let built: Vec<Message> = rows
         .iter()
         .map(|r| Message::for_event(r, now, messages))
         .collect();
-    let taken = publisher.publish_each(&messages, confirm_timeout)?;
+    let pending = publisher.publish(&built)?;
+    Ok(Some(Flight {
+        rows,
+        pending,
+        late_before,
+        started,
+    }))
+}
+
+/// The second half of [`publish_claimed`]: waits for the confirms of
+/// `flight`, whose rows `tx` claimed, and puts back the rows whose
+/// messages the broker refused; returns the outbox ids published.
+pub fn land(
+    tx: &mut postgres::Transaction<'_>,
+    publisher: &mut Publisher,
+    flight: Flight,
+    confirm_timeout: Duration,
+) -> Result<Vec<i64>, Error> {
+    let Flight {
+        rows,
+        pending,
+        late_before,
+        ..
+    } = flight;
+    let taken = publisher.await_confirms(pending, confirm_timeout)?;
     let (mut published, mut late, mut refused) = (Vec::with_capacity(rows.len()), vec![], vec![]);
     for (row, taken) in rows.iter().zip(taken) {
         let event = row.event_id;

@@ -268,6 +268,17 @@ impl Store {
         Ok(conn?)
     }
 
+    /// A second pooled connection for work that can do without one: an
+    /// idle connection, or a new one if the pool has room and it opens
+    /// within `wait`; `None` when the pool is busy or the database down
+    /// (which only the callers of [`Store::conn`] report).
+    pub fn spare_conn(&self, wait: Duration) -> Option<Conn> {
+        if !self.outage.admits() {
+            return None;
+        }
+        self.pool.get_timeout(wait).ok()
+    }
+
     /// A dedicated connection outside the pool (for `LISTEN`).
     pub fn dedicated(&self) -> Result<Client, Error> {
         Ok(self.pg_config.connect(NoTls)?)

@@ -290,6 +290,135 @@ fn a_relay_crash_between_publish_and_delete_is_processed_once() {
     relay_app.shutdown().unwrap();
 }
 
+/// A relay over this environment's schema with a pool of `pool`
+/// connections and batches of `batch` rows, to run passes by hand.
+fn relay(env: &TestEnv, pool: u32, batch: usize) -> relay::Relay {
+    let config = env.config();
+    relay::Relay {
+        store: Store::open(&ingestd::store::Settings::of(&config).sized(pool)).unwrap(),
+        url: AmqpUrl::parse(&amqp_url()).unwrap(),
+        topology: env.topology(),
+        batch,
+        poll: Duration::from_secs(1),
+        confirm_timeout: Duration::from_secs(5),
+        late_after: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(5),
+        messages: ingestd::message::Settings::default(),
+        health: Arc::new(Health::new(true, false)),
+        metrics: Arc::new(Metrics::default()),
+    }
+}
+
+/// `count` events in one transaction, their outbox rows left for a relay
+/// run by hand.
+fn outbox_events(store: &Store, count: usize) -> Vec<Uuid> {
+    let events: Vec<ingestd::store::NewEvent> = (0..count)
+        .map(|n| ingestd::store::NewEvent {
+            id: Uuid::new_v4(),
+            payload: json!({ "n": n }),
+            event_type: None,
+            key: None,
+            client_id: false,
+            attributes: None,
+            trace: None,
+        })
+        .collect();
+    let refs: Vec<&ingestd::store::NewEvent> = events.iter().collect();
+    let wakeup = ingestd::store::Wakeup::Local(crossbeam_channel::bounded(1).0);
+    store.insert_events(&refs, &wakeup).unwrap();
+    events.into_iter().map(|e| e.id).collect()
+}
+
+/// While one batch waits for its confirms the next is claimed and
+/// published on a second connection: one pass relays every full batch,
+/// each committed once, and the events are processed once each.
+#[test]
+fn a_relay_pass_overlaps_full_batches_and_relays_each_row_once() {
+    let env = TestEnv::new("overlap");
+    let relay = relay(&env, 2, 10);
+    let ids = outbox_events(&relay.store, 55);
+    let mut publisher =
+        Publisher::open(&relay.url, &env.topology(), Duration::from_secs(5)).unwrap();
+    let (_stop_tx, stop) = ingestd::lifecycle::Stop::new();
+    let pass = relay.relay_once(&mut publisher, &stop).unwrap();
+    publisher.close();
+    assert_eq!(
+        pass,
+        relay::Pass {
+            relayed: 55,
+            batches: 6,
+            full: false
+        },
+        "five full batches and the rest, in one pass"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM outbox"), 0);
+    wait_until(Duration::from_secs(10), "55 messages queued", || {
+        env.queue_depth(&env.topology().queue) == 55
+    });
+    let worker_app = env.start_role(&serial_config(&env), Role::Worker);
+    env.wait_processed(&ids, Duration::from_secs(20));
+    worker_app.shutdown().unwrap();
+    assert_eq!(env.processed_twice(), 0);
+    for id in &ids {
+        assert_eq!(env.runs(*id), 1, "event {id} processed once");
+    }
+}
+
+/// With no connection to spare, a pass relays one batch and says more
+/// rows wait; nothing is held up.
+#[test]
+fn a_relay_pass_without_a_spare_connection_relays_one_batch() {
+    let env = TestEnv::new("nospare");
+    let relay = relay(&env, 1, 10);
+    outbox_events(&relay.store, 25);
+    let mut publisher =
+        Publisher::open(&relay.url, &env.topology(), Duration::from_secs(5)).unwrap();
+    let (_stop_tx, stop) = ingestd::lifecycle::Stop::new();
+    let pass = relay.relay_once(&mut publisher, &stop).unwrap();
+    publisher.close();
+    assert_eq!(
+        pass,
+        relay::Pass {
+            relayed: 10,
+            batches: 1,
+            full: true
+        }
+    );
+    assert_eq!(env.count("SELECT count(*) FROM outbox"), 15);
+}
+
+/// A batch that fails (its messages are returned as unroutable: the queue
+/// is gone) rolls back, and so does the batch launched behind it: every
+/// row stays in the outbox.
+#[test]
+fn a_failed_batch_in_a_pass_rolls_back_every_batch_not_committed() {
+    let env = TestEnv::new("overlapfail");
+    let relay = relay(&env, 2, 10);
+    outbox_events(&relay.store, 30);
+    let mut publisher =
+        Publisher::open(&relay.url, &env.topology(), Duration::from_secs(5)).unwrap();
+    let mut conn = ingestd::broker::connect(&relay.url, Duration::from_secs(5)).unwrap();
+    let channel = conn.open_channel(None).unwrap();
+    channel
+        .queue_delete(&env.topology().queue, Default::default())
+        .unwrap();
+    let _ = conn.close();
+    let (_stop_tx, stop) = ingestd::lifecycle::Stop::new();
+    let result = relay.relay_once(&mut publisher, &stop);
+    assert!(
+        matches!(
+            result,
+            Err(relay::Error::Broker(ingestd::broker::Error::Unroutable))
+        ),
+        "{result:?}"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbox"),
+        30,
+        "no batch committed"
+    );
+}
+
 #[test]
 fn a_poison_message_is_dead_lettered_and_does_not_block() {
     let env = TestEnv::new("poison");
