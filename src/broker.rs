@@ -687,20 +687,20 @@ impl ConfirmChannel {
         routing_key: &str,
         messages: &[Message],
     ) -> Result<Pending, Error> {
-        for m in messages {
-            let properties = m.properties();
-            self.channel.basic_publish(
-                exchange,
-                Publish {
-                    body: &m.body,
-                    routing_key: routing_key.into(),
-                    mandatory: true,
-                    immediate: false,
-                    properties,
-                },
-            )?;
-            self.published += 1;
-        }
+        // One hand-off to amiquip's I/O thread for the batch, not three
+        // per message (vendor/amiquip/PATCHED.md). After an error the
+        // channel is given up, so the count does not matter then.
+        self.channel.basic_publish_all(
+            exchange,
+            messages.iter().map(|m| Publish {
+                body: &m.body,
+                routing_key: routing_key.into(),
+                mandatory: true,
+                immediate: false,
+                properties: m.properties(),
+            }),
+        )?;
+        self.published += messages.len() as u64;
         Ok(Pending {
             through: self.published,
             count: messages.len(),

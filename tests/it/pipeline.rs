@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ingestd::Role;
-use ingestd::broker::{AmqpUrl, Publisher};
+use ingestd::broker::{AmqpUrl, Message, Publisher};
 use ingestd::ops::health::Health;
 use ingestd::ops::metrics::Metrics;
 use ingestd::relay;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::ops::{metric, scrape};
-use crate::util::{TestEnv, amqp_proxy, amqp_url, get, ingest, wait_until};
+use crate::util::{TestEnv, amqp_proxy, amqp_url, get, ingest, python3, wait_until};
 
 #[test]
 fn ingest_to_processed_end_to_end() {
@@ -417,6 +417,50 @@ fn a_failed_batch_in_a_pass_rolls_back_every_batch_not_committed() {
         30,
         "no batch committed"
     );
+}
+
+/// A batch reaches amiquip's I/O thread as a few large buffers (the
+/// vendored `basic_publish_all`): pika reads every message whole and in
+/// order, bodies larger than a frame and than a buffer included.
+#[test]
+fn a_published_batch_arrives_whole_and_in_order_with_large_bodies_split_into_frames() {
+    let env = TestEnv::new("pubbatch");
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    let mut publisher = Publisher::open(&url, &env.topology(), Duration::from_secs(5)).unwrap();
+    // Larger than a frame (128 KiB) and than the 128 KiB buffer.
+    let big = "x".repeat(300_000);
+    let pad = |n: usize| if n % 100 == 7 { big.as_str() } else { "" };
+    let messages: Vec<Message> = (0..600)
+        .map(|n| Message {
+            id: n.to_string(),
+            body: json!({ "n": n, "pad": pad(n) }).to_string().into_bytes(),
+            timestamp: 0,
+            attempt: None,
+            content_type: "application/json".into(),
+            headers: Default::default(),
+        })
+        .collect();
+    let taken = publisher
+        .publish_each(&messages, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(taken, vec![true; 600], "every message confirmed");
+    publisher.close();
+    let script = format!(
+        "{}/tests/cloudevents_clients.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let queue = env.topology().queue;
+    let out = python3(&[&script, "read", &amqp_url(), &queue, "600"], b"");
+    let got: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 600);
+    for (n, m) in got.iter().enumerate() {
+        assert_eq!(m["message_id"], n.to_string(), "in publishing order");
+        assert_eq!(m["body"]["n"], n);
+        assert_eq!(m["body"]["pad"], pad(n), "message {n} whole");
+    }
 }
 
 #[test]
