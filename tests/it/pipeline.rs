@@ -309,6 +309,22 @@ fn relay(env: &TestEnv, pool: u32, batch: usize) -> relay::Relay {
     }
 }
 
+/// One pass of `relay` on a publisher of its own, opened before `first`
+/// runs.
+fn relay_pass(
+    env: &TestEnv,
+    relay: &relay::Relay,
+    first: impl FnOnce(),
+) -> Result<relay::Pass, relay::Error> {
+    let mut publisher =
+        Publisher::open(&relay.url, &env.topology(), Duration::from_secs(5)).unwrap();
+    first();
+    let (_stop_tx, stop) = ingestd::lifecycle::Stop::new();
+    let pass = relay.relay_once(&mut publisher, &stop);
+    publisher.close();
+    pass
+}
+
 /// `count` events in one transaction, their outbox rows left for a relay
 /// run by hand.
 fn outbox_events(store: &Store, count: usize) -> Vec<Uuid> {
@@ -337,11 +353,7 @@ fn a_relay_pass_overlaps_full_batches_and_relays_each_row_once() {
     let env = TestEnv::new("overlap");
     let relay = relay(&env, 2, 10);
     let ids = outbox_events(&relay.store, 55);
-    let mut publisher =
-        Publisher::open(&relay.url, &env.topology(), Duration::from_secs(5)).unwrap();
-    let (_stop_tx, stop) = ingestd::lifecycle::Stop::new();
-    let pass = relay.relay_once(&mut publisher, &stop).unwrap();
-    publisher.close();
+    let pass = relay_pass(&env, &relay, || ()).unwrap();
     assert_eq!(
         pass,
         relay::Pass {
@@ -371,11 +383,7 @@ fn a_relay_pass_without_a_spare_connection_relays_one_batch() {
     let env = TestEnv::new("nospare");
     let relay = relay(&env, 1, 10);
     outbox_events(&relay.store, 25);
-    let mut publisher =
-        Publisher::open(&relay.url, &env.topology(), Duration::from_secs(5)).unwrap();
-    let (_stop_tx, stop) = ingestd::lifecycle::Stop::new();
-    let pass = relay.relay_once(&mut publisher, &stop).unwrap();
-    publisher.close();
+    let pass = relay_pass(&env, &relay, || ()).unwrap();
     assert_eq!(
         pass,
         relay::Pass {
@@ -395,16 +403,14 @@ fn a_failed_batch_in_a_pass_rolls_back_every_batch_not_committed() {
     let env = TestEnv::new("overlapfail");
     let relay = relay(&env, 2, 10);
     outbox_events(&relay.store, 30);
-    let mut publisher =
-        Publisher::open(&relay.url, &env.topology(), Duration::from_secs(5)).unwrap();
-    let mut conn = ingestd::broker::connect(&relay.url, Duration::from_secs(5)).unwrap();
-    let channel = conn.open_channel(None).unwrap();
-    channel
-        .queue_delete(&env.topology().queue, Default::default())
-        .unwrap();
-    let _ = conn.close();
-    let (_stop_tx, stop) = ingestd::lifecycle::Stop::new();
-    let result = relay.relay_once(&mut publisher, &stop);
+    let result = relay_pass(&env, &relay, || {
+        let mut conn = ingestd::broker::connect(&relay.url, Duration::from_secs(5)).unwrap();
+        let channel = conn.open_channel(None).unwrap();
+        channel
+            .queue_delete(&env.topology().queue, Default::default())
+            .unwrap();
+        let _ = conn.close();
+    });
     assert!(
         matches!(
             result,
