@@ -609,16 +609,19 @@ pub struct ConfirmChannel {
     outcomes: VecDeque<bool>,
     /// The last message whose batch was awaited.
     awaited: u64,
+    /// Message ids of returned (unroutable) messages whose batch was not
+    /// awaited yet.
+    returned: Vec<String>,
 }
 
 /// A batch published on a [`ConfirmChannel`] whose confirms were not
 /// awaited yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
     /// The channel's count of published messages after the batch.
     through: u64,
-    /// Messages in the batch.
-    count: usize,
+    /// The batch's message ids, which tell its returns from others'.
+    ids: Vec<String>,
 }
 
 impl ConfirmChannel {
@@ -637,6 +640,7 @@ impl ConfirmChannel {
             confirmed: 0,
             outcomes: VecDeque::new(),
             awaited: 0,
+            returned: Vec::new(),
         })
     }
 
@@ -703,7 +707,7 @@ impl ConfirmChannel {
         self.published += messages.len() as u64;
         Ok(Pending {
             through: self.published,
-            count: messages.len(),
+            ids: messages.iter().map(|m| m.id.clone()).collect(),
         })
     }
 
@@ -711,13 +715,20 @@ impl ConfirmChannel {
     /// published and tells which messages the broker took. Batches are
     /// awaited in the order they were published; the broker confirms in
     /// that order too, and any confirm of an earlier batch that was never
-    /// awaited is dropped. A message the broker returned as unroutable
-    /// fails the batch.
+    /// awaited is dropped. A message of this batch the broker returned as
+    /// unroutable fails the batch.
     pub fn await_confirms(
         &mut self,
         pending: Pending,
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
+        let count = pending.ids.len();
+        let first = pending.through - count as u64;
+        if first < self.awaited {
+            // Awaited out of order: its outcomes are gone, its state unknown.
+            debug_assert!(false, "batches awaited out of order");
+            return Err(Error::ConfirmTimeout);
+        }
         let deadline = Instant::now() + timeout;
         while self.confirmed < pending.through {
             let raw = match self.confirms.recv_deadline(deadline) {
@@ -737,18 +748,27 @@ impl ConfirmChannel {
                 self.outcomes.push_back(matches!(c, Confirm::Ack(_)));
             }
         }
-        // What is left of earlier batches, and this batch's outcomes.
-        let first = pending.through - pending.count as u64;
-        let earlier = first.saturating_sub(self.awaited) as usize;
-        self.outcomes.drain(..earlier.min(self.outcomes.len()));
-        let taken: Vec<bool> = self
-            .outcomes
-            .drain(..pending.count.min(self.outcomes.len()))
-            .collect();
+        // What is left of earlier batches, then this batch's outcomes:
+        // every message from `awaited` on has one, in order.
+        self.outcomes.drain(..(first - self.awaited) as usize);
+        let taken: Vec<bool> = self.outcomes.drain(..count).collect();
         self.awaited = pending.through;
         // The broker sends basic.return before the confirm of the same
-        // message, so every return of this batch is already queued.
-        if self.returns.try_recv().is_ok() {
+        // message, so every return of this batch is queued by now; returns
+        // of a later batch may be too, and wait for it.
+        self.returned.extend(
+            self.returns
+                .try_iter()
+                .map(|r| r.properties.message_id().clone().unwrap_or_default()),
+        );
+        let before = self.returned.len();
+        self.returned.retain(|id| !pending.ids.contains(id));
+        let unroutable = self.returned.len() < before;
+        if self.awaited == self.published {
+            // No later batch: what is left is of batches never awaited.
+            self.returned.clear();
+        }
+        if unroutable {
             return Err(Error::Unroutable);
         }
         Ok(taken)

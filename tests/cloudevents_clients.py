@@ -90,7 +90,7 @@ def read(amqp_url, queue, count):
                           "delivery_mode": properties.delivery_mode,
                           "type": properties.type,
                           "headers": headers,
-                          "body": json.loads(body)}))
+                          "body": json.loads(body) if body else None}))
         channel.basic_ack(method.delivery_tag)
         got += 1
         if got == count:

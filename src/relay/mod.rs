@@ -8,8 +8,8 @@
 //! workers skip. While a full batch waits for its confirms, the next one is
 //! claimed and published in a second transaction on a second connection, so
 //! that the database's work overlaps the broker's; batches commit in order,
-//! each after its own confirms, and a failure rolls back every batch not
-//! committed yet.
+//! each after its own confirms, and a batch that fails rolls back with the
+//! batch launched behind it.
 //! A message the broker refuses (a nack) fails only its own row, which is
 //! tried again with backoff and after a few refusals fails its event; a
 //! broker that blocks publishers (an alarm) is waited out, the rows staying
@@ -107,7 +107,8 @@ impl From<postgres::Error> for Error {
 }
 
 impl Relay {
-    /// Relays until `stop` disconnects. A batch under way is finished first.
+    /// Relays until `stop` disconnects. The batches under way (at most
+    /// two) are finished first.
     pub fn run(self, wake: Receiver<()>, stop: Stop) {
         let mut wake = wake;
         let mut nodes = Nodes::new(self.url.clone());
@@ -235,13 +236,14 @@ impl Relay {
     /// batch, the next is claimed and published in a second transaction,
     /// on a second pooled connection when the pool has one to spare, so
     /// that the database's work overlaps the confirm wait. Each batch
-    /// commits only after its own confirms, in claiming order; any failure
-    /// rolls back every batch not committed yet.
+    /// commits only after its own confirms, in claiming order; a batch that
+    /// fails rolls back with the batch launched behind it (which is
+    /// published, so its messages come again: workers skip them).
     pub fn relay_once(&self, publisher: &mut Publisher, stop: &Stop) -> Result<Pass, Error> {
         let mut first = self.store.conn()?;
         let mut tx = first.transaction()?;
         let Some(mut flight) = self.launch(&mut tx, publisher)? else {
-            // Nothing due, or every message refused and recorded as such.
+            // Nothing due.
             tx.commit()?;
             return Ok(Pass::default());
         };
@@ -329,12 +331,12 @@ impl Relay {
         mut tx: postgres::Transaction<'_>,
         flight: Flight,
     ) -> Result<usize, Error> {
-        let started = flight.started;
+        let published = flight.published;
         let ids = land(&mut tx, publisher, flight, self.confirm_timeout)?;
         if !ids.is_empty() {
             self.metrics
                 .confirm_seconds
-                .observe_duration(started.elapsed());
+                .observe_duration(published.elapsed());
         }
         // The claim deleted the rows; the commit makes it so.
         tx.commit()?;
@@ -372,7 +374,10 @@ pub struct Flight {
     rows: Vec<store::outbox::OutboxRow>,
     pending: broker::Pending,
     late_before: i64,
-    started: Instant,
+    /// When its messages were handed to the broker: its confirm deadline
+    /// counts from then, so that a batch waiting behind another is not
+    /// idle in its transaction for longer than `INGEST_CONFIRM_TIMEOUT`.
+    published: Instant,
 }
 
 /// Whether the broker blocks the relay's connection, from its
@@ -467,7 +472,6 @@ pub fn launch(
     late_after: Duration,
     messages: &message::Settings,
 ) -> Result<Option<Flight>, Error> {
-    let started = Instant::now();
     let rows = store::outbox::claim_outbox(tx, batch as i64)?;
     if rows.is_empty() {
         return Ok(None);
@@ -488,13 +492,14 @@ pub fn launch(
         rows,
         pending,
         late_before,
-        started,
+        published: Instant::now(),
     }))
 }
 
 /// The second half of [`publish_claimed`]: waits for the confirms of
-/// `flight`, whose rows `tx` claimed, and puts back the rows whose
-/// messages the broker refused; returns the outbox ids published.
+/// `flight`, whose rows `tx` claimed, until `confirm_timeout` after its
+/// publish, and puts back the rows whose messages the broker refused;
+/// returns the outbox ids published.
 pub fn land(
     tx: &mut postgres::Transaction<'_>,
     publisher: &mut Publisher,
@@ -505,9 +510,10 @@ pub fn land(
         rows,
         pending,
         late_before,
-        ..
+        published: sent,
     } = flight;
-    let taken = publisher.await_confirms(pending, confirm_timeout)?;
+    let left = (sent + confirm_timeout).saturating_duration_since(Instant::now());
+    let taken = publisher.await_confirms(pending, left)?;
     let (mut published, mut late, mut refused) = (Vec::with_capacity(rows.len()), vec![], vec![]);
     for (row, taken) in rows.iter().zip(taken) {
         let event = row.event_id;

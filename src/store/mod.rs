@@ -269,11 +269,19 @@ impl Store {
     }
 
     /// A second pooled connection for work that can do without one: an
-    /// idle connection, or a new one if the pool has room and it opens
-    /// within `wait`; `None` when the pool is busy or the database down
-    /// (which only the callers of [`Store::conn`] report).
+    /// idle connection at once, or a new one if the pool has room and it
+    /// opens within `wait`; `None`, without waiting, when every connection
+    /// is in use, and when the database is down (which only the callers of
+    /// [`Store::conn`] report).
     pub fn spare_conn(&self, wait: Duration) -> Option<Conn> {
         if !self.outage.admits() {
+            return None;
+        }
+        if let Some(conn) = self.pool.try_get() {
+            return Some(conn);
+        }
+        let state = self.pool.state();
+        if state.connections >= self.pool.max_size() {
             return None;
         }
         self.pool.get_timeout(wait).ok()

@@ -395,34 +395,78 @@ fn a_relay_pass_without_a_spare_connection_relays_one_batch() {
     assert_eq!(env.count("SELECT count(*) FROM outbox"), 15);
 }
 
-/// A batch that fails (its messages are returned as unroutable: the queue
-/// is gone) rolls back, and so does the batch launched behind it: every
-/// row stays in the outbox.
+/// The first batch of a pass fails at its commit (a deferred trigger
+/// refuses the deletion of its oldest row) after the second batch was
+/// launched behind it: both roll back, every row stays in the outbox, and
+/// the second batch's messages were published (workers skip such copies).
 #[test]
-fn a_failed_batch_in_a_pass_rolls_back_every_batch_not_committed() {
+fn a_failed_batch_in_a_pass_rolls_back_the_batch_launched_behind_it() {
     let env = TestEnv::new("overlapfail");
     let relay = relay(&env, 2, 10);
     outbox_events(&relay.store, 30);
-    let result = relay_pass(&env, &relay, || {
-        let mut conn = ingestd::broker::connect(&relay.url, Duration::from_secs(5)).unwrap();
-        let channel = conn.open_channel(None).unwrap();
-        channel
-            .queue_delete(&env.topology().queue, Default::default())
-            .unwrap();
-        let _ = conn.close();
-    });
-    assert!(
-        matches!(
-            result,
-            Err(relay::Error::Broker(ingestd::broker::Error::Unroutable))
-        ),
-        "{result:?}"
-    );
+    let oldest = env.count("SELECT min(id) FROM outbox");
+    env.sql()
+        .batch_execute(&format!(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
+             CREATE CONSTRAINT TRIGGER refuse_oldest AFTER DELETE ON outbox
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+               WHEN (OLD.id = {oldest}) EXECUTE FUNCTION refuse();"
+        ))
+        .unwrap();
+    let result = relay_pass(&env, &relay, || ());
+    assert!(matches!(result, Err(relay::Error::Store(_))), "{result:?}");
     assert_eq!(
         env.count("SELECT count(*) FROM outbox"),
         30,
-        "no batch committed"
+        "neither batch committed"
     );
+    wait_until(Duration::from_secs(10), "both batches published", || {
+        env.queue_depth(&env.topology().queue) == 20
+    });
+}
+
+/// Batches in flight on one confirm channel: a message returned as
+/// unroutable fails its own batch, not the one awaited before it, and
+/// leaves nothing behind for the next.
+#[test]
+fn a_return_fails_only_the_batch_its_message_was_in() {
+    let env = TestEnv::new("returns");
+    let url = AmqpUrl::parse(&amqp_url()).unwrap();
+    let mut conn = ingestd::broker::connect(&url, Duration::from_secs(5)).unwrap();
+    env.topology().declare(&mut conn).unwrap();
+    let mut channel = ingestd::broker::ConfirmChannel::open(&mut conn).unwrap();
+    let queue = env.topology().queue;
+    let batch = |tag: &str, n: usize| -> Vec<Message> {
+        (0..n)
+            .map(|i| Message {
+                id: format!("{tag}-{i}"),
+                body: b"{}".to_vec(),
+                timestamp: 0,
+                attempt: None,
+                content_type: "application/json".into(),
+                headers: Default::default(),
+            })
+            .collect()
+    };
+    let wait = Duration::from_secs(10);
+    // The default exchange routes by queue name: the second batch goes
+    // nowhere, and its returns may arrive while the first is awaited.
+    let routed = channel.publish("", &queue, &batch("a", 3)).unwrap();
+    let nowhere = format!("{queue}.nowhere");
+    let lost = channel.publish("", &nowhere, &batch("b", 2)).unwrap();
+    assert_eq!(channel.await_confirms(routed, wait).unwrap(), vec![true; 3]);
+    assert!(matches!(
+        channel.await_confirms(lost, wait),
+        Err(ingestd::broker::Error::Unroutable)
+    ));
+    let again = channel.publish("", &queue, &batch("c", 2)).unwrap();
+    assert_eq!(channel.await_confirms(again, wait).unwrap(), vec![true; 2]);
+    channel.close();
+    let _ = conn.close();
+    wait_until(wait, "the routed messages queued", || {
+        env.queue_depth(&queue) == 5
+    });
 }
 
 /// A batch reaches amiquip's I/O thread as a few large buffers (the
@@ -433,13 +477,31 @@ fn a_published_batch_arrives_whole_and_in_order_with_large_bodies_split_into_fra
     let env = TestEnv::new("pubbatch");
     let url = AmqpUrl::parse(&amqp_url()).unwrap();
     let mut publisher = Publisher::open(&url, &env.topology(), Duration::from_secs(5)).unwrap();
-    // Larger than a frame (128 KiB) and than the 128 KiB buffer.
+    // Larger than a frame (128 KiB) and than the 128 KiB buffer; and
+    // bodies of exactly a frame's room (131,072 less 8 bytes of framing)
+    // and one byte more.
     let big = "x".repeat(300_000);
-    let pad = |n: usize| if n % 100 == 7 { big.as_str() } else { "" };
+    let frame = 131_072 - 8;
+    let exact = |n: usize, len: usize| {
+        let shell = json!({ "n": n, "pad": "" }).to_string().len();
+        "x".repeat(len - shell)
+    };
+    let (at_frame, past_frame) = (exact(3, frame), exact(4, frame + 1));
+    let pad = |n: usize| match n {
+        3 => at_frame.as_str(),
+        4 => past_frame.as_str(),
+        _ if n % 100 == 7 => big.as_str(),
+        _ => "",
+    };
     let messages: Vec<Message> = (0..600)
         .map(|n| Message {
             id: n.to_string(),
-            body: json!({ "n": n, "pad": pad(n) }).to_string().into_bytes(),
+            // An empty body is a content header and no body frame.
+            body: if n == 5 {
+                Vec::new()
+            } else {
+                json!({ "n": n, "pad": pad(n) }).to_string().into_bytes()
+            },
             timestamp: 0,
             attempt: None,
             content_type: "application/json".into(),
@@ -464,6 +526,10 @@ fn a_published_batch_arrives_whole_and_in_order_with_large_bodies_split_into_fra
     assert_eq!(got.len(), 600);
     for (n, m) in got.iter().enumerate() {
         assert_eq!(m["message_id"], n.to_string(), "in publishing order");
+        if n == 5 {
+            assert_eq!(m["body"], serde_json::Value::Null, "the empty body");
+            continue;
+        }
         assert_eq!(m["body"]["n"], n);
         assert_eq!(m["body"]["pad"], pad(n), "message {n} whole");
     }
