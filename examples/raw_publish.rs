@@ -41,14 +41,7 @@ fn main() {
             if relay_messages {
                 Message::for_event(&row(), 0, &message::Settings::default())
             } else {
-                Message {
-                    id: i.to_string(),
-                    body: body.to_vec(),
-                    timestamp: 0,
-                    attempt: None,
-                    content_type: "application/json".into(),
-                    headers: Default::default(),
-                }
+                Message::json(i.to_string(), body.to_vec())
             }
         })
         .collect();

@@ -616,12 +616,12 @@ pub struct ConfirmChannel {
 
 /// A batch published on a [`ConfirmChannel`] whose confirms were not
 /// awaited yet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pending {
     /// The channel's count of published messages after the batch.
     through: u64,
-    /// The batch's message ids, which tell its returns from others'.
-    ids: Vec<String>,
+    /// Messages in the batch.
+    count: usize,
 }
 
 impl ConfirmChannel {
@@ -679,7 +679,7 @@ impl ConfirmChannel {
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
         let pending = self.publish(exchange, routing_key, messages)?;
-        self.await_confirms(pending, timeout)
+        self.await_confirms(pending, messages, timeout)
     }
 
     /// Publishes `messages` without waiting for their confirms: the
@@ -707,12 +707,13 @@ impl ConfirmChannel {
         self.published += messages.len() as u64;
         Ok(Pending {
             through: self.published,
-            ids: messages.iter().map(|m| m.id.clone()).collect(),
+            count: messages.len(),
         })
     }
 
     /// Waits for the confirms of a batch [`ConfirmChannel::publish`]
-    /// published and tells which messages the broker took. Batches are
+    /// published (`messages` are the batch's, which tell its returns from
+    /// others') and tells which messages the broker took. Batches are
     /// awaited in the order they were published; the broker confirms in
     /// that order too, and any confirm of an earlier batch that was never
     /// awaited is dropped. A message of this batch the broker returned as
@@ -720,9 +721,10 @@ impl ConfirmChannel {
     pub fn await_confirms(
         &mut self,
         pending: Pending,
+        messages: &[Message],
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
-        let count = pending.ids.len();
+        let count = pending.count;
         let first = pending.through - count as u64;
         if first < self.awaited {
             // Awaited out of order: its outcomes are gone, its state unknown.
@@ -762,7 +764,10 @@ impl ConfirmChannel {
                 .map(|r| r.properties.message_id().clone().unwrap_or_default()),
         );
         let before = self.returned.len();
-        self.returned.retain(|id| !pending.ids.contains(id));
+        if before > 0 {
+            self.returned
+                .retain(|id| !messages.iter().any(|m| m.id == *id));
+        }
         let unroutable = self.returned.len() < before;
         if self.awaited == self.published {
             // No later batch: what is left is of batches never awaited.
@@ -846,7 +851,7 @@ impl Publisher {
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
         let pending = self.publish(messages)?;
-        self.await_confirms(pending, timeout)
+        self.await_confirms(pending, messages, timeout)
     }
 
     /// Publishes a batch of events without waiting for its confirms (see
@@ -861,9 +866,10 @@ impl Publisher {
     pub fn await_confirms(
         &mut self,
         pending: Pending,
+        messages: &[Message],
         timeout: Duration,
     ) -> Result<Vec<bool>, Error> {
-        let taken = self.channel.await_confirms(pending, timeout)?;
+        let taken = self.channel.await_confirms(pending, messages, timeout)?;
         if self.quorum && taken.contains(&false) {
             return Err(Error::Nacked);
         }

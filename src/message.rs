@@ -71,6 +71,19 @@ pub struct Message {
 }
 
 impl Message {
+    /// A bare JSON message: `body` under `id`, no timestamp and no headers
+    /// (for tools and tests that publish by hand).
+    pub fn json(id: impl Into<String>, body: Vec<u8>) -> Message {
+        Message {
+            id: id.into(),
+            body,
+            timestamp: 0,
+            attempt: None,
+            content_type: "application/json".into(),
+            headers: FieldTable::new(),
+        }
+    }
+
     /// The message for a claimed outbox row; `now` stands in for a
     /// timestamp the row cannot give.
     pub fn for_event(row: &OutboxRow, now: u64, settings: &Settings) -> Message {

@@ -241,26 +241,26 @@ impl Relay {
     /// published, so its messages come again: workers skip them).
     pub fn relay_once(&self, publisher: &mut Publisher, stop: &Stop) -> Result<Pass, Error> {
         let mut first = self.store.conn()?;
-        let mut tx = first.transaction()?;
-        let Some(mut flight) = self.launch(&mut tx, publisher)? else {
+        let Some((mut tx, mut flight)) = self.launch_on(publisher, &mut first)? else {
             // Nothing due.
-            tx.commit()?;
             return Ok(Pass::default());
         };
         let mut second = None;
         let mut pass = Pass::default();
         loop {
             let next = self.overlap(publisher, stop, &flight, &mut second);
-            pass.land(self.batch, &flight);
-            pass.relayed += self.land(publisher, tx, flight)?;
+            self.land(publisher, tx, flight, &mut pass)?;
             let Some((next_tx, next_flight)) = next? else {
                 return Ok(pass);
             };
             // The roles swap: the batch in flight is on the second
             // connection, the next one goes on the first.
-            let next = self.overlap_on(publisher, stop, &next_flight, &mut first);
-            pass.land(self.batch, &next_flight);
-            pass.relayed += self.land(publisher, next_tx, next_flight)?;
+            let next = if self.goes_on(publisher, stop, &next_flight) {
+                self.launch_on(publisher, &mut first)
+            } else {
+                Ok(None)
+            };
+            self.land(publisher, next_tx, next_flight, &mut pass)?;
             let Some((again_tx, again_flight)) = next? else {
                 return Ok(pass);
             };
@@ -287,24 +287,26 @@ impl Relay {
             *spare = self.store.spare_conn(SPARE_WAIT);
         }
         match spare {
-            Some(conn) => self.overlap_on(publisher, stop, current, conn),
+            Some(conn) => self.launch_on(publisher, conn),
             None => Ok(None),
         }
     }
 
-    /// [`Relay::overlap`] on a given connection.
-    fn overlap_on<'c>(
+    /// A batch claimed and published in a new transaction on `conn`.
+    fn launch_on<'c>(
         &self,
         publisher: &mut Publisher,
-        stop: &Stop,
-        current: &Flight,
         conn: &'c mut store::Conn,
     ) -> Result<Option<(postgres::Transaction<'c>, Flight)>, Error> {
-        if !self.goes_on(publisher, stop, current) {
-            return Ok(None);
-        }
         let mut tx = conn.transaction()?;
-        Ok(self.launch(&mut tx, publisher)?.map(|flight| (tx, flight)))
+        let flight = launch(
+            &mut tx,
+            publisher,
+            self.batch,
+            self.late_after,
+            &self.messages,
+        )?;
+        Ok(flight.map(|flight| (tx, flight)))
     }
 
     /// Whether another batch follows `current` in this pass.
@@ -314,34 +316,30 @@ impl Relay {
             && publisher.blocked_notifications().is_empty()
     }
 
-    /// Claims a batch in `tx` and publishes it without waiting.
-    fn launch(
-        &self,
-        tx: &mut postgres::Transaction<'_>,
-        publisher: &mut Publisher,
-    ) -> Result<Option<Flight>, Error> {
-        launch(tx, publisher, self.batch, self.late_after, &self.messages)
-    }
-
     /// Waits for the confirms of `flight`, records what the broker refused
-    /// and commits `tx`, which deletes the rows published. Returns how many.
+    /// and commits `tx`, which deletes the rows published; counts the batch
+    /// and its rows in `pass`.
     fn land(
         &self,
         publisher: &mut Publisher,
         mut tx: postgres::Transaction<'_>,
         flight: Flight,
-    ) -> Result<usize, Error> {
-        let published = flight.published;
+        pass: &mut Pass,
+    ) -> Result<(), Error> {
+        pass.batches += 1;
+        pass.full = flight.rows.len() >= self.batch;
+        let sent_at = flight.sent_at;
         let ids = land(&mut tx, publisher, flight, self.confirm_timeout)?;
         if !ids.is_empty() {
             self.metrics
                 .confirm_seconds
-                .observe_duration(published.elapsed());
+                .observe_duration(sent_at.elapsed());
         }
         // The claim deleted the rows; the commit makes it so.
         tx.commit()?;
         self.metrics.published.add(ids.len() as u64);
-        Ok(ids.len())
+        pass.relayed += ids.len();
+        Ok(())
     }
 }
 
@@ -361,23 +359,18 @@ pub struct Pass {
     pub full: bool,
 }
 
-impl Pass {
-    fn land(&mut self, batch: usize, flight: &Flight) {
-        self.batches += 1;
-        self.full = flight.rows.len() >= batch;
-    }
-}
-
 /// A claimed batch whose messages were published and whose confirms have
 /// not been awaited yet.
 pub struct Flight {
     rows: Vec<store::outbox::OutboxRow>,
+    /// Their messages, as published.
+    messages: Vec<Message>,
     pending: broker::Pending,
     late_before: i64,
     /// When its messages were handed to the broker: its confirm deadline
     /// counts from then, so that a batch waiting behind another is not
     /// idle in its transaction for longer than `INGEST_CONFIRM_TIMEOUT`.
-    published: Instant,
+    sent_at: Instant,
 }
 
 /// Whether the broker blocks the relay's connection, from its
@@ -490,9 +483,10 @@ pub fn launch(
     let pending = publisher.publish(&built)?;
     Ok(Some(Flight {
         rows,
+        messages: built,
         pending,
         late_before,
-        published: Instant::now(),
+        sent_at: Instant::now(),
     }))
 }
 
@@ -508,12 +502,13 @@ pub fn land(
 ) -> Result<Vec<i64>, Error> {
     let Flight {
         rows,
+        messages,
         pending,
         late_before,
-        published: sent,
+        sent_at,
     } = flight;
-    let left = (sent + confirm_timeout).saturating_duration_since(Instant::now());
-    let taken = publisher.await_confirms(pending, left)?;
+    let left = (sent_at + confirm_timeout).saturating_duration_since(Instant::now());
+    let taken = publisher.await_confirms(pending, &messages, left)?;
     let (mut published, mut late, mut refused) = (Vec::with_capacity(rows.len()), vec![], vec![]);
     for (row, taken) in rows.iter().zip(taken) {
         let event = row.event_id;

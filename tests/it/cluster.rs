@@ -169,14 +169,7 @@ fn a_refusal_by_a_quorum_queue_fails_the_whole_batch() {
     let url = AmqpUrl::parse(&amqp_url()).unwrap();
     let topology = env.topology().with_quorum(true);
     let mut publisher = Publisher::open(&url, &topology, Duration::from_secs(5)).unwrap();
-    let message = |id: &str| Message {
-        id: id.into(),
-        body: b"{}".to_vec(),
-        timestamp: 0,
-        attempt: None,
-        content_type: "application/json".into(),
-        headers: Default::default(),
-    };
+    let message = |id: &str| Message::json(id, b"{}".to_vec());
     let first = publisher.publish_each(&[message("first")], Duration::from_secs(5));
     assert_eq!(first.unwrap(), [true]);
     // A batch the queue refuses, in part or whole, fails as a whole.

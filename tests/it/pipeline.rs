@@ -439,29 +439,29 @@ fn a_return_fails_only_the_batch_its_message_was_in() {
     let queue = env.topology().queue;
     let batch = |tag: &str, n: usize| -> Vec<Message> {
         (0..n)
-            .map(|i| Message {
-                id: format!("{tag}-{i}"),
-                body: b"{}".to_vec(),
-                timestamp: 0,
-                attempt: None,
-                content_type: "application/json".into(),
-                headers: Default::default(),
-            })
+            .map(|i| Message::json(format!("{tag}-{i}"), b"{}".to_vec()))
             .collect()
     };
     let wait = Duration::from_secs(10);
     // The default exchange routes by queue name: the second batch goes
     // nowhere, and its returns may arrive while the first is awaited.
-    let routed = channel.publish("", &queue, &batch("a", 3)).unwrap();
+    let (a, b, c) = (batch("a", 3), batch("b", 2), batch("c", 2));
+    let routed = channel.publish("", &queue, &a).unwrap();
     let nowhere = format!("{queue}.nowhere");
-    let lost = channel.publish("", &nowhere, &batch("b", 2)).unwrap();
-    assert_eq!(channel.await_confirms(routed, wait).unwrap(), vec![true; 3]);
+    let lost = channel.publish("", &nowhere, &b).unwrap();
+    assert_eq!(
+        channel.await_confirms(routed, &a, wait).unwrap(),
+        vec![true; 3]
+    );
     assert!(matches!(
-        channel.await_confirms(lost, wait),
+        channel.await_confirms(lost, &b, wait),
         Err(ingestd::broker::Error::Unroutable)
     ));
-    let again = channel.publish("", &queue, &batch("c", 2)).unwrap();
-    assert_eq!(channel.await_confirms(again, wait).unwrap(), vec![true; 2]);
+    let again = channel.publish("", &queue, &c).unwrap();
+    assert_eq!(
+        channel.await_confirms(again, &c, wait).unwrap(),
+        vec![true; 2]
+    );
     channel.close();
     let _ = conn.close();
     wait_until(wait, "the routed messages queued", || {
@@ -494,18 +494,14 @@ fn a_published_batch_arrives_whole_and_in_order_with_large_bodies_split_into_fra
         _ => "",
     };
     let messages: Vec<Message> = (0..600)
-        .map(|n| Message {
-            id: n.to_string(),
+        .map(|n| {
             // An empty body is a content header and no body frame.
-            body: if n == 5 {
+            let body = if n == 5 {
                 Vec::new()
             } else {
                 json!({ "n": n, "pad": pad(n) }).to_string().into_bytes()
-            },
-            timestamp: 0,
-            attempt: None,
-            content_type: "application/json".into(),
-            headers: Default::default(),
+            };
+            Message::json(n.to_string(), body)
         })
         .collect();
     let taken = publisher

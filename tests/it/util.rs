@@ -223,14 +223,7 @@ impl TestEnv {
         let url = AmqpUrl::parse(&amqp_url()).unwrap();
         let mut publisher =
             broker::Publisher::open(&url, &self.topology(), Duration::from_secs(5)).expect("open");
-        let message = broker::Message {
-            id: "raw".into(),
-            body: body.to_vec(),
-            timestamp: 0,
-            attempt: None,
-            content_type: "application/json".into(),
-            headers: Default::default(),
-        };
+        let message = broker::Message::json("raw", body.to_vec());
         publisher
             .publish_batch(&[message], Duration::from_secs(5))
             .expect("publish");

@@ -186,19 +186,17 @@ impl Channel {
         I: IntoIterator<Item = Publish<'a>>,
     {
         let mut inner = self.inner.borrow_mut();
-        let exchange = exchange.to_string();
-        let publishes: Vec<Publish<'a>> = publishes.into_iter().collect();
-        inner.publish_all(publishes.iter().map(|publish| {
+        inner.publish_all(publishes.into_iter().map(|publish| {
             (
                 AmqpBasic::Publish(AmqpPublish {
                     ticket: 0,
-                    exchange: exchange.clone(),
-                    routing_key: publish.routing_key.clone(),
+                    exchange: exchange.to_string(),
+                    routing_key: publish.routing_key,
                     mandatory: publish.mandatory,
                     immediate: publish.immediate,
                 }),
                 publish.body,
-                &publish.properties,
+                publish.properties,
             )
         }))
     }

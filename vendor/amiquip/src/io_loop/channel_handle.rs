@@ -162,7 +162,7 @@ impl ChannelHandle {
     pub(crate) fn publish_all<'a, M, I>(&mut self, publishes: I) -> Result<()>
     where
         M: IntoAmqpClass + Debug,
-        I: IntoIterator<Item = (M, &'a [u8], &'a AMQPProperties)>,
+        I: IntoIterator<Item = (M, &'a [u8], AMQPProperties)>,
     {
         for (method, content, properties) in publishes {
             trace!(
@@ -174,7 +174,7 @@ impl ChannelHandle {
                 method,
                 AmqpPublishClass::get_class_id(),
                 content,
-                properties,
+                &properties,
                 self.frame_max,
             );
             if self.handle.pending() >= FLUSH_BYTES {
