@@ -264,6 +264,7 @@ fn start_worker(config: &Config, shared: &Shared, processor: Arc<dyn Processor>)
         prefetch: config.prefetch,
         workers: config.workers,
         batch: config.worker_batch,
+        linger: config.worker_linger,
         connect_timeout: broker::CONNECT_TIMEOUT,
         worker: Worker {
             store: shared.store.clone(),

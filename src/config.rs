@@ -187,6 +187,11 @@ pub const VARS: &[Var] = &[
         help: "most deliveries a worker handles in one transaction",
     },
     Var {
+        name: "INGEST_WORKER_LINGER",
+        default: "5ms",
+        help: "how long a worker batch that is not full may wait for more deliveries while another worker is busy",
+    },
+    Var {
         name: "INGEST_RELAY_BATCH",
         default: "500",
         help: "outbox rows the relay claims and publishes per transaction",
@@ -323,6 +328,9 @@ pub struct Config {
     pub prefetch: u16,
     /// `INGEST_WORKER_BATCH`: deliveries per worker transaction.
     pub worker_batch: usize,
+    /// `INGEST_WORKER_LINGER`: how long a batch that is not full may wait
+    /// for more deliveries while another worker is busy.
+    pub worker_linger: Duration,
     /// `INGEST_RELAY_BATCH`: outbox rows per relay transaction.
     pub relay_batch: usize,
     /// `INGEST_RELAY_POLL`: fallback poll interval of the relay.
@@ -479,6 +487,7 @@ impl Config {
             workers: positive(get("INGEST_WORKERS"))?,
             prefetch: positive(get("INGEST_PREFETCH"))?,
             worker_batch: positive(get("INGEST_WORKER_BATCH"))?,
+            worker_linger: parse_with(get("INGEST_WORKER_LINGER"), parse_duration)?,
             relay_batch: positive(get("INGEST_RELAY_BATCH"))?,
             relay_poll: nonzero_duration(get("INGEST_RELAY_POLL"))?,
             confirm_timeout: nonzero_duration(get("INGEST_CONFIRM_TIMEOUT"))?,

@@ -1,12 +1,16 @@
 //! The consumer thread: owns the AMQP channel, feeds workers, acks results.
 //!
 //! One thread holds the broker connection (amiquip channels are not shared
-//! between threads), hands each delivery to the worker pool over a bounded
-//! channel and acknowledges only when a worker reports that its transaction
-//! committed. It reconnects by itself with capped backoff. It does not touch
+//! between threads), hands deliveries to the worker pool in batches over a
+//! bounded channel and acknowledges only when a worker reports that its
+//! transaction committed. A batch goes to a worker only when one is idle,
+//! so that deliveries arriving while the workers are busy make the next
+//! batch larger instead of queueing as small ones: each batch is one
+//! transaction, and a commit costs the database about as much for one event
+//! as for a hundred. It reconnects by itself with capped backoff. It does not touch
 //! the database; the workers do.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +32,9 @@ pub struct Consumer {
     pub topology: Topology,
     /// `basic.qos` prefetch count.
     pub prefetch: u16,
+    /// How long a batch that is not full may wait for more deliveries
+    /// while another worker is busy.
+    pub linger: Duration,
     /// Worker threads to start.
     pub workers: usize,
     /// Most deliveries handed to a worker at once.
@@ -51,6 +58,8 @@ enum Event {
     Ended(String),
     /// A worker's results.
     Done(Done),
+    /// A batch that is not full has waited its linger.
+    Lingered,
     /// Every worker thread is gone.
     WorkersGone,
     /// Deliveries held through a database outage are due back in the queue.
@@ -63,6 +72,10 @@ enum Event {
 struct State {
     /// Deliveries handed to workers and not yet settled.
     in_flight: usize,
+    /// Batches handed to workers and not yet reported back.
+    busy: usize,
+    /// Deliveries received and not yet handed to a worker.
+    ready: Ready,
     /// The stop was given: no more deliveries are taken.
     stopping: bool,
     /// Deliveries the workers could not process because the database was
@@ -164,27 +177,20 @@ impl Consumer {
 
         let mut state = State {
             in_flight: 0,
+            busy: 0,
+            ready: Ready::default(),
             stopping: false,
             held: Held::default(),
-            unsettled: Unsettled::default(),
+            // At most half the prefetch window waits on acks.
+            unsettled: Unsettled::new(usize::from(self.prefetch) / 2),
         };
         while !(state.stopping && state.in_flight == 0) {
             match self.next_event(&consumer, &state, done, stop) {
                 Event::Deliveries(batch, ended) => {
-                    state.in_flight += batch.len();
-                    state.unsettled.dispatched(&batch);
+                    state.unsettled.received(&batch);
                     self.worker.metrics.deliveries.add(batch.len() as u64);
-                    // Blocks while every worker is busy; prefetch bounds
-                    // what waits behind it in the broker's buffer.
-                    if jobs
-                        .send(Job {
-                            generation,
-                            deliveries: batch,
-                        })
-                        .is_err()
-                    {
-                        return Err(broker::Error::Closed);
-                    }
+                    state.ready.add(batch);
+                    self.dispatch(&mut state, generation, jobs)?;
                     if let Some(reason) = ended {
                         warn!("consumer: consumption ended: {reason}");
                         return Err(broker::Error::Closed);
@@ -199,20 +205,24 @@ impl Consumer {
                 Event::Done(d) if d.generation != generation => {}
                 Event::Done(d) => {
                     state.in_flight -= d.results.len();
+                    state.busy -= 1;
                     self.settle(&consumer, &mut retries, d.results, &mut state)?;
+                    self.dispatch(&mut state, generation, jobs)?;
                 }
+                Event::Lingered => self.dispatch(&mut state, generation, jobs)?,
                 Event::WorkersGone => return Err(broker::Error::Closed),
                 Event::RequeueDue => state.held.requeue(&consumer, &mut state.unsettled)?,
                 Event::Stop => {
                     state.stopping = true;
                     state.held.requeue(&consumer, &mut state.unsettled)?;
-                    // Deliveries prefetched but not dispatched go back to the
-                    // queue when the channel closes.
+                    // Deliveries prefetched or ready but not dispatched go
+                    // back to the queue when the channel closes.
                     let _ = consumer.cancel();
                 }
             }
         }
         state.held.requeue(&consumer, &mut state.unsettled)?;
+        state.unsettled.ack_waiting(&consumer)?;
         drop(consumer);
         retries.close();
         let _ = channel.close();
@@ -230,6 +240,13 @@ impl Consumer {
         stop: &Stop,
     ) -> Event {
         let requeue = state.held.timer();
+        let linger = match state
+            .ready
+            .due_in(state.busy, self.workers, self.batch, self.linger)
+        {
+            Some(wait) if !state.stopping => after(wait),
+            _ => never(),
+        };
         let deliveries = if state.stopping {
             never()
         } else {
@@ -261,14 +278,45 @@ impl Consumer {
             },
             recv(done) -> msg => msg.map_or(Event::WorkersGone, Event::Done),
             recv(requeue) -> _ => Event::RequeueDue,
+            recv(linger) -> _ => Event::Lingered,
             recv(stop) -> _ => Event::Stop,
         }
     }
 
+    /// Hands ready deliveries to idle workers, a batch each, while
+    /// [`Ready::due_in`] says one is due now. The job channel holds one job
+    /// per worker, so with fewer batches out than workers this never
+    /// blocks.
+    fn dispatch(
+        &self,
+        state: &mut State,
+        generation: u64,
+        jobs: &Sender<Job>,
+    ) -> Result<(), broker::Error> {
+        while !state.stopping
+            && state
+                .ready
+                .due_in(state.busy, self.workers, self.batch, self.linger)
+                == Some(Duration::ZERO)
+        {
+            let deliveries = state.ready.take(self.batch);
+            state.in_flight += deliveries.len();
+            state.busy += 1;
+            let job = Job {
+                generation,
+                deliveries,
+            };
+            if jobs.send(job).is_err() {
+                return Err(broker::Error::Closed);
+            }
+        }
+        Ok(())
+    }
+
     /// Tells the broker what became of a worker's deliveries. Retry copies
     /// are published per delay queue and confirmed together, and only then
-    /// are their originals acked. Acks go out together, as one `multiple`
-    /// ack where they cover every earlier unsettled delivery.
+    /// are their originals acked. Acks go out as `multiple` acks, each once
+    /// every older delivery is settled ([`Unsettled`]).
     fn settle(
         &self,
         consumer: &amiquip::Consumer<'_>,
@@ -311,56 +359,171 @@ impl Consumer {
     }
 }
 
-/// The delivery tags of this channel that are not settled yet, so that one
-/// `multiple` ack can stand for a run of acks without covering a delivery
-/// that another worker still holds or that waits to be requeued.
-#[derive(Default)]
-struct Unsettled(BTreeSet<u64>);
+/// The delivery tags of this channel that are not settled yet, and the
+/// deliveries among them whose transaction committed but whose ack waits
+/// for an older delivery to settle. Acks go out as one `multiple` ack of a
+/// run that starts at the oldest unsettled delivery, so that workers
+/// finishing out of order do not cost a frame (and a hand-off to amiquip's
+/// I/O thread) per delivery, and a `multiple` ack never covers a delivery
+/// another worker still holds or that waits to be requeued. Waiting acks
+/// take room in the prefetch window, so once more than `limit` wait (an
+/// older delivery is slow, or held through a database outage), they go one
+/// by one: one slow event never stalls the deliveries behind it.
+struct Unsettled {
+    tags: BTreeSet<u64>,
+    acks: BTreeMap<u64, amiquip::Delivery>,
+    limit: usize,
+}
 
 impl Unsettled {
-    fn dispatched(&mut self, batch: &[amiquip::Delivery]) {
-        self.0
+    /// Acks wait while at most `limit` of them do.
+    fn new(limit: usize) -> Unsettled {
+        Unsettled {
+            tags: BTreeSet::new(),
+            acks: BTreeMap::new(),
+            limit,
+        }
+    }
+
+    fn received(&mut self, batch: &[amiquip::Delivery]) {
+        self.tags
             .extend(batch.iter().map(amiquip::Delivery::delivery_tag));
     }
 
+    /// Rejected or requeued, by a frame of its own.
     fn settled(&mut self, tag: u64) {
-        self.0.remove(&tag);
+        self.tags.remove(&tag);
     }
 
-    /// Acks `deliveries`: the longest run of them that starts at the oldest
-    /// unsettled delivery with one `multiple` ack, the rest one by one.
+    /// Acks `deliveries`, whose transactions committed, as soon as the
+    /// deliveries before them are settled; see [`Unsettled::flush`].
     fn ack(
         &mut self,
         consumer: &amiquip::Consumer<'_>,
-        mut deliveries: Vec<amiquip::Delivery>,
+        deliveries: Vec<amiquip::Delivery>,
     ) -> Result<(), broker::Error> {
-        deliveries.sort_by_key(amiquip::Delivery::delivery_tag);
-        let tags: Vec<u64> = deliveries.iter().map(|d| d.delivery_tag()).collect();
-        let run = leading_run(&self.0, &tags);
-        for tag in &tags {
-            self.0.remove(tag);
+        self.acks
+            .extend(deliveries.into_iter().map(|d| (d.delivery_tag(), d)));
+        self.flush(consumer)
+    }
+
+    /// Sends the acks that are due: the run of waiting acks that starts at
+    /// the oldest unsettled delivery, as one `multiple` ack of its last, and
+    /// every other one too if more than the limit wait.
+    fn flush(&mut self, consumer: &amiquip::Consumer<'_>) -> Result<(), broker::Error> {
+        self.ack_run(consumer)?;
+        if self.acks.len() > self.limit {
+            self.ack_waiting(consumer)?;
         }
-        let mut rest = deliveries.into_iter();
-        if run > 1 {
-            // The last of the run acks it all; the others need no frame.
-            let last = rest.nth(run - 1).expect("the run is within the acks");
-            consumer.ack_multiple(last)?;
+        Ok(())
+    }
+
+    /// Acks the run of waiting acks that starts at the oldest unsettled
+    /// delivery, with one `multiple` ack of its last.
+    fn ack_run(&mut self, consumer: &amiquip::Consumer<'_>) -> Result<(), broker::Error> {
+        let run = leading_run(&self.tags, |tag| self.acks.contains_key(tag));
+        if run == 0 {
+            return Ok(());
         }
-        for delivery in rest {
+        let last = *self
+            .tags
+            .iter()
+            .nth(run - 1)
+            .expect("the run is within the tags");
+        let rest = self.tags.split_off(&(last + 1));
+        for tag in std::mem::replace(&mut self.tags, rest) {
+            let delivery = self.acks.remove(&tag).expect("the run's acks wait");
+            if tag == last {
+                if run == 1 {
+                    consumer.ack(delivery)?;
+                } else {
+                    consumer.ack_multiple(delivery)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every ack still waiting: those a `multiple` ack can stand for
+    /// with one, the others one by one (at the end of a session, before the
+    /// channel closes; or when too many wait).
+    fn ack_waiting(&mut self, consumer: &amiquip::Consumer<'_>) -> Result<(), broker::Error> {
+        self.ack_run(consumer)?;
+        for (tag, delivery) in std::mem::take(&mut self.acks) {
+            self.tags.remove(&tag);
             consumer.ack(delivery)?;
         }
         Ok(())
     }
 }
 
-/// How many of `acks` (sorted) are the oldest tags of `unsettled` in a row:
-/// a `multiple` ack of the last of them settles exactly those.
-fn leading_run(unsettled: &BTreeSet<u64>, acks: &[u64]) -> usize {
-    unsettled
-        .iter()
-        .zip(acks)
-        .take_while(|(pending, ack)| pending == ack)
-        .count()
+/// How many of the oldest tags of `unsettled`, in a row, have their ack
+/// waiting (`waits`): a `multiple` ack of the last of them settles exactly
+/// those.
+fn leading_run(unsettled: &BTreeSet<u64>, waits: impl Fn(&u64) -> bool) -> usize {
+    unsettled.iter().take_while(|tag| waits(tag)).count()
+}
+
+/// Deliveries received and not yet handed to a worker, oldest first, and
+/// since when the oldest of them waits.
+#[derive(Default)]
+struct Ready {
+    deliveries: VecDeque<amiquip::Delivery>,
+    since: Option<Instant>,
+}
+
+impl Ready {
+    fn add(&mut self, batch: Vec<amiquip::Delivery>) {
+        if self.deliveries.is_empty() {
+            self.since = Some(Instant::now());
+        }
+        self.deliveries.extend(batch);
+    }
+
+    /// The oldest `batch` deliveries. Those left keep the oldest one's
+    /// clock: they may go a little early, never late.
+    fn take(&mut self, batch: usize) -> Vec<amiquip::Delivery> {
+        let n = batch.min(self.deliveries.len());
+        let taken = self.deliveries.drain(..n).collect();
+        if self.deliveries.is_empty() {
+            self.since = None;
+        }
+        taken
+    }
+
+    /// When the next batch is due: see [`batch_due_in`].
+    fn due_in(
+        &self,
+        busy: usize,
+        workers: usize,
+        batch: usize,
+        linger: Duration,
+    ) -> Option<Duration> {
+        let waited = self.since.map_or(Duration::ZERO, |t| t.elapsed());
+        batch_due_in(self.deliveries.len(), waited, busy, workers, batch, linger)
+    }
+}
+
+/// How long until a batch of `ready` deliveries, the oldest of which has
+/// waited `waited`, goes to a worker; `None` while none can (nothing ready,
+/// or every worker busy). A full batch goes at once, and so does any batch
+/// when every worker is idle, so an idle pipeline adds no delay. While some
+/// worker is busy, a batch that is not full waits up to `linger` for more.
+fn batch_due_in(
+    ready: usize,
+    waited: Duration,
+    busy: usize,
+    workers: usize,
+    batch: usize,
+    linger: Duration,
+) -> Option<Duration> {
+    if ready == 0 || busy >= workers {
+        None
+    } else if ready >= batch || busy == 0 {
+        Some(Duration::ZERO)
+    } else {
+        Some(linger.saturating_sub(waited))
+    }
 }
 
 /// Deliveries waiting to be requeued, and when.
@@ -408,7 +571,8 @@ impl Held {
             unsettled.settled(delivery.delivery_tag());
             consumer.nack(delivery, true)?;
         }
-        Ok(())
+        // Acks that waited behind them are due now.
+        unsettled.flush(consumer)
     }
 }
 
@@ -421,15 +585,38 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_goes_when_full_or_idle_and_otherwise_waits_its_linger() {
+        let ms = Duration::from_millis;
+        let due = |ready, waited, busy| batch_due_in(ready, ms(waited), busy, 4, 64, ms(5));
+        // Nothing ready, or no worker free: nothing is due.
+        assert_eq!(due(0, 0, 0), None);
+        assert_eq!(due(64, 9, 4), None);
+        // Every worker idle: even one delivery goes at once.
+        assert_eq!(due(1, 0, 0), Some(Duration::ZERO));
+        // A full batch goes at once to a free worker.
+        assert_eq!(due(64, 0, 3), Some(Duration::ZERO));
+        assert_eq!(due(200, 0, 1), Some(Duration::ZERO));
+        // Some worker busy: a batch that is not full waits out its linger.
+        assert_eq!(due(10, 0, 1), Some(ms(5)));
+        assert_eq!(due(10, 3, 2), Some(ms(2)));
+        assert_eq!(due(10, 7, 2), Some(Duration::ZERO));
+    }
+
+    #[test]
     fn a_multiple_ack_covers_only_the_oldest_unsettled_tags_in_a_row() {
+        let run = |unsettled: &[u64], waiting: &[u64]| {
+            let waiting = set(waiting);
+            leading_run(&set(unsettled), |tag| waiting.contains(tag))
+        };
         // Everything outstanding is acked: one frame for all.
-        assert_eq!(leading_run(&set(&[1, 2, 3]), &[1, 2, 3]), 3);
-        // Tag 2 is still held by another worker: the run stops before it.
-        assert_eq!(leading_run(&set(&[1, 2, 3, 4]), &[1, 3, 4]), 1);
+        assert_eq!(run(&[1, 2, 3], &[1, 2, 3]), 3);
+        // Tag 2 is still held by another worker: the run stops before it,
+        // and the acks of 3 and 4 wait for it.
+        assert_eq!(run(&[1, 2, 3, 4], &[1, 3, 4]), 1);
         // The oldest unsettled delivery is not among the acks: no run.
-        assert_eq!(leading_run(&set(&[5, 6, 7]), &[6, 7]), 0);
+        assert_eq!(run(&[5, 6, 7], &[6, 7]), 0);
         // Settled tags below are gone from the set and do not matter.
-        assert_eq!(leading_run(&set(&[10, 11, 20]), &[10, 11]), 2);
-        assert_eq!(leading_run(&set(&[]), &[]), 0);
+        assert_eq!(run(&[10, 11, 20], &[10, 11]), 2);
+        assert_eq!(run(&[], &[]), 0);
     }
 }

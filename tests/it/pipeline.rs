@@ -121,14 +121,15 @@ fn unacked(queue: &str) -> Option<u64> {
     })
 }
 
-/// Workers ack their deliveries with one `multiple` ack where they can;
-/// such an ack must never settle an earlier delivery that another worker is
-/// still processing: the broker keeps that one unacknowledged (and would
-/// redeliver it if the connection dropped) until its own commit, and the
-/// channel never sees a tag acked twice.
+/// Workers ack their deliveries with one `multiple` ack; acks of later
+/// deliveries wait for an earlier one that another worker is still
+/// processing, and such an ack must never settle that one: the broker keeps
+/// it unacknowledged (and would redeliver it if the connection dropped)
+/// until its own commit, and the channel never sees a tag acked twice.
 #[test]
-fn acks_of_later_deliveries_leave_one_still_in_progress_unacked() {
+fn acks_of_later_deliveries_wait_for_one_still_in_progress_and_never_settle_it() {
     let env = TestEnv::new("multiack");
+    // Up to 32 acks (half the window) may wait.
     let app = env.start_with(&[("INGEST_WORKERS", "2"), ("INGEST_PREFETCH", "64")]);
     let addr = app.http_addr().unwrap();
     let counter = |name: &str| metric(&scrape(addr), name).unwrap();
@@ -140,11 +141,8 @@ fn acks_of_later_deliveries_leave_one_still_in_progress_unacked() {
     let later: Vec<Uuid> = (0..30).map(|i| ingest(addr, &json!(i))).collect();
     env.wait_processed(&later, Duration::from_secs(20));
     let queue = env.topology().queue;
-    wait_until(
-        Duration::from_secs(10),
-        "the later deliveries acked",
-        || unacked(&queue) == Some(1),
-    );
+    // Committed, and their acks wait behind the one in progress.
+    assert_eq!(unacked(&queue), Some(31));
     assert_eq!(env.status(held).as_deref(), Some("pending"));
 
     env.processor.release();
@@ -159,6 +157,70 @@ fn acks_of_later_deliveries_leave_one_still_in_progress_unacked() {
         "no channel error made anything reconnect"
     );
     assert_eq!(counter("ingestd_duplicates_skipped_total"), 0.0);
+    app.shutdown().unwrap();
+}
+
+/// One slow event does not stall those behind it: once more acks wait than
+/// half the prefetch window, they go one by one, and the window keeps
+/// admitting deliveries.
+#[test]
+fn a_slow_delivery_does_not_stall_the_acks_behind_it() {
+    let env = TestEnv::new("slowhead");
+    // A window of 16: at most 8 acks wait.
+    let app = env.start_with(&[("INGEST_WORKERS", "2"), ("INGEST_PREFETCH", "16")]);
+    let addr = app.http_addr().unwrap();
+    let held = ingest(addr, &json!({ "hold": true }));
+    wait_until(Duration::from_secs(10), "processing under way", || {
+        env.processor.calls(held).len() == 1
+    });
+    // Far more than the window, all processed while the first is held.
+    let later: Vec<Uuid> = (0..60).map(|i| ingest(addr, &json!(i))).collect();
+    env.wait_processed(&later, Duration::from_secs(20));
+    let queue = env.topology().queue;
+    let waiting = unacked(&queue).expect("the queue exists");
+    assert!(
+        (1..=9).contains(&waiting),
+        "the held delivery and at most 8 waiting acks: {waiting}"
+    );
+    assert_eq!(env.status(held).as_deref(), Some("pending"));
+    env.processor.release();
+    env.wait_processed(&[held], Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "every delivery acked", || {
+        unacked(&queue) == Some(0)
+    });
+    assert_eq!(env.processed_twice(), 0);
+    app.shutdown().unwrap();
+}
+
+/// Deliveries that arrive while every worker is busy wait and go to the
+/// next free worker as one batch: one transaction for all of them, not one
+/// each.
+#[test]
+fn deliveries_arriving_while_every_worker_is_busy_are_handled_in_one_transaction() {
+    let env = TestEnv::new("gather");
+    let app = env.start_with(&[("INGEST_WORKERS", "1")]);
+    let addr = app.http_addr().unwrap();
+    let counter = |name: &str| metric(&scrape(addr), name).unwrap();
+    let held = ingest(addr, &json!({ "hold": true }));
+    wait_until(Duration::from_secs(10), "processing under way", || {
+        env.processor.calls(held).len() == 1
+    });
+    let later: Vec<Uuid> = (0..20).map(|i| ingest(addr, &json!(i))).collect();
+    wait_until(Duration::from_secs(10), "all delivered", || {
+        counter("ingestd_deliveries_total") == 21.0
+    });
+    env.processor.release();
+    env.wait_processed(&later, Duration::from_secs(10));
+    // The transaction that last wrote each row: one for all twenty.
+    let transactions = env.count(&format!(
+        "SELECT count(DISTINCT xmin::text) FROM events WHERE id IN ({})",
+        later
+            .iter()
+            .map(|id| format!("'{id}'"))
+            .collect::<Vec<_>>()
+            .join(",")
+    ));
+    assert_eq!(transactions, 1);
     app.shutdown().unwrap();
 }
 
