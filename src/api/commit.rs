@@ -4,7 +4,12 @@
 //! callback, to a committer thread over a bounded channel; they do not wait.
 //! A committer takes whatever is waiting (up to the batch limit, never
 //! waiting for more), writes every event and outbox row in one transaction,
-//! commits, and then runs each callback, which answers the request. A `202`
+//! commits, and then runs each callback, which answers the request.
+//! Committers take turns: one at a time takes requests and writes such a
+//! batch, and what arrives meanwhile waits for the next turn, to go in one
+//! transaction. Side by side, the other committer took the first request
+//! that arrived during a commit and wrote it nearly alone, which cost the
+//! database a commit each time (see BENCHMARKS.md, run 10). A `202`
 //! still means committed; the fsync is shared instead of paid per request.
 //! Requests with client ids or an idempotency key must be checked against
 //! earlier ones and may write nothing, so each gets a transaction of its own.
@@ -12,7 +17,7 @@
 //! HTTP answers (`http`).
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -71,11 +76,14 @@ impl Committer {
     /// Starts the committer threads.
     pub fn start(store: Store, settings: Settings) -> (Committer, Vec<JoinHandle<()>>) {
         let (tx, rx) = bounded(settings.queue);
+        let turn = Arc::new(Mutex::new(()));
         let threads = (0..settings.threads)
             .map(|i| {
                 let (rx, store) = (rx.clone(), store.clone());
-                let settings = settings.clone();
-                lifecycle::spawn(&format!("commit-{i}"), move || run(rx, store, &settings))
+                let (settings, turn) = (settings.clone(), turn.clone());
+                lifecycle::spawn(&format!("commit-{i}"), move || {
+                    run(rx, store, &settings, &turn)
+                })
             })
             .collect();
         (Committer { queue: tx }, threads)
@@ -92,8 +100,14 @@ impl Committer {
     }
 }
 
-fn run(queue: Receiver<Pending>, store: Store, settings: &Settings) {
-    while let Ok(first) = queue.recv() {
+/// Commits until every [`Committer`] is dropped. A committer holds `turn`
+/// while it takes requests and writes plain ones; requests with an
+/// idempotency key each get a transaction of their own, written after the
+/// turn is passed on, so committers write those side by side.
+fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, turn: &Mutex<()>) {
+    loop {
+        let my_turn = turn.lock().unwrap_or_else(PoisonError::into_inner);
+        let Ok(first) = queue.recv() else { break };
         let mut events = first.submission.events.len();
         let mut batch = vec![first];
         // Take what is already waiting, without waiting for more: light
@@ -117,6 +131,7 @@ fn run(queue: Receiver<Pending>, store: Store, settings: &Settings) {
             if !plain.is_empty() {
                 commit(&store, plain, settings);
             }
+            drop(my_turn);
             for p in idempotent {
                 commit_idempotent(&store, p, settings);
             }

@@ -68,12 +68,17 @@ enum Event {
     Stop,
 }
 
+/// The workers' job channel, and the jobs handed out on it (of any
+/// connection) whose worker has not reported back yet.
+struct Jobs {
+    sender: Sender<Job>,
+    out: usize,
+}
+
 /// One session's bookkeeping.
 struct State {
     /// Deliveries handed to workers and not yet settled.
     in_flight: usize,
-    /// Batches handed to workers and not yet reported back.
-    busy: usize,
     /// Deliveries received and not yet handed to a worker.
     ready: Ready,
     /// The stop was given: no more deliveries are taken.
@@ -99,6 +104,10 @@ impl Consumer {
     /// what they hold and returns once all worker threads have exited.
     pub fn run(self, stop: Stop) {
         let (job_tx, job_rx) = bounded::<Job>(self.workers);
+        let mut jobs = Jobs {
+            sender: job_tx,
+            out: 0,
+        };
         let (done_tx, done_rx) = unbounded::<Done>();
         let workers: Vec<_> = (0..self.workers)
             .map(|i| {
@@ -116,7 +125,7 @@ impl Consumer {
         let mut generation = 0u64;
         loop {
             generation += 1;
-            match self.session(&mut nodes, generation, &job_tx, &done_rx, &stop) {
+            match self.session(&mut nodes, generation, &mut jobs, &done_rx, &stop) {
                 Ok(SessionEnd::Stopped) => break,
                 Err(e) => {
                     // One log line per state change, not one per retry.
@@ -134,7 +143,7 @@ impl Consumer {
             }
         }
         self.health.set_consumer(false);
-        drop(job_tx);
+        drop(jobs);
         for w in workers {
             let _ = w.join();
         }
@@ -152,7 +161,7 @@ impl Consumer {
         &self,
         nodes: &mut Nodes,
         generation: u64,
-        jobs: &Sender<Job>,
+        jobs: &mut Jobs,
         done: &Receiver<Done>,
         stop: &Stop,
     ) -> Result<SessionEnd, broker::Error> {
@@ -177,7 +186,6 @@ impl Consumer {
 
         let mut state = State {
             in_flight: 0,
-            busy: 0,
             ready: Ready::default(),
             stopping: false,
             held: Held::default(),
@@ -185,7 +193,7 @@ impl Consumer {
             unsettled: Unsettled::new(usize::from(self.prefetch) / 2),
         };
         while !(state.stopping && state.in_flight == 0) {
-            match self.next_event(&consumer, &state, done, stop) {
+            match self.next_event(&consumer, &state, jobs, done, stop) {
                 Event::Deliveries(batch, ended) => {
                     state.unsettled.received(&batch);
                     self.worker.metrics.deliveries.add(batch.len() as u64);
@@ -201,11 +209,15 @@ impl Consumer {
                     return Err(broker::Error::Closed);
                 }
                 // Results from an earlier connection: their tags are void
-                // here, and the broker has redelivered them.
-                Event::Done(d) if d.generation != generation => {}
+                // here, and the broker has redelivered them; their worker is
+                // free again.
+                Event::Done(d) if d.generation != generation => {
+                    jobs.out -= 1;
+                    self.dispatch(&mut state, generation, jobs)?;
+                }
                 Event::Done(d) => {
+                    jobs.out -= 1;
                     state.in_flight -= d.results.len();
-                    state.busy -= 1;
                     self.settle(&consumer, &mut retries, d.results, &mut state)?;
                     self.dispatch(&mut state, generation, jobs)?;
                 }
@@ -236,13 +248,14 @@ impl Consumer {
         &self,
         consumer: &amiquip::Consumer<'_>,
         state: &State,
+        jobs: &Jobs,
         done: &Receiver<Done>,
         stop: &Stop,
     ) -> Event {
         let requeue = state.held.timer();
         let linger = match state
             .ready
-            .due_in(state.busy, self.workers, self.batch, self.linger)
+            .due_in(jobs.out, self.workers, self.batch, self.linger)
         {
             Some(wait) if !state.stopping => after(wait),
             _ => never(),
@@ -285,28 +298,29 @@ impl Consumer {
 
     /// Hands ready deliveries to idle workers, a batch each, while
     /// [`Ready::due_in`] says one is due now. The job channel holds one job
-    /// per worker, so with fewer batches out than workers this never
+    /// per worker, and jobs of an earlier connection count until their
+    /// worker reports back, so with fewer jobs out than workers this never
     /// blocks.
     fn dispatch(
         &self,
         state: &mut State,
         generation: u64,
-        jobs: &Sender<Job>,
+        jobs: &mut Jobs,
     ) -> Result<(), broker::Error> {
         while !state.stopping
             && state
                 .ready
-                .due_in(state.busy, self.workers, self.batch, self.linger)
+                .due_in(jobs.out, self.workers, self.batch, self.linger)
                 == Some(Duration::ZERO)
         {
             let deliveries = state.ready.take(self.batch);
             state.in_flight += deliveries.len();
-            state.busy += 1;
+            jobs.out += 1;
             let job = Job {
                 generation,
                 deliveries,
             };
-            if jobs.send(job).is_err() {
+            if jobs.sender.send(job).is_err() {
                 return Err(broker::Error::Closed);
             }
         }
@@ -350,10 +364,11 @@ impl Consumer {
             let queue = self.topology.delay_queue(step);
             retries.publish_confirmed("", &queue, &messages, self.confirm_timeout)?;
             self.worker.metrics.retries.add(group.len() as u64);
-            // Acked as soon as their copies are safe, so that a later group
-            // failing does not send these back for a second copy.
+            // Acked as soon as their copies are safe, not left waiting for
+            // older deliveries, so that a later group failing (which ends
+            // the session) does not send these back for a second copy.
             let originals = group.into_iter().map(|(delivery, _)| delivery).collect();
-            state.unsettled.ack(consumer, originals)?;
+            state.unsettled.ack_at_once(consumer, originals)?;
         }
         state.unsettled.ack(consumer, acks)
     }
@@ -405,6 +420,26 @@ impl Unsettled {
         self.acks
             .extend(deliveries.into_iter().map(|d| (d.delivery_tag(), d)));
         self.flush(consumer)
+    }
+
+    /// Acks `deliveries` now: with the acks waiting before them where they
+    /// make a run, the rest one by one.
+    fn ack_at_once(
+        &mut self,
+        consumer: &amiquip::Consumer<'_>,
+        deliveries: Vec<amiquip::Delivery>,
+    ) -> Result<(), broker::Error> {
+        let tags: Vec<u64> = deliveries.iter().map(|d| d.delivery_tag()).collect();
+        self.acks
+            .extend(deliveries.into_iter().map(|d| (d.delivery_tag(), d)));
+        self.ack_run(consumer)?;
+        for tag in tags {
+            if let Some(delivery) = self.acks.remove(&tag) {
+                self.tags.remove(&tag);
+                consumer.ack(delivery)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends the acks that are due: the run of waiting acks that starts at
@@ -481,7 +516,7 @@ impl Ready {
     }
 
     /// The oldest `batch` deliveries. Those left keep the oldest one's
-    /// clock: they may go a little early, never late.
+    /// clock: they may go early, never late.
     fn take(&mut self, batch: usize) -> Vec<amiquip::Delivery> {
         let n = batch.min(self.deliveries.len());
         let taken = self.deliveries.drain(..n).collect();

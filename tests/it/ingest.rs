@@ -1123,8 +1123,13 @@ fn api_keys_guard_the_ingest_and_query_routes() {
 
 /// One committer thread over `env`'s schema, to submit to directly.
 fn one_committer(env: &TestEnv) -> (Committer, Vec<std::thread::JoinHandle<()>>) {
+    committers(env, 1)
+}
+
+/// `threads` committer threads over `env`'s schema.
+fn committers(env: &TestEnv, threads: usize) -> (Committer, Vec<std::thread::JoinHandle<()>>) {
     let settings = commit::Settings {
-        threads: 1,
+        threads,
         max_batch: 100,
         key_ttl: Duration::from_secs(60),
         queue: 16,
@@ -1149,6 +1154,67 @@ fn one_event(n: i32) -> Submission {
         }],
         batch: false,
         idempotency_key: None,
+    }
+}
+
+/// Committers take turns: while one writes (held here on a table lock),
+/// the other does not take the next request and write it nearly alone;
+/// every request that arrives meanwhile waits for the next turn, and all of
+/// them go in one transaction.
+#[test]
+fn requests_arriving_during_a_commit_go_together_in_the_next_one() {
+    let env = TestEnv::new("turns");
+    let (committer, threads) = committers(&env, 2);
+    let mut sql = env.sql();
+    let mut lock = sql.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let waiting = || {
+        env.count(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass",
+        )
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let submit = |n: i32| {
+        let tx = tx.clone();
+        let submission = one_event(n);
+        let id = submission.events[0].id;
+        committer.submit(
+            submission,
+            Box::new(move |r| tx.send((n, r.is_ok())).unwrap()),
+        );
+        id
+    };
+    let first = submit(0);
+    wait_until(
+        Duration::from_secs(10),
+        "the first committer waits for the lock",
+        || waiting() == 1,
+    );
+    let later: Vec<Uuid> = (1..=10).map(submit).collect();
+    // The second committer left them queued: no second transaction waits.
+    assert_eq!(waiting(), 1);
+    lock.commit().unwrap();
+    for _ in 0..11 {
+        let (n, ok) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("every reply is called");
+        assert!(ok, "request {n} committed");
+    }
+    let xmin = |ids: &[Uuid]| {
+        let list: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+        env.count(&format!(
+            "SELECT count(DISTINCT xmin::text) FROM events WHERE id IN ({})",
+            list.join(",")
+        ))
+    };
+    assert_eq!(xmin(&later), 1, "the ten went in one transaction");
+    let mut all = later.clone();
+    all.push(first);
+    assert_eq!(xmin(&all), 2, "and the first in its own");
+    drop(committer);
+    for t in threads {
+        t.join().expect("the committer threads end cleanly");
     }
 }
 
