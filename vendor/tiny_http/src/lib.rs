@@ -369,14 +369,21 @@ fn write_answer(
     timeout: Duration,
 ) -> IoResult<()> {
     let end = std::time::Instant::now() + timeout;
-    // before each call: the time left, as the socket's timeout
-    let time_left = || -> IoResult<()> {
+    // Before each call: the time left, as the socket's timeout. Between
+    // answers the socket's write timeout is `timeout`, so while less than
+    // ANSWER_SLACK has gone by it stands (a call may end that much late):
+    // a response taken in at once costs no system call for its timeout.
+    let mut changed = false;
+    let mut time_left = || -> IoResult<()> {
         let left = end.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return Err(IoError::new(IoErrorKind::TimedOut, "response not taken in time"));
         }
         if let Some(socket) = socket {
-            socket.set_write_timeout(socket_timeout(left))?;
+            if changed || timeout - left > ANSWER_SLACK {
+                socket.set_write_timeout(socket_timeout(left))?;
+                changed = true;
+            }
         }
         Ok(())
     };
@@ -395,11 +402,17 @@ fn write_answer(
         time_left()?;
         writer.flush()
     })();
-    if let Some(socket) = socket {
-        let _ = socket.set_write_timeout(socket_timeout(timeout));
+    if changed {
+        if let Some(socket) = socket {
+            let _ = socket.set_write_timeout(socket_timeout(timeout));
+        }
     }
     result
 }
+
+/// ingestd patch: how late a response's first write calls may end past its
+/// write timeout, in exchange for leaving the socket's timeout as it is.
+const ANSWER_SLACK: Duration = Duration::from_millis(50);
 
 // ingestd patch: a zero timeout is refused by sockets
 fn socket_timeout(timeout: Duration) -> Option<Duration> {
