@@ -7,7 +7,8 @@
 //! commits, and then runs each callback, which answers the request.
 //! Committers take turns: one at a time takes requests and writes such a
 //! batch, and what arrives meanwhile waits for the next turn, to go in one
-//! transaction. Side by side, the other committer took the first request
+//! transaction; a full batch passes the turn on before it is written, so
+//! that large requests are written side by side. Side by side, the other committer took the first request
 //! that arrived during a commit and wrote it nearly alone, which cost the
 //! database a commit each time (see BENCHMARKS.md, run 10). A `202`
 //! still means committed; the fsync is shared instead of paid per request.
@@ -101,12 +102,13 @@ impl Committer {
 }
 
 /// Commits until every [`Committer`] is dropped. A committer holds `turn`
-/// while it takes requests and writes plain ones; requests with an
+/// while it takes requests and, unless they fill a batch, writes plain
+/// ones; requests with an
 /// idempotency key each get a transaction of their own, written after the
 /// turn is passed on, so committers write those side by side.
 fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, turn: &Mutex<()>) {
     loop {
-        let my_turn = turn.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut my_turn = Some(turn.lock().unwrap_or_else(PoisonError::into_inner));
         let Ok(first) = queue.recv() else { break };
         let mut events = first.submission.events.len();
         let mut batch = vec![first];
@@ -120,6 +122,11 @@ fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, turn: &Mutex
                 }
                 Err(_) => break,
             }
+        }
+        if events >= settings.max_batch {
+            // A full batch: nothing is gained by making the next requests
+            // wait for it, and large requests are written side by side.
+            my_turn = None;
         }
         let (idempotent, plain): (Vec<Pending>, Vec<Pending>) = batch
             .into_iter()

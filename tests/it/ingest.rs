@@ -1218,6 +1218,51 @@ fn requests_arriving_during_a_commit_go_together_in_the_next_one() {
     }
 }
 
+/// A batch that fills a transaction does not keep the turn while it is
+/// written: the next request, here another full one, is written beside it.
+#[test]
+fn a_full_batch_passes_the_turn_on_before_it_is_written() {
+    let env = TestEnv::new("fullturn");
+    let (committer, threads) = committers(&env, 2);
+    let mut sql = env.sql();
+    let mut lock = sql.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let waiting = || {
+        env.count(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass",
+        )
+    };
+    // As many events as the helper's max_batch: each fills a transaction.
+    let full = || Submission {
+        events: (0..100).map(|n| one_event(n).events.remove(0)).collect(),
+        batch: true,
+        idempotency_key: None,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    for n in 0..2 {
+        let tx = tx.clone();
+        committer.submit(full(), Box::new(move |r| tx.send((n, r.is_ok())).unwrap()));
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "both committers write at once",
+        || waiting() == 2,
+    );
+    lock.commit().unwrap();
+    for _ in 0..2 {
+        let (n, ok) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("every reply is called");
+        assert!(ok, "request {n} committed");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM events"), 200);
+    drop(committer);
+    for t in threads {
+        t.join().expect("the committer threads end cleanly");
+    }
+}
+
 /// A panic in one reply of a committed batch spares the replies after it:
 /// every request whose events committed hears so. The batch is made by
 /// holding the committer on a table lock while two requests queue behind.
