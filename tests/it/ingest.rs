@@ -1140,6 +1140,28 @@ fn committers(env: &TestEnv, threads: usize) -> (Committer, Vec<std::thread::Joi
     Committer::start(store, settings)
 }
 
+/// Holds an exclusive lock on `events` until the returned transaction
+/// ends: a committer's insert waits for it.
+fn lock_events(sql: &mut postgres::Client) -> postgres::Transaction<'_> {
+    let mut lock = sql.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    lock
+}
+
+/// Sessions waiting for a lock on `events`.
+fn waiting_for_events(env: &TestEnv) -> i64 {
+    env.count("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass")
+}
+
+/// Drops the last handle on the committers and waits for their threads.
+fn stop_committers(committer: Committer, threads: Vec<std::thread::JoinHandle<()>>) {
+    drop(committer);
+    for t in threads {
+        t.join().expect("the committer threads end cleanly");
+    }
+}
+
 /// A submission of one new event with payload `n`.
 fn one_event(n: i32) -> Submission {
     Submission {
@@ -1166,14 +1188,8 @@ fn requests_arriving_during_a_commit_go_together_in_the_next_one() {
     let env = TestEnv::new("turns");
     let (committer, threads) = committers(&env, 2);
     let mut sql = env.sql();
-    let mut lock = sql.transaction().unwrap();
-    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
-    let waiting = || {
-        env.count(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass",
-        )
-    };
+    let lock = lock_events(&mut sql);
+    let waiting = || waiting_for_events(&env);
     let (tx, rx) = std::sync::mpsc::channel();
     let submit = |n: i32| {
         let tx = tx.clone();
@@ -1201,21 +1217,15 @@ fn requests_arriving_during_a_commit_go_together_in_the_next_one() {
             .expect("every reply is called");
         assert!(ok, "request {n} committed");
     }
-    let xmin = |ids: &[Uuid]| {
-        let list: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
-        env.count(&format!(
-            "SELECT count(DISTINCT xmin::text) FROM events WHERE id IN ({})",
-            list.join(",")
-        ))
-    };
-    assert_eq!(xmin(&later), 1, "the ten went in one transaction");
+    assert_eq!(
+        env.transactions_of(&later),
+        1,
+        "the ten went in one transaction"
+    );
     let mut all = later.clone();
     all.push(first);
-    assert_eq!(xmin(&all), 2, "and the first in its own");
-    drop(committer);
-    for t in threads {
-        t.join().expect("the committer threads end cleanly");
-    }
+    assert_eq!(env.transactions_of(&all), 2, "and the first in its own");
+    stop_committers(committer, threads);
 }
 
 /// A batch that fills a transaction does not keep the turn while it is
@@ -1225,14 +1235,8 @@ fn a_full_batch_passes_the_turn_on_before_it_is_written() {
     let env = TestEnv::new("fullturn");
     let (committer, threads) = committers(&env, 2);
     let mut sql = env.sql();
-    let mut lock = sql.transaction().unwrap();
-    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
-    let waiting = || {
-        env.count(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass",
-        )
-    };
+    let lock = lock_events(&mut sql);
+    let waiting = || waiting_for_events(&env);
     // As many events as the helper's max_batch: each fills a transaction.
     let full = || Submission {
         events: (0..100).map(|n| one_event(n).events.remove(0)).collect(),
@@ -1257,10 +1261,7 @@ fn a_full_batch_passes_the_turn_on_before_it_is_written() {
         assert!(ok, "request {n} committed");
     }
     assert_eq!(env.count("SELECT count(*) FROM events"), 200);
-    drop(committer);
-    for t in threads {
-        t.join().expect("the committer threads end cleanly");
-    }
+    stop_committers(committer, threads);
 }
 
 /// A panic in one reply of a committed batch spares the replies after it:
@@ -1272,9 +1273,7 @@ fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
     let (committer, threads) = one_committer(&env);
     let one = one_event;
     let mut sql = env.sql();
-    let mut lock = sql.transaction().unwrap();
-    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let lock = lock_events(&mut sql);
     let (tx, rx) = std::sync::mpsc::channel();
     let first = tx.clone();
     committer.submit(
@@ -1286,11 +1285,7 @@ fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
     wait_until(
         Duration::from_secs(10),
         "the committer waits for the lock",
-        || {
-            env.count(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass",
-            ) > 0
-        },
+        || waiting_for_events(&env) > 0,
     );
     let second = tx.clone();
     committer.submit(
@@ -1311,10 +1306,7 @@ fn a_panicking_reply_spares_the_other_replies_of_its_batch() {
     heard.sort();
     assert_eq!(heard, vec![(1, true), (2, true), (3, true)]);
     assert_eq!(env.count("SELECT count(*) FROM events"), 3);
-    drop(committer);
-    for t in threads {
-        t.join().expect("the committer thread ends cleanly");
-    }
+    stop_committers(committer, threads);
 }
 
 /// A panic in a commit batch (here, in a request's reply, after the commit)
@@ -1346,8 +1338,5 @@ fn a_panic_in_a_commit_batch_spares_the_committer() {
         "the committer answers after a panic"
     );
     assert_eq!(env.count("SELECT count(*) FROM events"), 2);
-    drop(committer);
-    for t in threads {
-        t.join().expect("the committer thread ends cleanly");
-    }
+    stop_committers(committer, threads);
 }

@@ -211,16 +211,7 @@ fn deliveries_arriving_while_every_worker_is_busy_are_handled_in_one_transaction
     });
     env.processor.release();
     env.wait_processed(&later, Duration::from_secs(10));
-    // The transaction that last wrote each row: one for all twenty.
-    let transactions = env.count(&format!(
-        "SELECT count(DISTINCT xmin::text) FROM events WHERE id IN ({})",
-        later
-            .iter()
-            .map(|id| format!("'{id}'"))
-            .collect::<Vec<_>>()
-            .join(",")
-    ));
-    assert_eq!(transactions, 1);
+    assert_eq!(env.transactions_of(&later), 1, "one for all twenty");
     app.shutdown().unwrap();
 }
 

@@ -164,6 +164,16 @@ impl TestEnv {
         c
     }
 
+    /// How many transactions last wrote the rows of these events (their
+    /// `xmin`s).
+    pub fn transactions_of(&self, ids: &[Uuid]) -> i64 {
+        let list: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+        self.count(&format!(
+            "SELECT count(DISTINCT xmin::text) FROM events WHERE id IN ({})",
+            list.join(",")
+        ))
+    }
+
     /// Runs a `SELECT count(*)`-like query returning one bigint.
     pub fn count(&self, sql: &str) -> i64 {
         self.sql().query_one(sql, &[]).expect(sql).get(0)
