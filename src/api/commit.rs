@@ -5,13 +5,13 @@
 //! A committer takes whatever is waiting (up to the batch limit, never
 //! waiting for more), writes every event and outbox row in one transaction,
 //! commits, and then runs each callback, which answers the request.
-//! Committers take turns: one at a time takes requests and writes such a
-//! batch, and what arrives meanwhile waits for the next turn, to go in one
-//! transaction; a full batch passes the turn on before it is written, so
-//! that large requests are written side by side. Side by side, the other committer took the first request
-//! that arrived during a commit and wrote it nearly alone, which cost the
-//! database a commit each time (see BENCHMARKS.md, run 10). A `202`
-//! still means committed; the fsync is shared instead of paid per request.
+//! Committers take turns: one at a time takes requests and writes them,
+//! and what arrives meanwhile waits for the next turn, to go in one
+//! transaction (when they did not take turns, an idle committer took the
+//! first request that arrived during a commit and wrote it nearly alone,
+//! at the cost of a commit each time; BENCHMARKS.md, run 10). A full batch
+//! passes the turn on before it is written, so that large requests are
+//! written side by side. A `202` still means committed; the fsync is shared instead of paid per request.
 //! Requests with client ids or an idempotency key must be checked against
 //! earlier ones and may write nothing, so each gets a transaction of its own.
 //! This module owns batching and the hand-off, not the SQL (`store`) nor the
@@ -102,10 +102,10 @@ impl Committer {
 }
 
 /// Commits until every [`Committer`] is dropped. A committer holds `turn`
-/// while it takes requests and, unless they fill a batch, writes plain
-/// ones; requests with an
-/// idempotency key each get a transaction of their own, written after the
-/// turn is passed on, so committers write those side by side.
+/// while it takes requests and, unless they fill a batch, while it writes
+/// the plain ones. Requests with an idempotency key each get a transaction
+/// of their own, written after the turn is passed on, so committers write
+/// those side by side.
 fn run(queue: Receiver<Pending>, store: Store, settings: &Settings, turn: &Mutex<()>) {
     loop {
         let mut my_turn = Some(turn.lock().unwrap_or_else(PoisonError::into_inner));

@@ -7,8 +7,8 @@
 //! so that deliveries arriving while the workers are busy make the next
 //! batch larger instead of queueing as small ones: each batch is one
 //! transaction, and a commit costs the database about as much for one event
-//! as for a hundred. It reconnects by itself with capped backoff. It does not touch
-//! the database; the workers do.
+//! as for a hundred. It reconnects by itself with capped backoff. It does
+//! not touch the database; the workers do.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -433,13 +433,7 @@ impl Unsettled {
         self.acks
             .extend(deliveries.into_iter().map(|d| (d.delivery_tag(), d)));
         self.ack_run(consumer)?;
-        for tag in tags {
-            if let Some(delivery) = self.acks.remove(&tag) {
-                self.tags.remove(&tag);
-                consumer.ack(delivery)?;
-            }
-        }
-        Ok(())
+        self.ack_each(consumer, tags)
     }
 
     /// Sends the acks that are due: the run of waiting acks that starts at
@@ -484,9 +478,21 @@ impl Unsettled {
     /// channel closes; or when too many wait).
     fn ack_waiting(&mut self, consumer: &amiquip::Consumer<'_>) -> Result<(), broker::Error> {
         self.ack_run(consumer)?;
-        for (tag, delivery) in std::mem::take(&mut self.acks) {
-            self.tags.remove(&tag);
-            consumer.ack(delivery)?;
+        let tags: Vec<u64> = self.acks.keys().copied().collect();
+        self.ack_each(consumer, tags)
+    }
+
+    /// Acks, one frame each, those of `tags` whose ack still waits.
+    fn ack_each(
+        &mut self,
+        consumer: &amiquip::Consumer<'_>,
+        tags: Vec<u64>,
+    ) -> Result<(), broker::Error> {
+        for tag in tags {
+            if let Some(delivery) = self.acks.remove(&tag) {
+                self.tags.remove(&tag);
+                consumer.ack(delivery)?;
+            }
         }
         Ok(())
     }

@@ -371,7 +371,7 @@ fn write_answer(
     let end = std::time::Instant::now() + timeout;
     // Before each call: the time left, as the socket's timeout. Between
     // answers the socket's write timeout is `timeout`, so while less than
-    // ANSWER_SLACK has gone by it stands (a call may end that much late):
+    // SOCKET_SLACK has gone by it stands (a call may end that much late):
     // a response taken in at once costs no system call for its timeout.
     let mut changed = false;
     let mut time_left = || -> IoResult<()> {
@@ -380,7 +380,7 @@ fn write_answer(
             return Err(IoError::new(IoErrorKind::TimedOut, "response not taken in time"));
         }
         if let Some(socket) = socket {
-            if changed || timeout - left > ANSWER_SLACK {
+            if changed || timeout.saturating_sub(left) > util::SOCKET_SLACK {
                 socket.set_write_timeout(socket_timeout(left))?;
                 changed = true;
             }
@@ -409,10 +409,6 @@ fn write_answer(
     }
     result
 }
-
-/// ingestd patch: how late a response's first write calls may end past its
-/// write timeout, in exchange for leaving the socket's timeout as it is.
-const ANSWER_SLACK: Duration = Duration::from_millis(50);
 
 // ingestd patch: a zero timeout is refused by sockets
 fn socket_timeout(timeout: Duration) -> Option<Duration> {

@@ -6,6 +6,7 @@ pub use self::custom_stream::CustomStream;
 pub use self::deadline::{Deadline, Remaining};
 pub use self::refusal::{plain_refusal, Refusal, RefusalHook};
 pub(crate) use self::refusal::write_refusal;
+pub(crate) use self::refined_tcp_stream::SOCKET_SLACK;
 pub use self::framing::{Framing, FramingError};
 pub use self::equal_reader::{EqualReader, DRAIN_LIMIT};
 pub use self::fused_reader::FusedReader;

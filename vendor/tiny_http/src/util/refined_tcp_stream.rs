@@ -121,10 +121,12 @@ enum Applied {
 }
 
 /// How late past its deadline a read may time out before the socket's read
-/// timeout is set again. Setting it on every read would cost a system call
-/// per read; as it is, it is set when the deadline changes and then at most
-/// once per this much time.
-const DEADLINE_SLACK: Duration = Duration::from_millis(50);
+/// timeout is set again, and how late past its time an answer's first
+/// writes may end before the socket's write timeout is shortened. Setting
+/// it on every call would cost a system call per read or write; as it is,
+/// a read timeout is set when the deadline changes and then at most once
+/// per this much time, and a write timeout only for a slow client.
+pub(crate) const SOCKET_SLACK: Duration = Duration::from_millis(50);
 
 impl RefinedTcpStream {
     pub(crate) fn new<S>(stream: S) -> (RefinedTcpStream, RefinedTcpStream)
@@ -186,13 +188,13 @@ impl RefinedTcpStream {
 
     /// Sets the socket's read timeout so that a read now ends by `at`, `left`
     /// from now, unless the timeout already set ends it at most
-    /// `DEADLINE_SLACK` later.
+    /// `SOCKET_SLACK` later.
     fn apply_deadline(&mut self, at: Instant, left: Duration) -> IoResult<()> {
         let close_enough = match self.applied {
             Applied::Until {
                 at: applied_at,
                 timeout,
-            } => applied_at == at && timeout.saturating_sub(left) <= DEADLINE_SLACK,
+            } => applied_at == at && timeout.saturating_sub(left) <= SOCKET_SLACK,
             _ => false,
         };
         if !close_enough {
