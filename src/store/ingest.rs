@@ -112,21 +112,32 @@ pub enum Written {
 }
 
 impl Store {
-    /// Writes events and their outbox rows in one transaction, two
-    /// statements whatever the batch size. The commit wakes the relays as
-    /// `wakeup` says. Ids must be new.
+    /// Writes events and their outbox rows in one statement whatever the
+    /// batch size, which is its own transaction: one round trip to the
+    /// server instead of four (`BEGIN`, two inserts, `COMMIT`), and it
+    /// returns once committed. The commit wakes the relays as `wakeup`
+    /// says: the statement carries the `NOTIFY`, or this process's relay
+    /// is nudged once it returns. Ids must be new.
     pub fn insert_events(&self, events: &[&NewEvent], wakeup: &Wakeup) -> Result<(), Error> {
         let columns = Columns::of(events.iter().copied());
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction()?;
+        let mut params = columns.insert_params().to_vec();
+        let channel = self.notify_channel();
         // Prepared once per connection: the statements of the hot paths
         // cost the server no parse or plan after the first time.
-        let insert = tx.prepare_cached(INSERT_EVENTS)?;
-        tx.execute(&insert, &columns.insert_params())?;
-        let outbox =
-            tx.prepare_cached("INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])")?;
-        tx.execute(&outbox, &[&columns.ids])?;
-        self.commit_waking(tx, wakeup, true)
+        let insert = match wakeup {
+            Wakeup::Local(_) => conn.prepare_cached(INSERT_PLAIN)?,
+            Wakeup::Notify => {
+                params.push(&channel);
+                conn.prepare_cached(INSERT_NOTIFYING)?
+            }
+        };
+        conn.execute(&insert, &params)?;
+        if let Wakeup::Local(wake) = wakeup {
+            // A full channel means a wake-up is already pending.
+            let _ = wake.try_send(());
+        }
+        Ok(())
     }
 
     /// Writes a submission that carries client ids or an idempotency key,
@@ -251,10 +262,36 @@ impl Store {
 }
 
 /// The insert of events, from one array per column ([`Columns::insert_params`]).
-const INSERT_EVENTS: &str = "INSERT INTO events \
-     (id, payload, type, key, attributes, traceparent, tracestate) \
-     SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[], $5::jsonb[], \
-     $6::text[], $7::text[]) AS m";
+macro_rules! insert_events {
+    () => {
+        "INSERT INTO events \
+         (id, payload, type, key, attributes, traceparent, tracestate) \
+         SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[], $5::jsonb[], \
+         $6::text[], $7::text[]) AS m"
+    };
+}
+
+/// [`insert_events!`] as a constant, for the statements built at run time.
+const INSERT_EVENTS: &str = insert_events!();
+
+/// Events and their outbox rows in one statement: the events' insert runs
+/// as a data-modifying `WITH`, which PostgreSQL runs to completion whether
+/// or not the outer insert reads it, and the outbox rows follow the ids'
+/// order, as the relay publishes them.
+const INSERT_PLAIN: &str = concat!(
+    "WITH e AS (",
+    insert_events!(),
+    ") INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])"
+);
+
+/// [`INSERT_PLAIN`] with a `NOTIFY` on the channel `$8`, sent with the
+/// commit: the outer insert reads the one row of the notification.
+const INSERT_NOTIFYING: &str = concat!(
+    "WITH e AS (",
+    insert_events!(),
+    ") INSERT INTO outbox (event_id) SELECT unnest($1::uuid[]) ",
+    "FROM (SELECT pg_notify($8, '')) n"
+);
 
 /// Events as the columns of an `unnest` insert.
 struct Columns<'a> {
@@ -297,7 +334,7 @@ impl<'a> Columns<'a> {
         c
     }
 
-    /// The parameters of [`INSERT_EVENTS`].
+    /// The parameters of [`insert_events!`] (`$1` to `$7`).
     fn insert_params(&self) -> [&(dyn ToSql + Sync); 7] {
         [
             &self.ids,

@@ -1340,3 +1340,91 @@ fn a_panic_in_a_commit_batch_spares_the_committer() {
     assert_eq!(env.count("SELECT count(*) FROM events"), 2);
     stop_committers(committer, threads);
 }
+
+/// Plain events are written with their outbox rows in one statement, in
+/// the request's order, and the commit wakes relays as the wake-up says:
+/// a `NOTIFY` for relays in other processes, sent only by a write that
+/// committed; a nudge of the local relay otherwise, with no `NOTIFY`.
+#[test]
+fn one_statement_writes_events_and_outbox_rows_in_order_and_wakes_the_relays() {
+    let env = TestEnv::new("onestmt");
+    let store = Store::open(&ingestd::store::Settings::of(&env.config()).sized(2)).unwrap();
+    let mut listener = env.sql();
+    let channel = store.notify_channel();
+    listener
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .unwrap();
+    let event = |n: i64| NewEvent {
+        id: Uuid::new_v4(),
+        payload: json!({ "n": n }),
+        event_type: None,
+        key: None,
+        client_id: false,
+        attributes: None,
+        trace: None,
+    };
+    let next_notification = |listener: &mut postgres::Client| {
+        use postgres::fallible_iterator::FallibleIterator;
+        listener
+            .notifications()
+            .timeout_iter(Duration::from_secs(5))
+            .next()
+            .unwrap()
+    };
+
+    // A nudge for this process's relay, and no NOTIFY.
+    let (nudge, nudged) = crossbeam_channel::bounded(1);
+    let local: Vec<NewEvent> = (0..50).map(event).collect();
+    store
+        .insert_events(
+            &local.iter().collect::<Vec<_>>(),
+            &ingestd::store::Wakeup::Local(nudge),
+        )
+        .unwrap();
+    assert!(
+        nudged.try_recv().is_ok(),
+        "the local relay is nudged at once"
+    );
+
+    // A write that fails (an id already stored) commits nothing and
+    // notifies nobody.
+    let again = [&local[0], &local[1]];
+    store
+        .insert_events(&again, &ingestd::store::Wakeup::Notify)
+        .expect_err("an id already stored");
+
+    // A NOTIFY that comes with the commit: the first one the listener
+    // receives is this one, so neither write above sent one.
+    let notifying: Vec<NewEvent> = (50..60).map(event).collect();
+    store
+        .insert_events(
+            &notifying.iter().collect::<Vec<_>>(),
+            &ingestd::store::Wakeup::Notify,
+        )
+        .unwrap();
+    let first = next_notification(&mut listener).expect("a NOTIFY within 5 s");
+    assert_eq!(first.channel(), channel);
+    assert_eq!(
+        env.count("SELECT count(*) FROM events"),
+        60,
+        "the failed write left nothing"
+    );
+    let rows = env
+        .sql()
+        .query(
+            "SELECT o.event_id::text, e.payload->>'n' FROM outbox o \
+             JOIN events e ON e.id = o.event_id ORDER BY o.id",
+            &[],
+        )
+        .unwrap();
+    let order: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want: Vec<(String, String)> = local
+        .iter()
+        .chain(&notifying)
+        .map(|e| (e.id.to_string(), e.payload["n"].to_string()))
+        .collect();
+    assert_eq!(
+        order, want,
+        "one outbox row per event, in the request's order"
+    );
+}
