@@ -122,21 +122,19 @@ impl Store {
         let columns = Columns::of(events.iter().copied());
         let mut conn = self.conn()?;
         let mut params = columns.insert_params().to_vec();
-        let channel = self.notify_channel();
+        let channel;
         // Prepared once per connection: the statements of the hot paths
         // cost the server no parse or plan after the first time.
         let insert = match wakeup {
             Wakeup::Local(_) => conn.prepare_cached(INSERT_PLAIN)?,
             Wakeup::Notify => {
+                channel = self.notify_channel();
                 params.push(&channel);
                 conn.prepare_cached(INSERT_NOTIFYING)?
             }
         };
         conn.execute(&insert, &params)?;
-        if let Wakeup::Local(wake) = wakeup {
-            // A full channel means a wake-up is already pending.
-            let _ = wake.try_send(());
-        }
+        wakeup.nudge();
         Ok(())
     }
 
@@ -278,20 +276,22 @@ const INSERT_EVENTS: &str = insert_events!();
 /// as a data-modifying `WITH`, which PostgreSQL runs to completion whether
 /// or not the outer insert reads it, and the outbox rows follow the ids'
 /// order, as the relay publishes them.
-const INSERT_PLAIN: &str = concat!(
-    "WITH e AS (",
-    insert_events!(),
-    ") INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])"
-);
+macro_rules! insert_with_outbox {
+    () => {
+        concat!(
+            "WITH e AS (",
+            insert_events!(),
+            ") INSERT INTO outbox (event_id) SELECT unnest($1::uuid[])"
+        )
+    };
+}
 
-/// [`INSERT_PLAIN`] with a `NOTIFY` on the channel `$8`, sent with the
-/// commit: the outer insert reads the one row of the notification.
-const INSERT_NOTIFYING: &str = concat!(
-    "WITH e AS (",
-    insert_events!(),
-    ") INSERT INTO outbox (event_id) SELECT unnest($1::uuid[]) ",
-    "FROM (SELECT pg_notify($8, '')) n"
-);
+/// [`insert_with_outbox!`], for a relay in this process.
+const INSERT_PLAIN: &str = insert_with_outbox!();
+
+/// [`insert_with_outbox!`] with a `NOTIFY` on the channel `$8`, sent with
+/// the commit: the outer insert reads the one row of the notification.
+const INSERT_NOTIFYING: &str = concat!(insert_with_outbox!(), " FROM (SELECT pg_notify($8, '')) n");
 
 /// Events as the columns of an `unnest` insert.
 struct Columns<'a> {

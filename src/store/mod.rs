@@ -184,6 +184,17 @@ pub enum Wakeup {
     Notify,
 }
 
+impl Wakeup {
+    /// Nudges this process's relay, after a commit that wrote outbox rows;
+    /// relays elsewhere got the commit's `NOTIFY`.
+    fn nudge(&self) {
+        if let Wakeup::Local(wake) = self {
+            // A full channel means a wake-up is already pending.
+            let _ = wake.try_send(());
+        }
+    }
+}
+
 /// The connection pool, bound to one schema.
 #[derive(Clone)]
 pub struct Store {
@@ -334,9 +345,8 @@ impl Store {
             tx.execute(&notify, &[&self.notify_channel()])?;
         }
         tx.commit()?;
-        if let (true, Wakeup::Local(wake)) = (wrote, wakeup) {
-            // A full channel means a wake-up is already pending.
-            let _ = wake.try_send(());
+        if wrote {
+            wakeup.nudge();
         }
         Ok(())
     }

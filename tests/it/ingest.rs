@@ -1347,6 +1347,8 @@ fn a_panic_in_a_commit_batch_spares_the_committer() {
 /// committed; a nudge of the local relay otherwise, with no `NOTIFY`.
 #[test]
 fn one_statement_writes_events_and_outbox_rows_in_order_and_wakes_the_relays() {
+    use postgres::fallible_iterator::FallibleIterator;
+
     let env = TestEnv::new("onestmt");
     let store = Store::open(&ingestd::store::Settings::of(&env.config()).sized(2)).unwrap();
     let mut listener = env.sql();
@@ -1354,23 +1356,7 @@ fn one_statement_writes_events_and_outbox_rows_in_order_and_wakes_the_relays() {
     listener
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .unwrap();
-    let event = |n: i64| NewEvent {
-        id: Uuid::new_v4(),
-        payload: json!({ "n": n }),
-        event_type: None,
-        key: None,
-        client_id: false,
-        attributes: None,
-        trace: None,
-    };
-    let next_notification = |listener: &mut postgres::Client| {
-        use postgres::fallible_iterator::FallibleIterator;
-        listener
-            .notifications()
-            .timeout_iter(Duration::from_secs(5))
-            .next()
-            .unwrap()
-    };
+    let event = |n: i64| crate::util::plain_event(json!({ "n": n }));
 
     // A nudge for this process's relay, and no NOTIFY.
     let (nudge, nudged) = crossbeam_channel::bounded(1);
@@ -1393,8 +1379,11 @@ fn one_statement_writes_events_and_outbox_rows_in_order_and_wakes_the_relays() {
         .insert_events(&again, &ingestd::store::Wakeup::Notify)
         .expect_err("an id already stored");
 
-    // A NOTIFY that comes with the commit: the first one the listener
-    // receives is this one, so neither write above sent one.
+    // Notifications arrive in commit order: a sentinel sent now comes
+    // before the write's, and first only if neither write above sent one.
+    env.sql()
+        .batch_execute(&format!("NOTIFY \"{channel}\", 'sentinel'"))
+        .unwrap();
     let notifying: Vec<NewEvent> = (50..60).map(event).collect();
     store
         .insert_events(
@@ -1402,8 +1391,21 @@ fn one_statement_writes_events_and_outbox_rows_in_order_and_wakes_the_relays() {
             &ingestd::store::Wakeup::Notify,
         )
         .unwrap();
-    let first = next_notification(&mut listener).expect("a NOTIFY within 5 s");
-    assert_eq!(first.channel(), channel);
+    let received: Vec<(String, String)> = listener
+        .notifications()
+        .timeout_iter(Duration::from_secs(5))
+        .take(2)
+        .map(|n| Ok((n.channel().to_string(), n.payload().to_string())))
+        .collect()
+        .unwrap();
+    assert_eq!(
+        received,
+        [
+            (channel.clone(), "sentinel".to_string()),
+            (channel.clone(), String::new())
+        ],
+        "the sentinel, then the write's NOTIFY, within 5 s"
+    );
     assert_eq!(
         env.count("SELECT count(*) FROM events"),
         60,

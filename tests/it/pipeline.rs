@@ -383,15 +383,7 @@ fn relay_pass(
 /// run by hand.
 fn outbox_events(store: &Store, count: usize) -> Vec<Uuid> {
     let events: Vec<ingestd::store::NewEvent> = (0..count)
-        .map(|n| ingestd::store::NewEvent {
-            id: Uuid::new_v4(),
-            payload: json!({ "n": n }),
-            event_type: None,
-            key: None,
-            client_id: false,
-            attributes: None,
-            trace: None,
-        })
+        .map(|n| crate::util::plain_event(json!({ "n": n })))
         .collect();
     let refs: Vec<&ingestd::store::NewEvent> = events.iter().collect();
     let wakeup = ingestd::store::Wakeup::Local(crossbeam_channel::bounded(1).0);
@@ -919,15 +911,7 @@ fn hot_statements_are_prepared_once_per_connection() {
     let store = Store::open(&ingestd::store::Settings::of(&env.config()).sized(1)).unwrap();
     let wakeup = ingestd::store::Wakeup::Local(crossbeam_channel::bounded(1).0);
     for i in 0..3 {
-        let event = ingestd::store::NewEvent {
-            id: Uuid::new_v4(),
-            payload: json!(i),
-            event_type: None,
-            key: None,
-            client_id: false,
-            attributes: None,
-            trace: None,
-        };
+        let event = crate::util::plain_event(json!(i));
         store.insert_events(&[&event], &wakeup).unwrap();
         let mut conn = store.conn().unwrap();
         let mut tx = conn.transaction().unwrap();

@@ -1022,18 +1022,23 @@ pub fn queued_messages(queue: &str) -> Option<u32> {
     depth
 }
 
-/// Writes one event and its outbox row as the API would. With `notify`
-/// the commit wakes relays in other processes; without, it wakes nobody.
-pub fn insert_event(store: &ingestd::store::Store, payload: &Value, notify: bool) -> Uuid {
-    let event = ingestd::store::NewEvent {
+/// A new event with a generated id and nothing but `payload`.
+pub fn plain_event(payload: Value) -> ingestd::store::NewEvent {
+    ingestd::store::NewEvent {
         id: Uuid::new_v4(),
-        payload: payload.clone(),
+        payload,
         event_type: None,
         key: None,
         client_id: false,
         attributes: None,
         trace: None,
-    };
+    }
+}
+
+/// Writes one event and its outbox row as the API would. With `notify`
+/// the commit wakes relays in other processes; without, it wakes nobody.
+pub fn insert_event(store: &ingestd::store::Store, payload: &Value, notify: bool) -> Uuid {
+    let event = plain_event(payload.clone());
     let wakeup = if notify {
         ingestd::store::Wakeup::Notify
     } else {
