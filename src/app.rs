@@ -280,7 +280,7 @@ fn start_worker(config: &Config, shared: &Shared, processor: Arc<dyn Processor>)
     spawn("consumer", move || consumer.run(stop))
 }
 
-/// The HTTP server, its handler threads, the committers and the figures
+/// The HTTP server, its handler, the committers and the figures
 /// of the status page.
 fn start_api(config: &Config, shared: Shared, wakeup: Wakeup, app: &mut App) -> Result<(), Error> {
     let Shared {

@@ -1,6 +1,6 @@
 //! The HTTP API, and the only code that names tiny_http.
 //!
-//! Handler threads share one `tiny_http::Server` ([`server`]). A request is
+//! Each connection's thread handles its own requests ([`server`]). A request is
 //! routed ([`route`]), its head checked ([`head`]: route, API key, media
 //! type, content coding, announced size), its body decoded when it is
 //! compressed ([`encoding`]) and then checked ([`ingest`]: JSON shape,

@@ -1,17 +1,17 @@
-//! The serve loop: each handler thread takes requests from the shared
-//! `tiny_http::Server`, routes them once, runs the handler under
-//! `catch_unwind` (a panic answers 500 and the thread serves on), and
-//! either answers or hands a valid ingest to a committer, which answers
-//! after the commit while this thread goes back to serving.
+//! The serve loop: each connection's thread routes its request once, runs
+//! the handler under `catch_unwind` (a panic answers 500 and the thread
+//! serves on), and either answers or hands a valid ingest to a committer,
+//! which answers after the commit. At most `INGEST_HTTP_THREADS` requests
+//! with bodies are decoded and parsed at once, which bounds the memory that
+//! takes; a request over that waits on its own connection's thread.
 
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::error;
 use tiny_http::{Request, Server};
 
 use crate::api::error::{ApiError, HttpResponse, error_response};
@@ -20,39 +20,28 @@ use crate::api::reply::commit_response;
 use crate::api::route::{Route, route};
 use crate::api::{Api, Handled, Ingest};
 use crate::config::Config;
-use crate::lifecycle::{join_until, spawn};
+use crate::lifecycle::join_until;
 use crate::ops::metrics::Metrics;
 
-/// The HTTP side of a running process: the server, its handler threads and
-/// the committers they hand ingests to.
+/// The HTTP side of a running process: the server, which handles requests
+/// on its connections' threads, and the committers it hands ingests to.
 pub struct Http {
     server: Arc<Server>,
-    stopping: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
     committers: Vec<JoinHandle<()>>,
 }
 
 impl Http {
-    /// Starts `threads` handler threads serving `api` on `server`.
+    /// Serves `api` on `server`, parsing at most `at_once` request bodies
+    /// at a time.
     pub fn start(
         server: Arc<Server>,
         api: Arc<Api>,
-        threads: usize,
+        at_once: usize,
         committers: Vec<JoinHandle<()>>,
     ) -> Http {
-        let stopping = Arc::new(AtomicBool::new(false));
-        let threads = (0..threads)
-            .map(|i| {
-                let (server, api, stopping) = (server.clone(), api.clone(), stopping.clone());
-                spawn(&format!("http-{i}"), move || serve(server, api, stopping))
-            })
-            .collect();
-        Http {
-            server,
-            stopping,
-            threads,
-            committers,
-        }
+        let permits = Permits::new(at_once, api.metrics.clone());
+        server.handle_on_connections(Arc::new(move |request| handle(&api, &permits, request)));
+        Http { server, committers }
     }
 
     /// The address the server listens on.
@@ -60,32 +49,93 @@ impl Http {
         self.server.server_addr().to_ip()
     }
 
-    /// Stops serving, by `deadline`: the handler threads finish the requests
-    /// in hand, requests still queued or arriving are answered 503, the
-    /// committers write what they were given, and every answer is written
-    /// to its client. Returns the names of what was still busy.
-    pub fn stop(self, deadline: Instant) -> Vec<String> {
-        self.stopping.store(true, Ordering::SeqCst);
-        for _ in 0..self.threads.len() {
-            self.server.unblock();
+    /// Stops serving, by `deadline`: the requests in hand are handled,
+    /// requests arriving are answered 503, the committers write what they
+    /// were given, and every answer is written to its client. Returns the
+    /// names of what was still busy.
+    pub fn stop(mut self, deadline: Instant) -> Vec<String> {
+        let mut late = Vec::new();
+        // The handler, and the API it holds, live while requests in hand
+        // are being handled.
+        if let Some(handler) = self.server.take_handler()
+            && !wait_until(deadline, || handler.strong_count() == 0)
+        {
+            late.push("http handlers".to_string());
         }
-        let mut late = join_until(self.threads, deadline);
-        // No handler takes requests any more: those still queued, and any
-        // arriving, are answered 503 by the server.
+        // No handler takes requests any more: those arriving are answered
+        // 503 by the server.
         self.server.refuse_requests();
-        // The handler threads held the last handles on the committers,
-        // which now finish what they were given and stop.
-        late.extend(join_until(self.committers, deadline));
+        // The handler held the last handles on the committers, which now
+        // finish what they were given and stop.
+        late.extend(join_until(std::mem::take(&mut self.committers), deadline));
         // Connection threads write the answers, and a 202 given must reach
         // its client before the process may exit.
-        while self.server.unanswered() > 0 {
-            if Instant::now() >= deadline {
-                late.push("http connections".to_string());
-                break;
-            }
-            thread::sleep(Duration::from_millis(2));
+        if !wait_until(deadline, || self.server.unanswered() == 0) {
+            late.push("http connections".to_string());
         }
         late
+    }
+}
+
+impl Drop for Http {
+    /// The handler holds the API, which holds the server: a process that
+    /// drops its server without stopping it breaks that cycle here.
+    fn drop(&mut self) {
+        self.server.take_handler();
+    }
+}
+
+/// Polls `done` until it holds (true) or `deadline` passes (false).
+fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// A counting semaphore: how many request bodies may be parsed at once.
+struct Permits {
+    free: Mutex<usize>,
+    freed: Condvar,
+    metrics: Arc<Metrics>,
+}
+
+/// One request's turn, given back when dropped.
+struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    fn new(count: usize, metrics: Arc<Metrics>) -> Permits {
+        Permits {
+            free: Mutex::new(count),
+            freed: Condvar::new(),
+            metrics,
+        }
+    }
+
+    /// Waits for a free permit and takes it; a wait shows in the
+    /// `ingestd_http_parse_waiting` gauge.
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if *free == 0 {
+            self.metrics.http_parse_waiting.inc();
+            free = self
+                .freed
+                .wait_while(free, |free| *free == 0)
+                .unwrap_or_else(PoisonError::into_inner);
+            self.metrics.http_parse_waiting.dec();
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
     }
 }
 
@@ -112,8 +162,8 @@ fn http_limits(
         max_headers: 100,
         head_timeout: config.http_header_timeout,
         body_timeout: config.http_body_timeout,
-        // Every body the API accepts is read by its connection's thread, so
-        // handler threads never wait on a client.
+        // Every body the API accepts is read whole before the handler runs,
+        // so a handler never waits on a client.
         buffer_body_bytes: config.max_body_bytes,
         buffer_budget: config.http_buffer_bytes,
         write_timeout: config.http_body_timeout,
@@ -142,39 +192,33 @@ pub fn guarded<T: From<HttpResponse>>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// One handler thread: serves requests until `stopping` is set and the
-/// thread is unblocked.
-pub fn serve(server: Arc<Server>, api: Arc<Api>, stopping: Arc<AtomicBool>) {
-    loop {
-        let mut request = match server.recv() {
-            Ok(r) => r,
-            Err(_) if stopping.load(Ordering::SeqCst) => return,
-            Err(e) => {
-                warn!("http: accept failed: {e}");
-                continue;
-            }
-        };
-        let started = Instant::now();
-        // Routed once: the name labels the metrics, the route drives the
-        // handler.
-        let matched = route(request.method(), request.url());
-        let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
-        match guarded(|| api.handle(&mut request, matched)) {
-            Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
-            Handled::Commit(Ingest { submission, held }) => {
-                // The committer answers after the commit; this thread
-                // goes back to serving.
-                let (metrics, batch) = (api.metrics.clone(), submission.batch);
-                api.committer.submit(
-                    submission,
-                    Box::new(move |result| {
-                        // A bug building this answer answers 500 in JSON, not a bare 500.
-                        let response = guarded(|| commit_response(batch, result));
-                        respond(&metrics, request, response, name, started);
-                        drop(held);
-                    }),
-                );
-            }
+/// Handles one request on its connection's thread: answers it, or hands
+/// it to a committer, which answers after the commit. A request with a body
+/// to decode and parse waits for a permit first; the others (probes,
+/// queries, metrics) never wait for one.
+fn handle(api: &Api, permits: &Permits, mut request: Request) {
+    let started = Instant::now();
+    // Routed once: the name labels the metrics, the route drives the
+    // handler.
+    let matched = route(request.method(), request.url());
+    let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
+    let _permit = matched
+        .as_ref()
+        .is_ok_and(Route::takes_body)
+        .then(|| permits.acquire());
+    match guarded(|| api.handle(&mut request, matched)) {
+        Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
+        Handled::Commit(Ingest { submission, held }) => {
+            let (metrics, batch) = (api.metrics.clone(), submission.batch);
+            api.committer.submit(
+                submission,
+                Box::new(move |result| {
+                    // A bug building this answer answers 500 in JSON, not a bare 500.
+                    let response = guarded(|| commit_response(batch, result));
+                    respond(&metrics, request, response, name, started);
+                    drop(held);
+                }),
+            );
         }
     }
 }

@@ -45,6 +45,16 @@ impl Gauge {
         self.0.store(v, Ordering::Relaxed);
     }
 
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one away.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// The current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -157,6 +167,8 @@ pub struct Metrics {
     pub broker_connects: Counter,
     /// 1 while the broker blocks the relay's publishing (`connection.blocked`).
     pub broker_blocked: Gauge,
+    /// Requests whose bodies wait for their turn to be parsed.
+    pub http_parse_waiting: Gauge,
     /// Reads of the database figures behind `/metrics` and the status page.
     pub stats_refreshes: Counter,
     /// Those reads that failed (the previous figures were kept).
@@ -185,6 +197,7 @@ impl Default for Metrics {
             duplicates: Counter::default(),
             broker_connects: Counter::default(),
             broker_blocked: Gauge::default(),
+            http_parse_waiting: Gauge::default(),
             stats_refreshes: Counter::default(),
             stats_refresh_failures: Counter::default(),
             stats_refresh_seconds: Histogram::new(SECONDS),
@@ -407,6 +420,11 @@ impl Metrics {
                 "ingestd_http_buffered_bytes",
                 "Bytes of request bodies and unwritten answers held in memory.",
                 gauges.http_buffered_bytes,
+            ),
+            (
+                "ingestd_http_parse_waiting",
+                "Requests whose bodies wait for their turn to be decoded and parsed (INGEST_HTTP_THREADS at once).",
+                self.http_parse_waiting.get() as usize,
             ),
             (
                 "ingestd_broker_blocked",

@@ -404,7 +404,7 @@ fn read_one_response(stream: &mut TcpStream) -> Resp {
 #[test]
 fn upgrade_tricklers_do_not_stall_the_api() {
     let env = TestEnv::new("upgradetrickle");
-    // Fewer handler threads than tricklers.
+    // Fewer parse turns than tricklers.
     let config = env.config_with(&[
         ("INGEST_HTTP_THREADS", "2"),
         ("INGEST_HTTP_BODY_TIMEOUT", "4s"),

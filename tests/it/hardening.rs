@@ -494,7 +494,7 @@ fn stalled_connections_do_not_block_other_clients() {
     ]);
     let app = env.start_role(&config, Role::All);
     let addr = app.http_addr().unwrap();
-    // More stalled clients than handler threads (4 in tests): half in
+    // More stalled clients than parse turns (4 in tests): half in
     // their headers, half in their bodies, one byte a second.
     let head: &'static [u8] =
         b"POST /v1/events HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n";
@@ -541,7 +541,7 @@ fn write_until_stalled(stream: &mut TcpStream, request: &[u8]) {
 }
 
 /// Clients that never read their answers hold up only their own
-/// connections: not the handler threads (one here) that answer queries,
+/// connections: not the parse turns (one here), nor what answers queries,
 /// nor the committers (one here) that answer ingests.
 #[test]
 fn clients_that_do_not_read_answers_do_not_block_others() {
@@ -1115,5 +1115,77 @@ fn a_client_reading_an_answer_too_slowly_is_cut_off() {
     reading.store(false, Ordering::SeqCst);
     let received = reader.join().unwrap();
     assert!(received < payload.len(), "received {received} bytes");
+    app.shutdown().unwrap();
+}
+
+/// Request bodies are decoded and parsed on their connections' own
+/// threads, at most `INGEST_HTTP_THREADS` at once (one here). While a
+/// retry holds the one turn (waiting on a row lock), the next ingest waits,
+/// shown by `ingestd_http_parse_waiting`; probes, queries and the metrics,
+/// which take no turn, are answered at once meanwhile.
+#[test]
+fn bodies_are_parsed_a_few_at_a_time_and_nothing_else_waits_for_them() {
+    use crate::ops::{metric, scrape};
+    use crate::util::{assert_healthz_instant, ingest};
+    use std::time::Instant;
+
+    let env = TestEnv::new("parseturns");
+    let config = env.config_with(&[("INGEST_HTTP_THREADS", "1")]);
+    let app = env.start_role(&config, Role::Api);
+    let addr = app.http_addr().unwrap();
+    let id = ingest(addr, &json!("locked"));
+    env.sql()
+        .execute("UPDATE events SET status = 'failed' WHERE id = $1", &[&id])
+        .unwrap();
+
+    let mut sql = env.sql();
+    let mut lock = sql.transaction().unwrap();
+    let holder: i32 = lock
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    lock.execute("SELECT 1 FROM events WHERE id = $1 FOR UPDATE", &[&id])
+        .unwrap();
+    let retry = thread::spawn(move || post_json(addr, &format!("/v1/events/{id}/retry"), ""));
+    let mut watcher = env.sql();
+    wait_until(
+        Duration::from_secs(10),
+        "the retry waits on the row lock",
+        || {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    &[&holder],
+                )
+                .unwrap()
+                .get(0);
+            waiting == 1
+        },
+    );
+
+    // An ingest waits for the turn the retry holds.
+    let waiting = thread::spawn(move || post_json(addr, "/v1/events", r#"{"payload":"waits"}"#));
+    wait_until(Duration::from_secs(10), "the ingest waits its turn", || {
+        metric(&scrape(addr), "ingestd_http_parse_waiting") == Some(1.0)
+    });
+    // Nothing else does.
+    let started = Instant::now();
+    assert_healthz_instant(addr);
+    assert_eq!(get(addr, &format!("/v1/events/{id}")).status, 200);
+    assert_eq!(get(addr, "/v1/stats").status, 200);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "answers took {took:?}");
+    assert_eq!(env.count("SELECT count(*) FROM events"), 1);
+
+    // Once the lock goes, the retry and then the ingest are answered.
+    lock.rollback().unwrap();
+    assert_eq!(retry.join().unwrap().status, 202);
+    let resp = waiting.join().unwrap();
+    assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(
+        metric(&scrape(addr), "ingestd_http_parse_waiting"),
+        Some(0.0)
+    );
+    assert_eq!(env.count("SELECT count(*) FROM events"), 2);
     app.shutdown().unwrap();
 }

@@ -105,7 +105,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::thread;
 use std::time::Duration;
 
@@ -160,6 +160,23 @@ pub struct Server {
 
     // ingestd patch: renders the server's own refusals
     refusal: RefusalHook,
+
+    // ingestd patch: when set, each connection's thread hands its requests
+    // to this handler itself instead of queueing them for `recv`
+    handler: Arc<RwLock<Option<Arc<Handler>>>>,
+}
+
+/// ingestd patch: handles a request on its connection's own thread (see
+/// `Server::handle_on_connections`). It answers the request, or hands it to
+/// another thread that will, and returns.
+pub type Handler = dyn Fn(Request) + Send + Sync;
+
+/// ingestd patch: where a connection's request went.
+enum Routed {
+    /// To the handler, to be called on the connection's thread.
+    Direct(Arc<Handler>, Request),
+    /// Into the queue for `recv`.
+    Queued(Result<(), Message>),
 }
 
 enum Message {
@@ -553,6 +570,8 @@ impl Server {
         let inside_budget = budget.clone();
         let answers = Arc::new(AtomicUsize::new(0));
         let inside_answers = answers.clone();
+        let handler: Arc<RwLock<Option<Arc<Handler>>>> = Arc::new(RwLock::new(None));
+        let inside_handler = handler.clone();
         thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
@@ -620,6 +639,7 @@ impl Server {
                 match new_client {
                     Ok((client, mut socket_clone, deadline)) => {
                         let messages = inside_messages.clone();
+                        let handler = inside_handler.clone();
                         let answers = inside_answers.clone();
                         let budget = inside_budget.clone();
                         let write_timeout = limits.write_timeout;
@@ -643,12 +663,30 @@ impl Server {
                                     let (sender, receiver) = mpsc::channel();
                                     // counted until its answer is written
                                     let _unanswered = CountGuard::new(&answers);
-                                    let refused = match messages
-                                        .push(rq.with_notify_sender(sender).into())
-                                    {
-                                        Ok(()) => false,
+                                    // ingestd patch: a handler set runs
+                                    // here, saving the hand-off to a thread
+                                    // calling `recv` and its wake-up. The
+                                    // lock is held while queueing, so that
+                                    // `handle_on_connections` finds every
+                                    // request queued before it.
+                                    let rq = rq.with_notify_sender(sender);
+                                    let routed = {
+                                        let direct = handler
+                                            .read()
+                                            .unwrap_or_else(PoisonError::into_inner);
+                                        match direct.as_ref() {
+                                            Some(handle) => Routed::Direct(handle.clone(), rq),
+                                            None => Routed::Queued(messages.push(rq.into())),
+                                        }
+                                    };
+                                    let refused = match routed {
+                                        Routed::Direct(handle, rq) => {
+                                            handle(rq);
+                                            false
+                                        }
+                                        Routed::Queued(Ok(())) => false,
                                         // the server is gone: refuse here
-                                        Err(message) => {
+                                        Routed::Queued(Err(message)) => {
                                             refuse_request(message, refusal_hook);
                                             true
                                         }
@@ -717,7 +755,15 @@ impl Server {
                         // out of file descriptors once stopped the server
                         // for good.
                         log::error!("Error accepting new client: {}", e);
-                        let _ = inside_messages.push(e.into());
+                        // ingestd patch: with a handler set no one calls
+                        // `recv`, so the error is not queued for it.
+                        if inside_handler
+                            .read()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .is_none()
+                        {
+                            let _ = inside_messages.push(e.into());
+                        }
                         thread::sleep(std::time::Duration::from_millis(50));
                     }
                 }
@@ -734,6 +780,7 @@ impl Server {
             budget,
             answers,
             refusal: refusal_hook,
+            handler,
         })
     }
 
@@ -784,6 +831,33 @@ impl Server {
         }
     }
 
+    /// ingestd patch: from now on each connection's thread hands its
+    /// requests to `handler` itself, one at a time, and then writes the
+    /// answer as before; `recv` gets no more requests. This saves each
+    /// request a hand-off between threads. The handler must not wait on the
+    /// client: it gets the request with its body already read when the body
+    /// fits `buffer_body_bytes`.
+    /// Requests queued before it are handled at once, on the calling thread.
+    pub fn handle_on_connections(&self, handler: Arc<Handler>) {
+        *self.handler.write().unwrap_or_else(PoisonError::into_inner) = Some(handler.clone());
+        while let Some(message) = self.messages.try_pop() {
+            if let Message::NewRequest(rq) = message {
+                handler(rq);
+            }
+        }
+    }
+
+    /// ingestd patch: unsets the handler: later requests are queued for
+    /// `recv` again (or refused, after `refuse_requests`). Returns a weak
+    /// handle on the handler, which stays alive while calls to it run.
+    pub fn take_handler(&self) -> Option<Weak<Handler>> {
+        self.handler
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .map(|h| Arc::downgrade(&h))
+    }
+
     /// Blocks until an HTTP request has been submitted and returns it.
     pub fn recv(&self) -> IoResult<Request> {
         match self.messages.pop() {
@@ -829,6 +903,7 @@ impl Iterator for IncomingRequests<'_> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.close.store(true, Relaxed);
+        self.take_handler();
         self.refuse_requests();
         // Connect briefly to ourselves to unblock the accept thread
         let maybe_stream = match &self.listening_addr {
@@ -850,5 +925,91 @@ impl Drop for Server {
                 let _ = std::fs::remove_file(path);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod handler_tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{Limits, Response, Server};
+
+    fn ask(server: &Server) -> TcpStream {
+        let addr = server.server_addr().to_ip().unwrap();
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client.write_all(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").unwrap();
+        client
+    }
+
+    fn answer(mut client: TcpStream) -> String {
+        let mut text = String::new();
+        client.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The handler runs on the connection's own thread, no one calls
+    /// `recv`, and a request that arrived before the handler was set is
+    /// handled too rather than left in the queue.
+    #[test]
+    fn requests_are_handled_on_their_connections_threads() {
+        let server = Server::http_with_limits("127.0.0.1:0", Limits::default()).unwrap();
+        let early = ask(&server);
+        wait_for("the early request to be queued", || server.unanswered() == 1);
+        let (threads, seen) = mpsc::channel();
+        let main = std::thread::current().id();
+        server.handle_on_connections(Arc::new(move |rq: super::Request| {
+            threads.send(std::thread::current().id()).unwrap();
+            rq.respond(Response::from_string("handled")).unwrap();
+        }));
+        assert!(answer(early).ends_with("handled"));
+        // The queued request was handled by the thread setting the handler.
+        assert_eq!(seen.recv().unwrap(), main);
+        let later = answer(ask(&server));
+        assert!(later.starts_with("HTTP/1.1 200") && later.ends_with("handled"), "{later}");
+        let connection = seen.recv().unwrap();
+        assert_ne!(connection, main);
+    }
+
+    /// Once the handler is taken, requests queue again, and
+    /// `refuse_requests` answers them 503; the weak handle shows when the
+    /// last call to the handler has returned.
+    #[test]
+    fn a_taken_handler_stops_handling() {
+        let server = Server::http_with_limits("127.0.0.1:0", Limits::default()).unwrap();
+        let (entered, inside) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        server.handle_on_connections(Arc::new(move |rq: super::Request| {
+            entered.send(()).unwrap();
+            released.lock().unwrap().recv().unwrap();
+            rq.respond(Response::from_string("handled")).unwrap();
+        }));
+        let busy = ask(&server);
+        inside.recv().unwrap();
+        let handler = server.take_handler().expect("a handler was set");
+        // A call is still running: the handler lives.
+        assert!(handler.upgrade().is_some());
+        let queued = ask(&server);
+        wait_for("the second request to be queued", || server.unanswered() == 2);
+        release.send(()).unwrap();
+        assert!(answer(busy).ends_with("handled"));
+        wait_for("the handler to be dropped", || handler.upgrade().is_none());
+        server.refuse_requests();
+        let refused = answer(queued);
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(server.take_handler().is_none());
     }
 }
