@@ -3,7 +3,7 @@
 //! [`start`] opens the store, applies the schema, binds the HTTP port and
 //! spawns the API, relay and consumer threads that the [`Role`] asks for.
 //! [`App::shutdown`] stops them so that nothing accepted is lost: first the
-//! HTTP threads (finishing requests in flight), then the relay (finishing its
+//! HTTP side (finishing requests in flight), then the relay (finishing its
 //! batch) and the consumer (letting workers finish and ack), within the
 //! configured timeout.
 

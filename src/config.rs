@@ -34,7 +34,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "INGEST_HTTP_THREADS",
         default: "8",
-        help: "request bodies decoded, parsed and validated at once, each on its connection's thread (committers answer ingests)",
+        help: "requests that parse a body or query the database handled at once, each on its connection's thread (committers answer ingests)",
     },
     Var {
         name: "INGEST_HTTP_MAX_CONNECTIONS",
@@ -263,8 +263,8 @@ pub const VARS: &[Var] = &[
 pub struct Config {
     /// `INGEST_HTTP_ADDR`: where the API listens; port 0 picks a free port.
     pub http_addr: SocketAddr,
-    /// `INGEST_HTTP_THREADS`: how many request bodies are decoded and
-    /// parsed at once, each on its connection's thread.
+    /// `INGEST_HTTP_THREADS`: how many requests that parse a body or query
+    /// the database are handled at once, each on its connection's thread.
     pub http_threads: usize,
     /// `INGEST_MAX_BODY_BYTES`: bodies over this size are refused with 413.
     pub max_body_bytes: usize,

@@ -1,7 +1,8 @@
 //! Group commit: many requests' events in one PostgreSQL transaction.
 //!
-//! HTTP threads validate a request's events and hand them, with a reply
-//! callback, to a committer thread over a bounded channel; they do not wait.
+//! Connection threads validate a request's events and hand them, with a
+//! reply callback, to a committer thread over a bounded channel, and wait
+//! only for the rendered answer to write.
 //! A committer takes whatever is waiting (up to the batch limit, never
 //! waiting for more), writes every event and outbox row in one transaction,
 //! commits, and then runs each callback, which answers the request.

@@ -53,6 +53,20 @@ impl Route {
         matches!(self, Route::Ingest | Route::RetryEvent(_))
     }
 
+    /// True for the routes whose handling takes one of the
+    /// `INGEST_HTTP_THREADS` turns: those that decode and parse a body
+    /// (ingest), and those that query the database on the request's thread
+    /// (an event, a retry, readiness), so that requests never hold more
+    /// pooled connections at once than there are turns. The others (the
+    /// liveness probe, the figures, the metrics, the page) only copy what
+    /// is in memory and never wait for a turn.
+    pub fn takes_turn(&self) -> bool {
+        matches!(
+            self,
+            Route::Ingest | Route::GetEvent(_) | Route::RetryEvent(_) | Route::Readyz
+        )
+    }
+
     /// The route's name in metrics.
     pub fn name(&self) -> &'static str {
         match self {

@@ -2,8 +2,10 @@
 //! the handler under `catch_unwind` (a panic answers 500 and the thread
 //! serves on), and either answers or hands a valid ingest to a committer,
 //! which answers after the commit. At most `INGEST_HTTP_THREADS` requests
-//! with bodies are decoded and parsed at once, which bounds the memory that
-//! takes; a request over that waits on its own connection's thread.
+//! that parse a body or query the database are handled at once, which
+//! bounds the memory parsing takes and the pooled connections requests
+//! hold; a request over that waits its turn on its own connection's thread,
+//! in arrival order.
 
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -31,7 +33,7 @@ pub struct Http {
 }
 
 impl Http {
-    /// Serves `api` on `server`, parsing at most `at_once` request bodies
+    /// Serves `api` on `server`, giving at most `at_once` requests a turn
     /// at a time.
     pub fn start(
         server: Arc<Server>,
@@ -55,16 +57,16 @@ impl Http {
     /// names of what was still busy.
     pub fn stop(mut self, deadline: Instant) -> Vec<String> {
         let mut late = Vec::new();
-        // The handler, and the API it holds, live while requests in hand
-        // are being handled.
-        if let Some(handler) = self.server.take_handler()
+        // No handler takes requests any more: those arriving are answered
+        // 503 by the server at once. The handler, and the API it holds,
+        // live while the requests in hand are being handled.
+        let handler = self.server.take_handler();
+        self.server.refuse_requests();
+        if let Some(handler) = handler
             && !wait_until(deadline, || handler.strong_count() == 0)
         {
             late.push("http handlers".to_string());
         }
-        // No handler takes requests any more: those arriving are answered
-        // 503 by the server.
-        self.server.refuse_requests();
         // The handler held the last handles on the committers, which now
         // finish what they were given and stop.
         late.extend(join_until(std::mem::take(&mut self.committers), deadline));
@@ -96,11 +98,22 @@ fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
     true
 }
 
-/// A counting semaphore: how many request bodies may be parsed at once.
+/// A counting semaphore handing out turns in arrival order: how many
+/// requests may be handled at once. A request arriving while others wait
+/// queues behind them rather than take a turn just given back.
 struct Permits {
-    free: Mutex<usize>,
+    state: Mutex<Turns>,
     freed: Condvar,
     metrics: Arc<Metrics>,
+}
+
+struct Turns {
+    /// Turns not taken.
+    free: usize,
+    /// Tickets given to the requests that had to wait, in order.
+    issued: u64,
+    /// Tickets whose holders have taken their turn.
+    served: u64,
 }
 
 /// One request's turn, given back when dropped.
@@ -109,33 +122,52 @@ struct Permit<'a>(&'a Permits);
 impl Permits {
     fn new(count: usize, metrics: Arc<Metrics>) -> Permits {
         Permits {
-            free: Mutex::new(count),
+            state: Mutex::new(Turns {
+                free: count,
+                issued: 0,
+                served: 0,
+            }),
             freed: Condvar::new(),
             metrics,
         }
     }
 
-    /// Waits for a free permit and takes it; a wait shows in the
-    /// `ingestd_http_parse_waiting` gauge.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Turns> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a turn and takes it; a wait shows in the
+    /// `ingestd_http_requests_waiting` gauge.
     fn acquire(&self) -> Permit<'_> {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        if *free == 0 {
-            self.metrics.http_parse_waiting.inc();
-            free = self
+        let mut turns = self.lock();
+        if turns.free == 0 || turns.served < turns.issued {
+            let ticket = turns.issued;
+            turns.issued += 1;
+            self.metrics.http_requests_waiting.inc();
+            turns = self
                 .freed
-                .wait_while(free, |free| *free == 0)
+                .wait_while(turns, |t| t.free == 0 || t.served != ticket)
                 .unwrap_or_else(PoisonError::into_inner);
-            self.metrics.http_parse_waiting.dec();
+            turns.served += 1;
+            self.metrics.http_requests_waiting.dec();
+            if turns.free > 1 && turns.served < turns.issued {
+                // More turns are free: the next ticket may go too.
+                self.freed.notify_all();
+            }
         }
-        *free -= 1;
+        turns.free -= 1;
         Permit(self)
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        self.0.freed.notify_one();
+        let mut turns = self.0.lock();
+        turns.free += 1;
+        if turns.served < turns.issued {
+            // Only the next ticket may go; each waiter checks its own.
+            self.0.freed.notify_all();
+        }
     }
 }
 
@@ -193,9 +225,9 @@ pub fn guarded<T: From<HttpResponse>>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Handles one request on its connection's thread: answers it, or hands
-/// it to a committer, which answers after the commit. A request with a body
-/// to decode and parse waits for a permit first; the others (probes,
-/// queries, metrics) never wait for one.
+/// it to a committer, which answers after the commit. A request that
+/// parses a body or queries the database waits for a turn first
+/// ([`Route::takes_turn`]); the others never wait for one.
 fn handle(api: &Api, permits: &Permits, mut request: Request) {
     let started = Instant::now();
     // Routed once: the name labels the metrics, the route drives the
@@ -204,7 +236,7 @@ fn handle(api: &Api, permits: &Permits, mut request: Request) {
     let name = matched.as_ref().map(Route::name).unwrap_or("unmatched");
     let _permit = matched
         .as_ref()
-        .is_ok_and(Route::takes_body)
+        .is_ok_and(Route::takes_turn)
         .then(|| permits.acquire());
     match guarded(|| api.handle(&mut request, matched)) {
         Handled::Respond(response) => respond(&api.metrics, request, response, name, started),
@@ -247,6 +279,43 @@ mod tests {
 
     use super::*;
     use crate::api::reply::json_response;
+
+    /// Turns go in arrival order, and a turn given back goes to the first
+    /// request waiting.
+    #[test]
+    fn turns_are_taken_in_arrival_order() {
+        let metrics = Arc::new(Metrics::default());
+        let permits = Arc::new(Permits::new(1, metrics.clone()));
+        let first = permits.acquire();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiter = |name: &'static str| {
+            let (permits, order) = (permits.clone(), order.clone());
+            thread::spawn(move || {
+                let _turn = permits.acquire();
+                order.lock().unwrap().push(name);
+            })
+        };
+        let wait_for = |n: u64| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metrics.http_requests_waiting.get() != n {
+                assert!(Instant::now() < deadline, "{n} waiting");
+                thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let mut waiters = Vec::new();
+        for name in ["a", "b", "c"] {
+            waiters.push(waiter(name));
+            wait_for(waiters.len() as u64);
+        }
+        drop(first);
+        for w in waiters {
+            w.join().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["a", "b", "c"]);
+        assert_eq!(metrics.http_requests_waiting.get(), 0);
+        // All turns are back.
+        let _all = permits.acquire();
+    }
 
     #[test]
     fn a_panic_becomes_a_500() {

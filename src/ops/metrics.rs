@@ -167,8 +167,8 @@ pub struct Metrics {
     pub broker_connects: Counter,
     /// 1 while the broker blocks the relay's publishing (`connection.blocked`).
     pub broker_blocked: Gauge,
-    /// Requests whose bodies wait for their turn to be parsed.
-    pub http_parse_waiting: Gauge,
+    /// Requests waiting for a turn to be handled (`INGEST_HTTP_THREADS`).
+    pub http_requests_waiting: Gauge,
     /// Reads of the database figures behind `/metrics` and the status page.
     pub stats_refreshes: Counter,
     /// Those reads that failed (the previous figures were kept).
@@ -197,7 +197,7 @@ impl Default for Metrics {
             duplicates: Counter::default(),
             broker_connects: Counter::default(),
             broker_blocked: Gauge::default(),
-            http_parse_waiting: Gauge::default(),
+            http_requests_waiting: Gauge::default(),
             stats_refreshes: Counter::default(),
             stats_refresh_failures: Counter::default(),
             stats_refresh_seconds: Histogram::new(SECONDS),
@@ -422,9 +422,9 @@ impl Metrics {
                 gauges.http_buffered_bytes,
             ),
             (
-                "ingestd_http_parse_waiting",
-                "Requests whose bodies wait for their turn to be decoded and parsed (INGEST_HTTP_THREADS at once).",
-                self.http_parse_waiting.get() as usize,
+                "ingestd_http_requests_waiting",
+                "Requests waiting for one of the INGEST_HTTP_THREADS turns to parse a body or query the database.",
+                self.http_requests_waiting.get() as usize,
             ),
             (
                 "ingestd_broker_blocked",

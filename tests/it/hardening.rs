@@ -1118,18 +1118,19 @@ fn a_client_reading_an_answer_too_slowly_is_cut_off() {
     app.shutdown().unwrap();
 }
 
-/// Request bodies are decoded and parsed on their connections' own
-/// threads, at most `INGEST_HTTP_THREADS` at once (one here). While a
-/// retry holds the one turn (waiting on a row lock), the next ingest waits,
-/// shown by `ingestd_http_parse_waiting`; probes, queries and the metrics,
-/// which take no turn, are answered at once meanwhile.
+/// Requests are handled on their connections' own threads, and those that
+/// parse a body or query the database at most `INGEST_HTTP_THREADS` at
+/// once (one here). While a retry holds the one turn (waiting on a row
+/// lock), an ingest and an event query wait for theirs, as
+/// `ingestd_http_requests_waiting` shows; the liveness probe, the figures
+/// and the metrics, which take no turn, are answered at once meanwhile.
 #[test]
-fn bodies_are_parsed_a_few_at_a_time_and_nothing_else_waits_for_them() {
+fn requests_take_turns_to_parse_and_query_and_probes_never_wait() {
     use crate::ops::{metric, scrape};
     use crate::util::{assert_healthz_instant, ingest};
     use std::time::Instant;
 
-    let env = TestEnv::new("parseturns");
+    let env = TestEnv::new("turns");
     let config = env.config_with(&[("INGEST_HTTP_THREADS", "1")]);
     let app = env.start_role(&config, Role::Api);
     let addr = app.http_addr().unwrap();
@@ -1163,27 +1164,38 @@ fn bodies_are_parsed_a_few_at_a_time_and_nothing_else_waits_for_them() {
         },
     );
 
-    // An ingest waits for the turn the retry holds.
-    let waiting = thread::spawn(move || post_json(addr, "/v1/events", r#"{"payload":"waits"}"#));
-    wait_until(Duration::from_secs(10), "the ingest waits its turn", || {
-        metric(&scrape(addr), "ingestd_http_parse_waiting") == Some(1.0)
-    });
+    // An ingest, then a query, wait for the turn the retry holds.
+    let waiting =
+        |n: f64| move || metric(&scrape(addr), "ingestd_http_requests_waiting") == Some(n);
+    let ingesting = thread::spawn(move || post_json(addr, "/v1/events", r#"{"payload":"waits"}"#));
+    wait_until(
+        Duration::from_secs(10),
+        "the ingest waits its turn",
+        waiting(1.0),
+    );
+    let querying = thread::spawn(move || get(addr, &format!("/v1/events/{id}")));
+    wait_until(
+        Duration::from_secs(10),
+        "the query waits its turn",
+        waiting(2.0),
+    );
     // Nothing else does.
     let started = Instant::now();
     assert_healthz_instant(addr);
-    assert_eq!(get(addr, &format!("/v1/events/{id}")).status, 200);
     assert_eq!(get(addr, "/v1/stats").status, 200);
+    assert_eq!(get(addr, "/metrics").status, 200);
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(1), "answers took {took:?}");
+    assert!(took < Duration::from_secs(2), "answers took {took:?}");
     assert_eq!(env.count("SELECT count(*) FROM events"), 1);
 
-    // Once the lock goes, the retry and then the ingest are answered.
+    // Once the lock goes, the retry, the ingest and the query are answered.
     lock.rollback().unwrap();
     assert_eq!(retry.join().unwrap().status, 202);
-    let resp = waiting.join().unwrap();
+    let resp = ingesting.join().unwrap();
     assert_eq!(resp.status, 202, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(querying.join().unwrap().status, 200);
     assert_eq!(
-        metric(&scrape(addr), "ingestd_http_parse_waiting"),
+        metric(&scrape(addr), "ingestd_http_requests_waiting"),
         Some(0.0)
     );
     assert_eq!(env.count("SELECT count(*) FROM events"), 2);

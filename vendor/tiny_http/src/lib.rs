@@ -231,7 +231,8 @@ pub struct Limits {
     /// A body buffered by the server (see buffer_body_bytes) must arrive in full within this long. 408 after.
     pub body_timeout: Duration,
     /// Bodies of at most this many bytes are read into memory by the connection's own thread before
-    /// `Server::recv` hands the request out, so application threads never wait on a slow client.
+    /// `Server::recv` (or the handler, see `Server::handle_on_connections`) gets the request, so
+    /// application code never waits on a slow client.
     pub buffer_body_bytes: usize,
     /// Total bytes of buffered bodies held at once across all connections; a request whose body would exceed it
     /// is answered 503 at once.
@@ -252,7 +253,7 @@ pub struct Limits {
 /// ingestd patch: a check of a request's head (method, URL, headers) run
 /// before its body is read. When it returns a response, that response is
 /// sent with `Connection: close`, the body is never read nor buffered, the
-/// request never reaches `Server::recv`, and the connection closes
+/// request never reaches `Server::recv` or the handler, and the connection closes
 /// (lingering). It runs only for requests with a body, so that a refusal
 /// the application could give as well costs no body bytes, memory or time;
 /// requests without a body take the usual path. It runs on the connection's
@@ -967,7 +968,7 @@ mod handler_tests {
     fn requests_are_handled_on_their_connections_threads() {
         let server = Server::http_with_limits("127.0.0.1:0", Limits::default()).unwrap();
         let early = ask(&server);
-        wait_for("the early request to be queued", || server.unanswered() == 1);
+        wait_for("the early request to be queued", || server.messages.len() == 1);
         let (threads, seen) = mpsc::channel();
         let main = std::thread::current().id();
         server.handle_on_connections(Arc::new(move |rq: super::Request| {
@@ -1003,7 +1004,7 @@ mod handler_tests {
         // A call is still running: the handler lives.
         assert!(handler.upgrade().is_some());
         let queued = ask(&server);
-        wait_for("the second request to be queued", || server.unanswered() == 2);
+        wait_for("the second request to be queued", || server.messages.len() == 1);
         release.send(()).unwrap();
         assert!(answer(busy).ends_with("handled"));
         wait_for("the handler to be dropped", || handler.upgrade().is_none());

@@ -30,6 +30,12 @@ where
         })
     }
 
+    /// ingestd patch: how many elements wait, for tests.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.queue.lock().unwrap().len()
+    }
+
     /// Pushes an element to the queue.
     ///
     /// ingestd patch: gives it back once the queue is closed.
