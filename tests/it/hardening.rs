@@ -7,13 +7,16 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ingestd::Role;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::util::{Resp, TestEnv, get, post_json, raw_request, request, wait_until};
+use crate::ops::{metric, scrape};
+use crate::util::{
+    Resp, TestEnv, assert_healthz_instant, get, ingest, post_json, raw_request, request, wait_until,
+};
 
 const KEY: &str = "hardening-key-0123456789";
 
@@ -505,9 +508,7 @@ fn stalled_connections_do_not_block_other_clients() {
         .collect();
     thread::sleep(Duration::from_millis(500));
     // Everyone else is served meanwhile.
-    let ids: Vec<Uuid> = (0..40)
-        .map(|i| crate::util::ingest(addr, &json!(i)))
-        .collect();
+    let ids: Vec<Uuid> = (0..40).map(|i| ingest(addr, &json!(i))).collect();
     env.wait_processed(&ids, Duration::from_secs(10));
     assert_eq!(get(addr, "/healthz").status, 200);
     // The tricklers are cut off at their deadlines with 408.
@@ -556,7 +557,7 @@ fn clients_that_do_not_read_answers_do_not_block_others() {
     let addr = app.http_addr().unwrap();
 
     // A query whose answer is 900 kB, asked again and again.
-    let big = crate::util::ingest(addr, &json!("q".repeat(900_000)));
+    let big = ingest(addr, &json!("q".repeat(900_000)));
     let query = format!("GET /v1/events/{big} HTTP/1.1\r\nHost: x\r\n\r\n");
     let mut reader_a = TcpStream::connect(addr).unwrap();
     write_until_stalled(&mut reader_a, query.as_bytes());
@@ -576,7 +577,7 @@ fn clients_that_do_not_read_answers_do_not_block_others() {
     write_until_stalled(&mut reader_b, replay.as_bytes());
 
     // Both stalled clients wait on their own connections; others are served.
-    let id = crate::util::ingest(addr, &json!("served"));
+    let id = ingest(addr, &json!("served"));
     assert_eq!(get(addr, &format!("/v1/events/{id}")).status, 200);
     assert_eq!(env.count("SELECT count(*) FROM events"), 1002);
     // The answers waiting for them count against the memory budget...
@@ -729,9 +730,7 @@ fn hostile_requests_do_not_hurt_the_server() {
             s
         })
         .collect();
-    let ids: Vec<Uuid> = (0..20)
-        .map(|i| crate::util::ingest(addr, &json!(i)))
-        .collect();
+    let ids: Vec<Uuid> = (0..20).map(|i| ingest(addr, &json!(i))).collect();
     env.wait_processed(&ids, Duration::from_secs(10));
     app.shutdown()
         .expect("stalled clients do not hold up shutdown");
@@ -1126,10 +1125,6 @@ fn a_client_reading_an_answer_too_slowly_is_cut_off() {
 /// and the metrics, which take no turn, are answered at once meanwhile.
 #[test]
 fn requests_take_turns_to_parse_and_query_and_probes_never_wait() {
-    use crate::ops::{metric, scrape};
-    use crate::util::{assert_healthz_instant, ingest};
-    use std::time::Instant;
-
     let env = TestEnv::new("turns");
     let config = env.config_with(&[("INGEST_HTTP_THREADS", "1")]);
     let app = env.start_role(&config, Role::Api);
