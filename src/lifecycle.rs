@@ -72,15 +72,23 @@ pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
         .unwrap_or_else(|e| panic!("cannot spawn thread {name}: {e}"))
 }
 
+/// Polls `done` until it holds (true) or `deadline` passes (false).
+pub fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
 /// Joins threads until `deadline`; returns the names of those still
 /// running then.
 pub fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> Vec<String> {
     let mut late = Vec::new();
     for t in threads {
-        while !t.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
-        if t.is_finished() {
+        if wait_until(deadline, || t.is_finished()) {
             let _ = t.join();
         } else {
             late.push(t.thread().name().unwrap_or("?").to_string());

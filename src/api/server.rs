@@ -10,8 +10,8 @@
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use log::error;
 use tiny_http::{Request, Server};
@@ -22,7 +22,7 @@ use crate::api::reply::commit_response;
 use crate::api::route::{Route, route};
 use crate::api::{Api, Handled, Ingest};
 use crate::config::Config;
-use crate::lifecycle::join_until;
+use crate::lifecycle::{join_until, wait_until};
 use crate::ops::metrics::Metrics;
 
 /// The HTTP side of a running process: the server, which handles requests
@@ -87,17 +87,6 @@ impl Drop for Http {
     }
 }
 
-/// Polls `done` until it holds (true) or `deadline` passes (false).
-fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
-    while !done() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
-    true
-}
-
 /// A counting semaphore handing out turns in arrival order: how many
 /// requests may be handled at once. A request arriving while others wait
 /// queues behind them rather than take a turn just given back.
@@ -136,6 +125,13 @@ impl Permits {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Sets the `ingestd_http_requests_waiting` gauge: the tickets given
+    /// and not yet served.
+    fn show_waiting(&self, turns: &Turns) {
+        let waiting = turns.issued - turns.served;
+        self.metrics.http_requests_waiting.set(waiting);
+    }
+
     /// Waits for a turn and takes it; a wait shows in the
     /// `ingestd_http_requests_waiting` gauge.
     fn acquire(&self) -> Permit<'_> {
@@ -143,13 +139,13 @@ impl Permits {
         if turns.free == 0 || turns.served < turns.issued {
             let ticket = turns.issued;
             turns.issued += 1;
-            self.metrics.http_requests_waiting.inc();
+            self.show_waiting(&turns);
             turns = self
                 .freed
                 .wait_while(turns, |t| t.free == 0 || t.served != ticket)
                 .unwrap_or_else(PoisonError::into_inner);
             turns.served += 1;
-            self.metrics.http_requests_waiting.dec();
+            self.show_waiting(&turns);
             if turns.free > 1 && turns.served < turns.issued {
                 // More turns are free: the next ticket may go too.
                 self.freed.notify_all();
@@ -277,6 +273,9 @@ fn respond(
 mod tests {
     use serde_json::json;
 
+    use std::thread;
+    use std::time::Duration;
+
     use super::*;
     use crate::api::reply::json_response;
 
@@ -297,10 +296,8 @@ mod tests {
         };
         let wait_for = |n: u64| {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while metrics.http_requests_waiting.get() != n {
-                assert!(Instant::now() < deadline, "{n} waiting");
-                thread::sleep(Duration::from_millis(1));
-            }
+            let waiting = || metrics.http_requests_waiting.get() == n;
+            assert!(wait_until(deadline, waiting), "{n} waiting");
         };
         let mut waiters = Vec::new();
         for name in ["a", "b", "c"] {

@@ -838,7 +838,9 @@ impl Server {
     /// request a hand-off between threads. The handler must not wait on the
     /// client: it gets the request with its body already read when the body
     /// fits `buffer_body_bytes`.
-    /// Requests queued before it are handled at once, on the calling thread.
+    ///
+    /// Requests queued before the call are handled by it, on the calling
+    /// thread.
     pub fn handle_on_connections(&self, handler: Arc<Handler>) {
         *self.handler.write().unwrap_or_else(PoisonError::into_inner) = Some(handler.clone());
         while let Some(message) = self.messages.try_pop() {
