@@ -17,11 +17,12 @@ migrate:
 	$(CARGO) run --release --locked --bin ingestd -- migrate
 
 # Lint, docs and the whole test suite, against PostgreSQL on 127.0.0.1:5432
-# and RabbitMQ on 127.0.0.1:5672; then the vendored tiny_http's own unit
-# tests (it is a patched dependency, not a workspace member).
+# and RabbitMQ on 127.0.0.1:5672; then the unit tests of the vendored
+# tiny_http and amiquip (patched dependencies, not workspace members).
 test: lint
 	$(CARGO) test --locked
 	$(CARGO) test --locked --manifest-path vendor/tiny_http/Cargo.toml --lib --target-dir target
+	$(CARGO) test --locked --manifest-path vendor/amiquip/Cargo.toml --lib --target-dir target
 
 lint:
 	$(CARGO) fmt -- --check

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpValue, Auth, Channel, Confirm, ConfirmSmoother, Connection, ConnectionBlockedNotification,
-    ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions, ExchangeType, FieldTable, Publish,
+    ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions, ExchangeType, FieldTable,
     QueueDeclareOptions, Return,
 };
 use crossbeam_channel::Receiver;
@@ -696,13 +696,9 @@ impl ConfirmChannel {
         // channel is given up, so the count does not matter then.
         self.channel.basic_publish_all(
             exchange,
-            messages.iter().map(|m| Publish {
-                body: &m.body,
-                routing_key: routing_key.into(),
-                mandatory: true,
-                immediate: false,
-                properties: m.properties(),
-            }),
+            routing_key,
+            true,
+            messages.iter().map(|m| (&m.body[..], m.properties())),
         )?;
         self.published += messages.len() as u64;
         Ok(Pending {
@@ -766,7 +762,7 @@ impl ConfirmChannel {
         let before = self.returned.len();
         if before > 0 {
             self.returned
-                .retain(|id| !messages.iter().any(|m| m.id == *id));
+                .retain(|id| !messages.iter().any(|m| m.id() == id));
         }
         let unroutable = self.returned.len() < before;
         if self.awaited == self.published {

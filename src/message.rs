@@ -53,35 +53,20 @@ impl Default for Settings {
     }
 }
 
-/// One message to publish.
+/// One message to publish: its body and the AMQP properties it goes with,
+/// built once, so that publishing only borrows them.
 #[derive(Debug, Clone)]
 pub struct Message {
-    /// Becomes the AMQP `message_id`: the event id.
-    pub id: String,
     /// The body.
     pub body: Vec<u8>,
-    /// Seconds since the epoch, the AMQP `timestamp`.
-    pub timestamp: u64,
-    /// For a retry: the number of the attempt it is for.
-    pub attempt: Option<i32>,
-    /// The AMQP `content_type`.
-    pub content_type: String,
-    /// The event's headers: its CloudEvents attributes and trace context.
-    pub headers: FieldTable,
+    properties: AmqpProperties,
 }
 
 impl Message {
     /// A bare JSON message: `body` under `id`, no timestamp and no headers
     /// (for tools and tests that publish by hand).
     pub fn json(id: impl Into<String>, body: Vec<u8>) -> Message {
-        Message {
-            id: id.into(),
-            body,
-            timestamp: 0,
-            attempt: None,
-            content_type: "application/json".into(),
-            headers: FieldTable::new(),
-        }
+        Message::new(id.into(), body, 0, "application/json", FieldTable::new())
     }
 
     /// The message for a claimed outbox row; `now` stands in for a
@@ -125,49 +110,61 @@ impl Message {
                 headers.insert(name.into(), AmqpValue::LongString(value.clone()));
             }
         }
-        Message {
-            id: row.event_id.to_string(),
+        let timestamp = u64::try_from(row.created_epoch).unwrap_or(now);
+        Message::new(
+            row.event_id.to_string(),
             body,
-            timestamp: u64::try_from(row.created_epoch).unwrap_or(now),
-            attempt: None,
-            content_type: content_type.into(),
+            timestamp,
+            content_type,
             headers,
-        }
+        )
     }
 
     /// A copy of a delivered message (its id, body, timestamp, content
     /// type and headers, so its attributes and trace) for attempt number
-    /// `attempt`.
+    /// `attempt`, which the attempt header carries.
     pub fn retry(properties: &AmqpProperties, body: &[u8], attempt: i32) -> Message {
         let mut headers = properties.headers().clone().unwrap_or_default();
-        headers.remove(ATTEMPT_HEADER);
-        Message {
-            id: properties.message_id().clone().unwrap_or_default(),
-            body: body.to_vec(),
-            timestamp: properties.timestamp().unwrap_or(0),
-            attempt: Some(attempt),
-            content_type: properties
+        headers.insert(ATTEMPT_HEADER.into(), AmqpValue::LongInt(attempt));
+        Message::new(
+            properties.message_id().clone().unwrap_or_default(),
+            body.to_vec(),
+            properties.timestamp().unwrap_or(0),
+            properties
                 .content_type()
-                .clone()
-                .unwrap_or_else(|| "application/json".into()),
+                .as_deref()
+                .unwrap_or("application/json"),
             headers,
-        }
+        )
+    }
+
+    /// Persistent, with the event id as `message_id`, and `headers`.
+    fn new(
+        id: String,
+        body: Vec<u8>,
+        timestamp: u64,
+        content_type: &str,
+        headers: FieldTable,
+    ) -> Message {
+        let properties = AmqpProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(content_type.into())
+            .with_message_id(id)
+            .with_type_(EVENT_MESSAGE_TYPE.into())
+            .with_timestamp(timestamp)
+            .with_headers(headers);
+        Message { body, properties }
+    }
+
+    /// The AMQP `message_id`: the event id.
+    pub fn id(&self) -> &str {
+        self.properties.message_id().as_deref().unwrap_or_default()
     }
 
     /// The AMQP properties it is published with: persistent, with the event
     /// id as `message_id`, its headers, and the attempt header on a retry.
-    pub fn properties(&self) -> AmqpProperties {
-        let mut headers = self.headers.clone();
-        if let Some(attempt) = self.attempt {
-            headers.insert(ATTEMPT_HEADER.into(), AmqpValue::LongInt(attempt));
-        }
-        AmqpProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(self.content_type.clone())
-            .with_message_id(self.id.clone())
-            .with_type_(EVENT_MESSAGE_TYPE.into())
-            .with_timestamp(self.timestamp)
-            .with_headers(headers)
+    pub fn properties(&self) -> &AmqpProperties {
+        &self.properties
     }
 }
 
@@ -367,12 +364,9 @@ mod tests {
             text.contains("\"payload\":{\"n\": 1.00, \"big\": 123456789012345678901234567890}")
         );
         assert_eq!(event_id(&message.body), Ok(row.event_id));
-        assert_eq!(message.timestamp, 1_769_860_800);
-        assert_eq!(
-            message.properties().message_id().as_deref(),
-            Some(&*message.id)
-        );
-        assert_eq!(attempt(&message.properties()), None);
+        assert_eq!(message.properties().timestamp(), &Some(1_769_860_800));
+        assert_eq!(message.id(), row.event_id.to_string());
+        assert_eq!(attempt(message.properties()), None);
     }
 
     const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -419,7 +413,7 @@ mod tests {
             format: Format::Ingestd,
             source: "/here".into(),
         };
-        let properties = Message::for_event(&row, 0, &settings).properties();
+        let properties = Message::for_event(&row, 0, &settings).properties().clone();
         let id = row.event_id.to_string();
         for (name, want) in [
             ("cloudEvents_specversion", "1.0"),
@@ -437,7 +431,7 @@ mod tests {
             Some("application/json")
         );
         row.event_type = None;
-        let properties = Message::for_event(&row, 0, &settings).properties();
+        let properties = Message::for_event(&row, 0, &settings).properties().clone();
         assert_eq!(
             text(header(&properties, "cloudEvents_type")),
             Some(EVENT_MESSAGE_TYPE)
@@ -449,18 +443,18 @@ mod tests {
         let row = cloudevent_row();
         let message = Message::for_event(&row, 0, &Settings::default());
         let properties = message.properties();
-        assert_eq!(text(header(&properties, "cloudEvents_id")), Some("A-1"));
-        assert_eq!(text(header(&properties, "cloudEvents_source")), Some("/s"));
+        assert_eq!(text(header(properties, "cloudEvents_id")), Some("A-1"));
+        assert_eq!(text(header(properties, "cloudEvents_source")), Some("/s"));
         assert_eq!(
-            header(&properties, "cloudEvents_n"),
+            header(properties, "cloudEvents_n"),
             Some(&AmqpValue::LongInt(7))
         );
         assert_eq!(
-            header(&properties, "cloudEvents_ok"),
+            header(properties, "cloudEvents_ok"),
             Some(&AmqpValue::Boolean(true))
         );
-        assert_eq!(header(&properties, "cloudEvents_data_base64"), None);
-        assert_eq!(text(header(&properties, "tracestate")), Some("a=1"));
+        assert_eq!(header(properties, "cloudEvents_data_base64"), None);
+        assert_eq!(text(header(properties, "tracestate")), Some("a=1"));
         let body: Value = serde_json::from_slice(&message.body).unwrap();
         assert_eq!(
             body["attributes"]["datacontenttype"],
@@ -468,11 +462,11 @@ mod tests {
         );
         assert_eq!(body["payload"], "AAE=");
         // Its retry keeps them, and the trace.
-        let copy = Message::retry(&properties, &message.body, 2);
+        let copy = Message::retry(properties, &message.body, 2);
         let again = copy.properties();
-        assert_eq!(text(header(&again, "cloudEvents_id")), Some("A-1"));
-        assert_eq!(text(header(&again, "traceparent")), Some(TRACEPARENT));
-        assert_eq!(attempt(&again), Some(2));
+        assert_eq!(text(header(again, "cloudEvents_id")), Some("A-1"));
+        assert_eq!(text(header(again, "traceparent")), Some(TRACEPARENT));
+        assert_eq!(attempt(again), Some(2));
     }
 
     #[test]
@@ -489,7 +483,7 @@ mod tests {
             Some(STRUCTURED_CONTENT_TYPE)
         );
         assert_eq!(
-            delivery_event_id(&properties, &message.body),
+            delivery_event_id(properties, &message.body),
             Ok(row.event_id)
         );
         let body: Value = serde_json::from_slice(&message.body).unwrap();
@@ -514,8 +508,11 @@ mod tests {
             .with_message_id("abc".into())
             .with_timestamp(5);
         let copy = Message::retry(&original, b"{}", 3);
-        assert_eq!((copy.id.as_str(), copy.timestamp), ("abc", 5));
-        assert_eq!(attempt(&copy.properties()), Some(3));
+        assert_eq!(
+            (copy.id(), copy.properties().timestamp()),
+            ("abc", &Some(5))
+        );
+        assert_eq!(attempt(copy.properties()), Some(3));
         assert_eq!(copy.properties().delivery_mode(), &Some(2));
     }
 }

@@ -255,6 +255,16 @@ impl OutputBuffer {
         })
     }
 
+    // ingestd patch: frames built earlier, appended as they are.
+    pub(crate) fn push_frames(&mut self, frames: &[u8]) {
+        self.0.extend_from_slice(frames)
+    }
+
+    // ingestd patch: the frames pushed so far.
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
     pub(crate) fn push_content_body(&mut self, channel_id: u16, content: &[u8]) {
         serialize(&mut self.0, |buf, pos| {
             gen_content_body_frame((buf, pos), channel_id, content)
@@ -370,17 +380,99 @@ impl Index<RangeFrom<usize>> for SealableOutputBuffer {
     }
 }
 
+// ingestd patch: cookie_factory reports a buffer too small one write at a
+// time (`BufferTooSmall` names only the index that write needs), and the
+// generator starts the frame over after each resize; growing the buffer by
+// exactly that much made a frame cost one pass per write it holds, which
+// for a content header with a table of headers was dozens of passes. The
+// room now at least doubles on each retry, and the buffer is cut back to
+// the frame's end once it fits: the same bytes, in a pass or two.
 fn serialize<F: Fn(&mut [u8], usize) -> StdResult<(&mut [u8], usize), GenError>>(
     buf: &mut Vec<u8>,
     f: F,
 ) {
     let pos = buf.len();
+    let mut room = INITIAL_ROOM;
     loop {
-        let resize_to = match f(buf, pos) {
-            Ok(_) => return,
-            Err(GenError::BufferTooSmall(n)) => n,
+        buf.resize(pos + room, 0);
+        let needed = match f(buf, pos) {
+            Ok((_, end)) => {
+                buf.truncate(end);
+                return;
+            }
+            Err(GenError::BufferTooSmall(n)) => n - pos,
             Err(err) => unreachable!("impossible serialization error: {:?}", err),
         };
-        buf.resize(resize_to, 0);
+        room = needed.max(room * 2);
+    }
+}
+
+// ingestd patch: the room a frame is first given, enough for a method
+// frame or a content header with a few headers.
+const INITIAL_ROOM: usize = 512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::protocol::basic::{AMQPMethod, Publish};
+    use amq_protocol::types::{AMQPValue, FieldTable};
+
+    // What `serialize` wrote before the ingestd patch: the buffer grown
+    // exactly as far as the failing write asked, the frame started over.
+    fn serialize_exactly<F: Fn(&mut [u8], usize) -> StdResult<(&mut [u8], usize), GenError>>(
+        buf: &mut Vec<u8>,
+        f: F,
+    ) {
+        let pos = buf.len();
+        loop {
+            let resize_to = match f(buf, pos) {
+                Ok(_) => return,
+                Err(GenError::BufferTooSmall(n)) => n,
+                Err(err) => unreachable!("impossible serialization error: {:?}", err),
+            };
+            buf.resize(resize_to, 0);
+        }
+    }
+
+    fn properties(headers: usize, value_len: usize) -> AMQPProperties {
+        let mut table = FieldTable::new();
+        for i in 0..headers {
+            table.insert(
+                format!("cloudEvents_attribute{i}"),
+                AMQPValue::LongString("v".repeat(value_len)),
+            );
+        }
+        AMQPProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id("4b1f3c1e-8f5a-4a53-9d43-3f0f2d8a4e11".into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(table)
+    }
+
+    #[test]
+    fn frames_are_the_bytes_an_exact_fit_gives_after_what_was_there() {
+        for (headers, value_len, body_len) in [(0, 0, 0), (7, 36, 250), (40, 300, 9000)] {
+            let props = properties(headers, value_len);
+            let body = vec![7u8; body_len];
+            let method = AMQPClass::Basic(AMQPMethod::Publish(Publish {
+                ticket: 0,
+                exchange: "ingestd.events".into(),
+                routing_key: "event".into(),
+                mandatory: true,
+                immediate: false,
+            }));
+            let frames: [&dyn Fn(&mut [u8], usize) -> StdResult<(&mut [u8], usize), GenError>; 3] = [
+                &|b, p| gen_method_frame((b, p), 1, &method),
+                &|b, p| gen_content_header_frame((b, p), 1, 60, body.len() as u64, &props),
+                &|b, p| gen_content_body_frame((b, p), 1, &body),
+            ];
+            let (mut patched, mut exact) = (b"earlier".to_vec(), b"earlier".to_vec());
+            for frame in frames {
+                serialize(&mut patched, frame);
+                serialize_exactly(&mut exact, frame);
+                assert_eq!(patched, exact, "{headers} headers of {value_len} bytes");
+            }
+        }
     }
 }

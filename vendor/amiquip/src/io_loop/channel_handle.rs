@@ -158,23 +158,26 @@ impl ChannelHandle {
     // ingestd patch: publishes as `call_nowait` and `send_content` would,
     // but hands the frames to the I/O thread once per `FLUSH_BYTES` rather
     // than three times per message (each hand-off is a channel send and,
-    // when the I/O thread sleeps, a wake-up through a pipe).
-    pub(crate) fn publish_all<'a, M, I>(&mut self, publishes: I) -> Result<()>
+    // when the I/O thread sleeps, a wake-up through a pipe). Every message
+    // goes with the same `method`, whose frame is built once and copied.
+    pub(crate) fn publish_all<'a, M, I>(&mut self, method: M, messages: I) -> Result<()>
     where
         M: IntoAmqpClass + Debug,
-        I: IntoIterator<Item = (M, &'a [u8], AMQPProperties)>,
+        I: IntoIterator<Item = (&'a [u8], &'a AMQPProperties)>,
     {
-        for (method, content, properties) in publishes {
+        trace!("publishing on channel {}: {:?}", self.channel_id(), method);
+        let method = self.handle.method_frame(method);
+        for (content, properties) in messages {
             trace!(
                 "publishing on channel {} (len = {})",
                 self.channel_id(),
                 content.len()
             );
             self.handle.push_publish(
-                method,
+                &method,
                 AmqpPublishClass::get_class_id(),
                 content,
-                &properties,
+                properties,
                 self.frame_max,
             );
             if self.handle.pending() >= FLUSH_BYTES {

@@ -73,7 +73,9 @@ impl IoLoopHandle {
         self.send(IoLoopMessage::Send(buf))?;
         match self.recv()? {
             ChannelMessage::GetOk(get) => Ok(*get),
-            ChannelMessage::Method(_) | ChannelMessage::ConsumeOk(_, _) => FrameUnexpectedSnafu.fail(),
+            ChannelMessage::Method(_) | ChannelMessage::ConsumeOk(_, _) => {
+                FrameUnexpectedSnafu.fail()
+            }
         }
     }
 
@@ -106,7 +108,9 @@ impl IoLoopHandle {
         self.send(message)?;
         match self.recv()? {
             ChannelMessage::Method(method) => T::try_from(method),
-            ChannelMessage::ConsumeOk(_, _) | ChannelMessage::GetOk(_) => FrameUnexpectedSnafu.fail(),
+            ChannelMessage::ConsumeOk(_, _) | ChannelMessage::GetOk(_) => {
+                FrameUnexpectedSnafu.fail()
+            }
         }
     }
 
@@ -139,20 +143,28 @@ impl IoLoopHandle {
     // frames) appended to this handle's buffer without handing it to the
     // I/O thread yet; `flush` hands over everything appended so far as one
     // message.
-    pub(super) fn push_publish<M: IntoAmqpClass>(
+    pub(super) fn push_publish(
         &mut self,
-        method: M,
+        method_frame: &[u8],
         class_id: u16,
         content: &[u8],
         properties: &AmqpProperties,
         frame_max: usize,
     ) {
-        self.buf.push_method(self.channel_id, method);
+        self.buf.push_frames(method_frame);
         self.buf
             .push_content_header(self.channel_id, class_id, content.len(), properties);
         for body in content.chunks(frame_max) {
             self.buf.push_content_body(self.channel_id, body);
         }
+    }
+
+    // ingestd patch: the frame of `method` on this handle's channel, for
+    // `push_publish`.
+    pub(super) fn method_frame<M: IntoAmqpClass>(&self, method: M) -> Vec<u8> {
+        let mut frame = OutputBuffer::empty();
+        frame.push_method(self.channel_id, method);
+        frame.into_bytes()
     }
 
     // ingestd patch: bytes appended by `push_publish` and not flushed.
