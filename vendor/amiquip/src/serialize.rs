@@ -385,8 +385,11 @@ impl Index<RangeFrom<usize>> for SealableOutputBuffer {
 // generator starts the frame over after each resize; growing the buffer by
 // exactly that much made a frame cost one pass per write it holds, which
 // for a content header with a table of headers was dozens of passes. The
-// room now at least doubles on each retry, and the buffer is cut back to
-// the frame's end once it fits: the same bytes, in a pass or two.
+// room now at least doubles on each retry, with space beyond the write
+// that did not fit, and the buffer is cut back to the frame's end once it
+// fits: the same bytes, in a pass or two for a method frame, a content
+// header with a few headers or a body, and a few more for a header table
+// of many kilobytes.
 fn serialize<F: Fn(&mut [u8], usize) -> StdResult<(&mut [u8], usize), GenError>>(
     buf: &mut Vec<u8>,
     f: F,
@@ -403,7 +406,8 @@ fn serialize<F: Fn(&mut [u8], usize) -> StdResult<(&mut [u8], usize), GenError>>
             Err(GenError::BufferTooSmall(n)) => n - pos,
             Err(err) => unreachable!("impossible serialization error: {:?}", err),
         };
-        room = needed.max(room * 2);
+        // Room for the rest of the frame past the write that did not fit.
+        room = (needed + INITIAL_ROOM).max(room * 2);
     }
 }
 
@@ -452,7 +456,9 @@ mod tests {
 
     #[test]
     fn frames_are_the_bytes_an_exact_fit_gives_after_what_was_there() {
-        for (headers, value_len, body_len) in [(0, 0, 0), (7, 36, 250), (40, 300, 9000)] {
+        for (headers, value_len, body_len) in
+            [(0, 0, 0), (7, 36, 250), (40, 300, 9000), (0, 0, 131_064)]
+        {
             let props = properties(headers, value_len);
             let body = vec![7u8; body_len];
             let method = AMQPClass::Basic(AMQPMethod::Publish(Publish {
@@ -468,8 +474,18 @@ mod tests {
                 &|b, p| gen_content_body_frame((b, p), 1, &body),
             ];
             let (mut patched, mut exact) = (b"earlier".to_vec(), b"earlier".to_vec());
+            let passes = std::cell::Cell::new(0);
             for frame in frames {
-                serialize(&mut patched, frame);
+                passes.set(0);
+                let before = patched.len();
+                serialize(&mut patched, |b, p| {
+                    passes.set(passes.get() + 1);
+                    frame(b, p)
+                });
+                // Two passes for a frame that fits the first room twice over
+                // or is one large write, one more per doubling otherwise.
+                let doublings = ((patched.len() - before) / INITIAL_ROOM).max(1).ilog2();
+                assert!(passes.get() <= 2 + doublings, "{} passes", passes.get());
                 serialize_exactly(&mut exact, frame);
                 assert_eq!(patched, exact, "{headers} headers of {value_len} bytes");
             }
