@@ -455,7 +455,7 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_the_bytes_an_exact_fit_gives_after_what_was_there() {
+    fn frames_are_the_bytes_an_exact_fit_gives_in_a_few_passes() {
         for (headers, value_len, body_len) in
             [(0, 0, 0), (7, 36, 250), (40, 300, 9000), (0, 0, 131_064)]
         {
